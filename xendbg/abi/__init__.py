@@ -10,7 +10,7 @@ Every Xen number, name and layout xendbg uses is reachable from here:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 from xendbg.abi import _tables
 from xendbg.abi.generations import GENERATIONS, NEWEST, at_least, generation_tag, resolve_generation
@@ -180,7 +180,7 @@ class Abi:
         return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _enum(generation: str, family: str) -> Enum:
     table = getattr(_tables, family, None)
     if table is None:
@@ -204,7 +204,7 @@ def _build_hypercalls(generation: str, width: int) -> dict[int, HypercallDef]:
     return by_nr
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_abi(version: str = NEWEST, width: int = 64) -> Abi:
     """The ABI of Xen `version` (a generation name or any Xen version) for a 32- or 64-bit guest."""
     if width not in (32, 64):

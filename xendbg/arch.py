@@ -1,0 +1,271 @@
+"""How a guest issues a hypercall, and where its number and arguments live.
+
+x86_32 PV   `int $0x82` from ring 1; number in EAX, arguments in EBX ECX EDX ESI EDI.
+x86_64 PV   `syscall` from ring 3 (usually a 32-byte stub of the hypercall page, or an inline stub
+            such as Linux 6.x's `xen_hypercall_pv`); number in RAX, arguments in RDI RSI RDX R10 R8.
+HVM/PVH     `vmcall` (Intel) or `vmmcall` (AMD), same registers as PV of that width.
+Arm         `hvc #0xEA1`; number in x16 (r12 on arm32), arguments in x0-x4 (r0-r4).
+Inside Xen  at the first instruction of a `do_*` handler, the arguments are in the System V AMD64
+            C registers RDI RSI RDX RCX R8 and the handler's name says which hypercall it is.
+
+A guest's width comes from its code selector, not from gdb's architecture: a 32-bit PV guest
+under a 64-bit Xen still shows gdb a 64-bit register file.  Capstone (imported lazily, so loading
+xendbg into gdb stays cheap) recognises the instruction at PC and the stubs of a hypercall page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xendbg.errors import DecodeError, TargetError, UnknownRegister
+from xendbg.target import Target
+
+HYPERCALL_STUB_SIZE = 32  # each hypercall-page stub is 32 bytes: stub N is at page + 32 * N
+HYPERCALL_PAGE_SIZE = 4096
+ARM_HYPERCALL_IMM = 0xEA1
+
+
+@dataclass(frozen=True)
+class CallingConvention:
+    name: str
+    instruction: str
+    nr_register: str
+    arg_registers: tuple[str, ...]
+
+
+CONVENTIONS: dict[str, CallingConvention] = {
+    "x86_32-pv": CallingConvention("x86_32 PV", "int $0x82", "eax", ("ebx", "ecx", "edx", "esi", "edi")),
+    "x86_64-pv": CallingConvention("x86_64 PV", "syscall", "rax", ("rdi", "rsi", "rdx", "r10", "r8")),
+    "x86_32-hvm": CallingConvention("x86_32 HVM", "vmcall/vmmcall", "eax", ("ebx", "ecx", "edx", "esi", "edi")),
+    "x86_64-hvm": CallingConvention("x86_64 HVM", "vmcall/vmmcall", "rax", ("rdi", "rsi", "rdx", "r10", "r8")),
+    "arm64": CallingConvention("Arm64", "hvc #0xea1", "x16", ("x0", "x1", "x2", "x3", "x4")),
+    "arm32": CallingConvention("Arm32", "hvc #0xea1", "r12", ("r0", "r1", "r2", "r3", "r4")),
+    # Xen's C handlers (System V AMD64 ABI): used when stopped at a do_* handler inside Xen.
+    "xen-c": CallingConvention("Xen handler (C ABI)", "call", "", ("rdi", "rsi", "rdx", "rcx", "r8")),
+}
+
+# Which instruction issues a hypercall under which convention (capstone mnemonic, operand).
+_HYPERCALL_INSNS: dict[tuple[str, str], str] = {
+    ("int", "0x82"): "x86_32-pv",
+    ("syscall", ""): "x86_64-pv",
+    ("vmcall", ""): "hvm",
+    ("vmmcall", ""): "hvm",
+}
+_END_OF_STUB = {"ret", "jmp", "call", "int3", "hlt", "ud2", "iret", "iretd", "iretq", "sysret"}
+
+
+def pv_convention(width: int) -> CallingConvention:
+    return CONVENTIONS["x86_32-pv" if width == 32 else "x86_64-pv"]
+
+
+@dataclass(frozen=True)
+class CpuMode:
+    """What a code selector says about the code running on a vCPU."""
+
+    width: int | None  # guest width, None when the vCPU is in Xen (ring 0)
+    ring: int
+    description: str
+
+
+# 64-bit code selectors of a PV guest: FLAT_RING3_CS64 (0xe033 from 3.0, 0x082b in 2.0's x86_64).
+_PV64_CS = {0xE033, 0x082B}
+# The compat (32-bit) user code selector of a 64-bit PV guest, FLAT_RING3_CS32 (0xe023).
+_PV64_CS32 = {0xE023, 0x0823}
+
+
+def cpu_mode(cs: int, *, long_mode: bool | None = None) -> CpuMode:
+    """Classify the vCPU from its CS (and, when known, whether the segment is a 64-bit one)."""
+    ring = cs & 3
+    if ring == 0:
+        return CpuMode(None, 0, "in Xen (ring 0)")
+    if ring == 1:
+        return CpuMode(32, 1, "32-bit PV guest kernel (ring 1)")
+    if ring == 2:
+        return CpuMode(32, 2, "ring 2 (unusual for a PV guest)")
+    if cs in _PV64_CS or long_mode:
+        return CpuMode(64, 3, "64-bit PV guest (ring 3)")
+    if cs in _PV64_CS32:
+        return CpuMode(32, 3, "32-bit user code of a 64-bit PV guest (ring 3)")
+    return CpuMode(32, 3, "32-bit guest user code (ring 3)")
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a stopped vCPU stands relative to a hypercall it is about to make."""
+
+    kind: str  # "instruction" (PC at int/syscall/vmcall), "stub" (before it in a stub), "registers"
+    convention: str
+    instruction: str  # e.g. "syscall" or "int 0x82"
+    address: int  # address of the hypercall instruction (PC for "registers")
+    stub_nr: int | None = None  # the number a stub loads into EAX/RAX before the instruction
+
+    def describe(self) -> str:
+        if self.kind == "instruction":
+            return f"at {self.instruction}"
+        if self.kind == "stub":
+            where = f"stub for hypercall {self.stub_nr}" if self.stub_nr is not None else "inline stub"
+            return f"in {where}, before {self.instruction} at {self.address:#x}"
+        return "from registers"
+
+
+def _disassembler(width: int):  # noqa: ANN202 - capstone's Cs type, imported lazily
+    import capstone
+
+    mode = capstone.CS_MODE_32 if width == 32 else capstone.CS_MODE_64
+    return capstone.Cs(capstone.CS_ARCH_X86, mode)
+
+
+def find_hypercall_site(code: bytes, pc: int, width: int, max_insns: int = 8) -> Site | None:
+    """Look at the code at PC: is it a hypercall instruction, or a stub leading to one?
+
+    Walks at most `max_insns` instructions and stops at anything that leaves the stub (ret, jmp,
+    call).  A `mov $N, %eax` before the instruction gives the stub's number, as in the hypercall
+    page's stubs; without one (Linux's xen_hypercall_pv) the number is already in EAX/RAX.
+    """
+    stub_nr: int | None = None
+    for index, insn in enumerate(_disassembler(width).disasm(code, pc)):
+        if index >= max_insns:
+            break
+        mnemonic, ops = insn.mnemonic, insn.op_str.replace(" ", "")
+        convention = _HYPERCALL_INSNS.get((mnemonic, ops))
+        if convention is not None:
+            if convention == "hvm":
+                convention = f"x86_{width}-hvm"
+            kind = "instruction" if index == 0 else "stub"
+            text = f"{mnemonic} {insn.op_str}".strip()
+            return Site(kind, convention, text, insn.address, stub_nr)
+        if mnemonic in _END_OF_STUB:
+            break
+        if mnemonic == "mov" and (ops.startswith("eax,") or ops.startswith("rax,")):
+            try:
+                stub_nr = int(ops.split(",", 1)[1], 0)
+            except ValueError:
+                stub_nr = None  # loaded from somewhere else: the number is not the stub's
+    return None
+
+
+def stub_number(stub: bytes, address: int, width: int) -> int | None:
+    """The hypercall number a 32-byte hypercall-page stub loads, or None if it is not such a stub."""
+    site = find_hypercall_site(stub[:HYPERCALL_STUB_SIZE], address, width)
+    return site.stub_nr if site is not None else None
+
+
+def hypercall_page_stubs(page: bytes, base: int, width: int) -> dict[int, int]:
+    """Map hypercall number -> stub address for a hypercall page's contents."""
+    stubs: dict[int, int] = {}
+    for offset in range(0, min(len(page), HYPERCALL_PAGE_SIZE), HYPERCALL_STUB_SIZE):
+        nr = stub_number(page[offset:offset + HYPERCALL_STUB_SIZE], base + offset, width)
+        if nr is not None and nr == offset // HYPERCALL_STUB_SIZE:
+            stubs[nr] = base + offset
+    return stubs
+
+
+@dataclass(frozen=True)
+class PendingCall:
+    nr: int
+    args: tuple[int, ...]
+    site: Site
+
+
+def _reg(target: Target, name: str) -> int:
+    return target.read_register(name)
+
+
+def _pc_name(width: int) -> str:
+    return "eip" if width == 32 else "rip"
+
+
+def _read_args(target: Target, convention: CallingConvention, width: int) -> tuple[int, ...]:
+    mask = (1 << width) - 1
+    values = []
+    for name in convention.arg_registers:
+        try:
+            values.append(_reg(target, name) & mask)
+        except UnknownRegister:
+            # A 64-bit register file seen through a 32-bit name, or the other way round.
+            alt = ("r" + name[1:]) if name.startswith("e") else ("e" + name[1:])
+            values.append(_reg(target, alt) & mask)
+    return tuple(values)
+
+
+def pending_call(target: Target, width: int, *, code_at_pc: bytes | None = None,
+                 pc: int | None = None) -> PendingCall:
+    """The hypercall a vCPU stopped at (or in a stub leading to) a hypercall instruction will make.
+
+    `code_at_pc` spares a memory read when the caller already has the bytes.  Without code (an
+    offline decode with no memory at PC) the number and arguments come from the registers.
+    """
+    if pc is None:
+        try:
+            pc = _reg(target, _pc_name(width))
+        except UnknownRegister:
+            pc = _reg(target, "pc")
+    if code_at_pc is None:
+        code_at_pc = read_code(target, pc)
+    convention = pv_convention(width)
+    site = find_hypercall_site(code_at_pc, pc, width) if code_at_pc else None
+    if code_at_pc and site is None:
+        raise DecodeError(f"no hypercall pending: the code at {pc:#x} is not a hypercall instruction "
+                          f"or a stub leading to one")
+    if site is None:
+        site = Site("registers", convention.name, convention.instruction, pc)
+    else:
+        convention = CONVENTIONS.get(site.convention, convention)
+    nr = site.stub_nr if site.stub_nr is not None else _reg_nr(target, convention, width)
+    return PendingCall(nr, _read_args(target, convention, width), site)
+
+
+def read_code(target: Target, pc: int) -> bytes:
+    """Up to one stub's worth of code at PC; less when PC is near the end of mapped memory."""
+    to_page_end = HYPERCALL_PAGE_SIZE - pc % HYPERCALL_PAGE_SIZE
+    sizes = [HYPERCALL_STUB_SIZE] + ([to_page_end] if to_page_end < HYPERCALL_STUB_SIZE else [])
+    for size in sizes:
+        try:
+            return target.read_memory(pc, size)
+        except TargetError:
+            pass
+    size = HYPERCALL_STUB_SIZE // 2
+    while size >= 2:
+        try:
+            return target.read_memory(pc, size)
+        except TargetError:
+            size //= 2
+    return b""
+
+
+def _reg_nr(target: Target, convention: CallingConvention, width: int) -> int:
+    try:
+        return _reg(target, convention.nr_register) & ((1 << width) - 1)
+    except UnknownRegister:
+        alt = "rax" if convention.nr_register == "eax" else "eax"
+        return _reg(target, alt) & ((1 << width) - 1)
+
+
+# x86 exception vectors (Intel SDM vol. 3, table 6-1): mnemonic and name.
+TRAP_VECTORS: dict[int, tuple[str, str]] = {
+    0: ("#DE", "divide error"), 1: ("#DB", "debug"), 2: ("NMI", "non-maskable interrupt"),
+    3: ("#BP", "breakpoint"), 4: ("#OF", "overflow"), 5: ("#BR", "bound range exceeded"),
+    6: ("#UD", "invalid opcode"), 7: ("#NM", "device not available"), 8: ("#DF", "double fault"),
+    9: ("CSO", "coprocessor segment overrun"), 10: ("#TS", "invalid TSS"),
+    11: ("#NP", "segment not present"), 12: ("#SS", "stack-segment fault"),
+    13: ("#GP", "general protection"), 14: ("#PF", "page fault"), 15: ("--", "reserved (spurious)"),
+    16: ("#MF", "x87 floating-point error"), 17: ("#AC", "alignment check"), 18: ("#MC", "machine check"),
+    19: ("#XM", "SIMD floating-point"), 20: ("#VE", "virtualization exception"),
+    21: ("#CP", "control protection"),
+}
+
+
+def vector_name(vector: int) -> str:
+    if vector in TRAP_VECTORS:
+        return TRAP_VECTORS[vector][0]
+    if vector == 0x80:
+        return "int 0x80"
+    if vector == 0x82:
+        return "int 0x82"
+    return f"int {vector:#x}" if vector >= 32 else "reserved"
+
+
+def is_canonical(address: int) -> bool:
+    """A 64-bit address is canonical when bits 63..47 are all equal."""
+    top = address >> 47
+    return top == 0 or top == (1 << 17) - 1

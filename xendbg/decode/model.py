@@ -1,0 +1,158 @@
+"""What the decoders return: frozen dataclasses, plain data only (ints, strings, tuples).
+
+Renderers turn these into text or JSON; nothing here reads the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SEVERITIES = ("error", "warning", "info")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One of Xen's own rules applied to what the guest asked for.
+
+    severity: `error` where that Xen rejects the call or the guest will misbehave, `warning` where
+    it is accepted but suspicious, `info` where Xen silently fixes it up.
+    """
+
+    rule: str
+    severity: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    kind: str
+    value: int
+    text: str | None = None  # symbolic form: "VCPUOP_up", "0xe019 (FLAT_RING1_CS, RPL 1)"
+
+
+@dataclass(frozen=True)
+class TrapEntry:
+    index: int
+    vector: int
+    vector_name: str
+    flags: int
+    dpl: int
+    interrupt_flag: bool  # Xen clears the event mask on entry, like an interrupt gate clears IF
+    cs: int
+    rpl: int
+    address: int
+
+
+@dataclass(frozen=True)
+class TrapTable:
+    address: int
+    entries: tuple[TrapEntry, ...]
+    terminated: bool  # ended by an entry whose address is 0
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Callback:
+    kind: str  # event, failsafe, syscall, nmi, sysenter, syscall32
+    address: int
+    selector: int | None = None  # 32-bit guests give a code selector with each callback
+    rpl: int | None = None
+    flags: int = 0
+    flag_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Callbacks:
+    operation: str  # "register", "unregister", or "set_callbacks"
+    entries: tuple[Callback, ...]
+
+
+@dataclass(frozen=True)
+class FastTrap:
+    vector: int
+    vector_name: str
+    handler: TrapEntry | None  # the trap-table entry Xen turns into the gate, when xendbg knows it
+
+
+@dataclass(frozen=True)
+class MulticallEntry:
+    index: int
+    address: int
+    call: Hypercall
+    result: int | None  # None until Xen has run the entry
+    result_text: str | None = None
+
+
+@dataclass(frozen=True)
+class MulticallBatch:
+    address: int
+    count: int
+    entries: tuple[MulticallEntry, ...]
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class StructFields:
+    """A sub-operation's argument struct, decoded field by field."""
+
+    struct: str
+    address: int
+    fields: tuple[tuple[str, int | str], ...]
+
+
+@dataclass(frozen=True)
+class TableOf:
+    """An array argument (mmu_update, mmuext_op requests)."""
+
+    struct: str
+    address: int
+    rows: tuple[tuple[tuple[str, int | str], ...], ...]
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class Text:
+    """A string argument (console_io write)."""
+
+    address: int
+    text: str
+    truncated: bool = False
+
+
+Detail = TrapTable | Callbacks | FastTrap | MulticallBatch | StructFields | TableOf | Text | None
+
+
+@dataclass(frozen=True)
+class Hypercall:
+    nr: int
+    name: str | None  # None for a number this generation does not know
+    args: tuple[Arg, ...]
+    generation: str
+    width: int
+    former_names: tuple[str, ...] = ()
+    subop: str | None = None
+    detail: Detail = None
+    findings: tuple[Finding, ...] = ()
+    site: str = ""
+
+    @property
+    def display_name(self) -> str:
+        return self.name if self.name is not None else f"hypercall_{self.nr}"
+
+    def all_findings(self) -> tuple[Finding, ...]:
+        """This call's findings and those of the calls it batches, outermost first."""
+        found = list(self.findings)
+        if isinstance(self.detail, MulticallBatch):
+            for entry in self.detail.entries:
+                found.extend(entry.call.all_findings())
+        return tuple(found)
+
+
+@dataclass
+class GuestState:
+    """What the guest has registered so far, as far as xendbg has seen (for rules that need it)."""
+
+    trap_table: dict[int, TrapEntry] = field(default_factory=dict)
+    callbacks: dict[str, Callback] = field(default_factory=dict)
+    fast_trap: FastTrap | None = None

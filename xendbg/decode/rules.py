@@ -1,0 +1,121 @@
+"""Xen's own checks, generation by generation, as findings.
+
+Read from the hypervisor at each tag:
+- RELEASE-2.0.0 xen/arch/x86/traps.c (do_set_trap_table, do_set_callbacks, set_fast_trap) and
+  xen/include/asm-x86/desc.h (VALID_CODESEL): a code selector must be the flat kernel CS, or have
+  the kernel's RPL and not name one of Xen's reserved GDT entries; otherwise -EPERM.
+- RELEASE-3.0.0: the same check (GUEST_KERNEL_RPL: 1 on x86_32, 3 on x86_64), still -EPERM.
+- 3.0.2-branched onward (desc.h fixup_guest_code_selector): a selector whose RPL is below the
+  kernel's is silently raised to it; the call succeeds.
+- RELEASE-2.0.0 set_fast_trap: only vector 0x80 or 0x20-0x2f, and not one whose trap-table entry
+  asks for the event mask to be cleared (Xen cannot virtualise an interrupt gate); 0 disables.
+- RELEASE-4.17.0 xen/arch/x86/pv/callback.c: 64-bit addresses must be canonical (-EINVAL);
+  unknown callback types get -ENOSYS; event/failsafe/syscall callbacks cannot be unregistered.
+- do_multicall: RELEASE-2.0.0 x86_32/entry.S detects a nested multicall by its return address and
+  skips it, leaving an undefined value in the result slot; RELEASE-3.0.0 and later
+  xen/common/multicall.c refuse re-entry with -EINVAL.
+"""
+
+from __future__ import annotations
+
+from xendbg.abi import Abi
+from xendbg.abi.generations import at_least
+from xendbg.arch import is_canonical
+from xendbg.decode.model import Finding
+
+MAX_TABLE_ENTRIES = 256  # a trap table has at most one entry per vector
+MAX_MULTICALL_ENTRIES = 256  # xendbg decodes no more of a batch than this
+
+
+def selector_text(abi: Abi, selector: int) -> str:
+    name = abi.selector_name(selector)
+    rpl = selector & 3
+    return f"{selector:#06x} ({name}, RPL {rpl})" if name else f"{selector:#06x} (RPL {rpl})"
+
+
+def _in_reserved_gdt(abi: Abi, selector: int) -> bool:
+    first, last = abi.reserved_gdt
+    return not selector & 4 and first <= (selector >> 3) <= last
+
+
+def check_code_selector(abi: Abi, selector: int, what: str) -> list[Finding]:
+    """The RPL rule for a code selector a PV guest hands Xen (trap table, callbacks, vCPU context)."""
+    kernel = abi.kernel_rpl
+    rpl = selector & 3
+    if selector == abi.kernel_cs:
+        return []
+    width = f"{abi.width}-bit PV"
+    if abi.rejects_bad_selectors:
+        if rpl != kernel:
+            return [Finding("selector-rpl", "error",
+                            f"{what}: selector {selector:#06x} has RPL {rpl}, but a {width} kernel runs in "
+                            f"ring {kernel}: Xen {abi.generation} rejects the call with -EPERM")]
+        if _in_reserved_gdt(abi, selector):
+            return [Finding("selector-reserved", "error",
+                            f"{what}: selector {selector:#06x} names GDT entry {selector >> 3}, one of "
+                            f"Xen's reserved entries: Xen {abi.generation} rejects the call with -EPERM")]
+        return []
+    if rpl < kernel:
+        fixed = (selector & ~3) | kernel
+        return [Finding("selector-rpl", "info",
+                        f"{what}: selector {selector:#06x} has RPL {rpl}; Xen {abi.generation} silently "
+                        f"raises it to the {width} kernel's RPL {kernel} ({fixed:#06x})")]
+    if rpl > kernel:
+        return [Finding("selector-rpl", "warning",
+                        f"{what}: selector {selector:#06x} has RPL {rpl}, above the {width} kernel's "
+                        f"ring {kernel}: Xen accepts it and will enter this code in ring {rpl}")]
+    return []
+
+
+def check_code_address(abi: Abi, address: int, what: str) -> list[Finding]:
+    if abi.width == 64 and not is_canonical(address):
+        action = ("rejects the call with -EINVAL" if at_least(abi.generation, "4.0")
+                  else "cannot enter it: the guest will take a fault on delivery")
+        return [Finding("non-canonical", "error",
+                        f"{what}: address {address:#018x} is not canonical: Xen {abi.generation} {action}")]
+    return []
+
+
+def check_fast_trap(abi: Abi, vector: int, interrupt_flag: bool | None) -> list[Finding]:
+    if not abi.has_fast_trap:
+        return [Finding("fast-trap-removed", "error",
+                        f"set_fast_trap does not exist in Xen {abi.generation} (removed in 3.0): "
+                        f"the call fails with -ENOSYS")]
+    if vector == 0:
+        return [Finding("fast-trap-disable", "info", "vector 0 disables the fast trap")]
+    findings = []
+    if vector != 0x80 and not 0x20 <= vector <= 0x2F:
+        findings.append(Finding("fast-trap-vector", "error",
+                                f"vector {vector:#x} cannot be a fast trap: Xen 2.0 accepts only 0x80 "
+                                f"and 0x20-0x2f and fails the call with -EPERM"))
+    if interrupt_flag:
+        findings.append(Finding("fast-trap-interrupt-flag", "error",
+                                f"the trap-table entry for vector {vector:#x} asks Xen to clear the event "
+                                f"mask on entry, which a fast trap cannot do: Xen 2.0 fails the call "
+                                f"with -EPERM"))
+    if interrupt_flag is None:
+        findings.append(Finding("fast-trap-handler-unknown", "info",
+                                f"xendbg has not seen a trap-table entry for vector {vector:#x}; Xen "
+                                f"installs whatever entry the guest registered last"))
+    return findings
+
+
+def check_nested_multicall(abi: Abi, index: int) -> Finding:
+    if abi.multicall_result_in_args:
+        return Finding("multicall-nested", "error",
+                       f"entry {index} is itself a multicall: Xen 2.0 skips it without running it "
+                       f"and leaves an undefined value in its result slot")
+    return Finding("multicall-nested", "error",
+                   f"entry {index} is itself a multicall: Xen {abi.generation} refuses nested "
+                   f"multicalls and sets its result to -EINVAL")
+
+
+def unknown_hypercall(abi: Abi, nr: int, where: str = "") -> Finding:
+    prefix = f"{where}: " if where else ""
+    return Finding("unknown-hypercall", "error",
+                   f"{prefix}hypercall number {nr} does not exist in Xen {abi.generation} "
+                   f"({abi.width}-bit PV): the call fails with -ENOSYS")
+
+
+def unreadable(what: str, address: int, action: str = "Xen would fail the call with -EFAULT") -> Finding:
+    return Finding("unreadable-memory", "error", f"{what} at {address:#x} cannot be read: {action}")
