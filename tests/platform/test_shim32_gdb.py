@@ -1,0 +1,59 @@
+"""gdb against shim32 through QEMU's gdbstub: stop at the guest's first int $0x82 and at its first
+multicall, and read the registers there."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytestmark = pytest.mark.platform
+
+KCS = {"2.0": 0x0819, "3.0": 0xE019, "4.0": 0xE019}
+
+
+def values(out: str) -> list[int]:
+    """The values gdb printed ($1 = 0x11, $2 = 13, ...), in order."""
+    return [int(v, 0) for v in re.findall(r"^\$\d+ = (\S+)$", out, re.M)]
+
+
+@pytest.mark.parametrize("abi", ["2.0", "4.0"])
+def test_gdb_first_hypercall_and_first_multicall(boot_gdb, abi: str) -> None:
+    booted = boot_gdb("shim32", abi=abi, timeout=60)
+    # Hardware breakpoints: the multiboot loader copies the image after gdb attaches.
+    out = booted.gdb_batch(
+        "hbreak *xen_int82", "continue", "p/x $eax", "p/x $cs",
+        "delete", "hbreak *xen_int82 if $eax == 13", "continue", "p $eax", "p/x $cs", "p $ecx",
+        "delete", "continue",
+    )
+    vals = values(out)
+    assert len(vals) == 5, out
+    first_nr, cs1, mc_nr, cs2, nr_calls = vals
+    assert first_nr == 17                      # xen_version opens the scenario
+    assert cs1 == KCS[abi] and cs1 & 3 == 1    # issued from ring 1 with Xen's flat selector
+    assert mc_nr == 13 and cs2 == KCS[abi]
+    assert nr_calls == 3                       # multicall#1 has three entries
+    res = booted.finish()
+    assert res.ok, res.stderr + res.stdout
+    assert res.transcript.done
+
+
+def test_gdb_mi_reads_registers(boot_gdb) -> None:
+    """The same through an MI session (pygdbmi), as xendbg's MiTarget drives gdb."""
+    booted = boot_gdb("shim32", abi="3.0", timeout=60)
+    mi = booted.gdb_mi()
+    mi.write("-break-insert -h -c \"$eax == 13\" *xen_int82", timeout_sec=10)
+    resp = mi.write("-exec-continue", timeout_sec=30)
+    deadline = 30
+    while not any(r.get("message") == "stopped" for r in resp) and deadline:
+        resp = mi.get_gdb_response(timeout_sec=1, raise_error_on_timeout=False)
+        deadline -= 1
+    stopped = [r for r in resp if r.get("message") == "stopped"]
+    assert stopped and stopped[0]["payload"].get("reason") == "breakpoint-hit", resp
+    regs = mi.write("-data-evaluate-expression $eax", timeout_sec=10)
+    value = next(r["payload"]["value"] for r in regs if r.get("message") == "done")
+    assert int(value) == 13
+    mi.write("-break-delete", timeout_sec=10)
+    mi.write("-exec-continue", timeout_sec=10)
+    res = booted.finish()
+    assert res.ok and res.transcript.done
