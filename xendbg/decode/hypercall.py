@@ -183,11 +183,16 @@ def _trap_table(ctx: _Ctx, address: int, limit: int = rules.MAX_TABLE_ENTRIES) -
             seen[entry.vector] = index
             entries.append(entry)
             index += 1
+    note = ""
+    if any(e.vector == 14 for e in entries):
+        note = ("#PF: Xen 2.0 pushes the faulting address (CR2) onto the guest frame below the error code"
+                if abi.generation == "2.0" else
+                "#PF: the guest finds the faulting address in its vcpu_info (arch.cr2), not in CR2")
     if not terminated:
         ctx.add(Finding("trap-table-unterminated", "error",
                         f"no entry with address 0 in the first {limit} entries at {address:#x}: Xen keeps "
                         f"reading past the table until it finds one or faults (-EFAULT)"))
-    return TrapTable(address, tuple(entries), terminated)
+    return TrapTable(address, tuple(entries), terminated, note)
 
 
 def _set_trap_table(ctx: _Ctx, args: list[Arg]) -> Detail:

@@ -1,0 +1,1 @@
+"""Renderers: decoded dataclasses in, text or JSON out.  Renderers never read the target."""

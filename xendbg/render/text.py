@@ -1,0 +1,168 @@
+"""Plain and coloured text for people, rendered with rich.
+
+Colour follows rich's rules (none when the output is not a terminal, none when NO_COLOR is set)
+unless a front end forces it.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text as RichText
+
+from xendbg.abi import Abi
+from xendbg.decode.model import (
+    Arg,
+    Callbacks,
+    Detail,
+    FastTrap,
+    Finding,
+    Hypercall,
+    MulticallBatch,
+    StructFields,
+    TableOf,
+    Text,
+    TrapTable,
+)
+
+SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+def hexv(value: int) -> str:
+    return f"{value:#x}"
+
+
+def _table(*columns: str) -> Table:
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def _titled(title: str, *body: RenderableType) -> Group:
+    return Group(RichText(title, style="bold"), *body)
+
+
+def args_table(args: Iterable[Arg]) -> Table:
+    table = _table("arg", "value", "meaning")
+    for a in args:
+        table.add_row(a.name, hexv(a.value), a.text or "")
+    return table
+
+
+def findings(found: Iterable[Finding]) -> RenderableType:
+    lines = []
+    for f in found:
+        line = RichText()
+        line.append(f"{f.severity:<7}", style=SEVERITY_STYLE.get(f.severity, ""))
+        line.append(f" [{f.rule}] ", style="dim")
+        line.append(f.message)
+        lines.append(line)
+    return Group(*lines) if lines else RichText("no findings", style="green")
+
+
+def trap_table(t: TrapTable) -> RenderableType:
+    title = f"trap table at {t.address:#x}: {len(t.entries)} entries"
+    title += "" if t.terminated else " (no terminating entry)"
+    table = _table("#", "vector", "name", "DPL", "IF", "cs", "RPL", "handler")
+    for e in t.entries:
+        table.add_row(str(e.index), hexv(e.vector), e.vector_name, str(e.dpl), "yes" if e.interrupt_flag else "",
+                      f"{e.cs:#06x}", str(e.rpl), hexv(e.address))
+    if t.note:
+        return _titled(title, table, RichText(f"note: {t.note}", style="dim"))
+    return _titled(title, table)
+
+
+def callbacks(c: Callbacks) -> RenderableType:
+    table = _table("callback", "address", "selector", "RPL", "flags")
+    for cb in c.entries:
+        table.add_row(cb.kind, hexv(cb.address), "" if cb.selector is None else f"{cb.selector:#06x}",
+                      "" if cb.rpl is None else str(cb.rpl), "|".join(cb.flag_names) or "")
+    return _titled(f"callbacks ({c.operation})", table)
+
+
+def multicall(b: MulticallBatch) -> RenderableType:
+    title = f"multicall batch at {b.address:#x}: {b.count} entries" + (" (truncated)" if b.truncated else "")
+    table = _table("#", "op", "hypercall", "arguments", "result")
+    for e in b.entries:
+        call = e.call
+        args = ", ".join(f"{a.name}={a.text or hexv(a.value)}" for a in call.args)
+        result = "" if e.result is None else f"{e.result}" + (f" ({e.result_text})" if e.result_text else "")
+        table.add_row(str(e.index), str(call.nr), call.display_name, args, result)
+    parts: list[RenderableType] = [RichText(title, style="bold"), table]
+    for e in b.entries:
+        if e.call.detail is not None:
+            parts.append(RichText(f"entry {e.index}: {e.call.display_name}", style="bold"))
+            parts.append(detail(e.call.detail))
+    return Group(*parts)
+
+
+def detail(d: Detail) -> RenderableType:
+    if isinstance(d, MulticallBatch):
+        return multicall(d)
+    if isinstance(d, TrapTable):
+        return trap_table(d)
+    if isinstance(d, Callbacks):
+        return callbacks(d)
+    if isinstance(d, FastTrap):
+        handler = (f"handler {d.handler.address:#x} cs {d.handler.cs:#06x} DPL {d.handler.dpl}"
+                   if d.handler else "handler not seen yet")
+        return RichText(f"fast trap: vector {d.vector:#x} ({d.vector_name}), {handler}")
+    if isinstance(d, StructFields):
+        table = _table("field", "value")
+        for name, value in d.fields:
+            table.add_row(name, hexv(value) if isinstance(value, int) else value)
+        return _titled(f"{d.struct} at {d.address:#x}", table)
+    if isinstance(d, TableOf):
+        columns = [name for name, _ in d.rows[0]] if d.rows else ["(empty)"]
+        table = _table("#", *columns)
+        for i, row in enumerate(d.rows):
+            table.add_row(str(i), *(hexv(v) if isinstance(v, int) else v for _, v in row))
+        return _titled(f"{d.struct}[] at {d.address:#x}" + (" (truncated)" if d.truncated else ""), table)
+    if isinstance(d, Text):
+        return RichText(f"text: {d.text!r}" + (" (truncated)" if d.truncated else ""))
+    return RichText("")
+
+
+def hypercall(hc: Hypercall) -> RenderableType:
+    head = RichText()
+    head.append(hc.display_name, style="bold")
+    if hc.former_names:
+        head.append(f" (also {', '.join(hc.former_names)})", style="dim")
+    head.append(f"  nr {hc.nr}")
+    if hc.subop:
+        head.append(f"  {hc.subop}", style="bold magenta")
+    head.append(f"  [Xen {hc.generation} ABI, {hc.width}-bit PV" + (f", {hc.site}" if hc.site else "") + "]",
+                style="dim")
+    parts: list[RenderableType] = [head]
+    if hc.args:
+        parts.append(args_table(hc.args))
+    if hc.detail is not None:
+        parts.append(detail(hc.detail))
+    parts.append(findings(hc.all_findings()))
+    return Group(*parts)
+
+
+def abi_listing(abi: Abi) -> RenderableType:
+    table = _table("nr", "hypercall", "arguments")
+    for h in abi.hypercalls():
+        name = h.name + (f" (also {', '.join(h.former_names)})" if h.former_names else "")
+        table.add_row(str(h.nr), name, ", ".join(f"{a.name}: {a.kind}" for a in h.args))
+    return _titled(f"Xen {abi.generation} ABI ({abi.tag}), {abi.width}-bit PV guests", table)
+
+
+def to_string(renderable: RenderableType, *, width: int = 100, color: bool = False) -> str:
+    """Render to a string (for gdb and tests): colour only when asked."""
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, force_terminal=color, color_system="standard" if color else None,
+                      no_color=not color, highlight=False, soft_wrap=False)
+    console.print(renderable)
+    return buffer.getvalue()
+
+
+def console(stderr: bool = False) -> Console:
+    """A console for the CLI: rich decides colour from the terminal and NO_COLOR."""
+    return Console(stderr=stderr, highlight=False)
