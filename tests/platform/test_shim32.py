@@ -39,7 +39,7 @@ def test_normal_scenario(platform_run, abi: str) -> None:
     assert t.done and t.failed is None
     assert rc(t, "xen_version") == VERSION[abi]
     for step in ("stack_switch", "set_callbacks", "set_trap_table", "evtchn.bind_virq", "event",
-                 "multicall#1", "multicall#2", "trap.int3", "trap.page_fault", "int80"):
+                 "multicall#1", "multicall#2", "trap.int3", "trap.page_fault", "int81", "int80"):
         assert rc(t, step) == 0, step
     assert "set_callbacks.retry" not in t.steps and "set_trap_table.retry" not in t.steps
 
@@ -60,9 +60,15 @@ def test_normal_scenario(platform_run, abi: str) -> None:
     assert field(t, "event", "port") == field(t, "evtchn.bind_virq", "port")
     assert field(t, "trap.int3", "cs") == KCS[abi]
     assert field(t, "trap.page_fault", "cr2") == 0x600000
+    # int $0x81 from ring 3: a #GP the shim forwards through the trap table (frame with esp/ss).
+    assert rc(t, "int81") == 0 and field(t, "int81", "cs") == UCS[abi]
+    assert any("int $0x81 from ring 3 bounced" in line for line in t.lines)
+    # int $0x80 from ring 3: a real DPL-3 trap gate straight into ring 1, never through the shim.
     assert field(t, "int80", "cs") == UCS[abi] and field(t, "int80", "eax") == 0x5EED
-    bounced = any("int $80 from ring 3 bounced" in line for line in t.lines)
-    assert bounced == (abi != "2.0"), "2.0's fast trap must bypass the shim; later ABIs go through it"
+    assert not any("int $0x80 from ring 3 bounced" in line for line in t.lines)
+    gate = "set_fast_trap: IDT[80]" if abi == "2.0" else "int80 direct trap: IDT[80]"
+    assert any(f"[shim] {gate} = trap gate {KCS[abi]:04x}:" in line and line.endswith("DPL 3")
+               for line in t.lines), t.text()
 
     # vcpu_op: absent in 2.0; a real second CPU runs vCPU 1 in ring 1 otherwise.
     if abi == "2.0":

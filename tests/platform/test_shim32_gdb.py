@@ -38,6 +38,27 @@ def test_gdb_first_hypercall_and_first_multicall(boot_gdb, abi: str) -> None:
     assert res.transcript.done
 
 
+@pytest.mark.parametrize("abi", ["2.0", "3.0"])
+def test_gdb_int80_enters_ring1_through_a_dpl3_gate(boot_gdb, abi: str) -> None:
+    """At the guest's int $0x80 handler: CPU in ring 1, frame from ring 3, and the shim's IDT entry
+    0x80 is a present 32-bit trap gate of DPL 3 whose target is that handler."""
+    booted = boot_gdb("shim32", abi=abi, timeout=60)
+    out = booted.gdb_batch(
+        "hbreak int80_entry", "continue", "p/x $cs", "p/x *(unsigned int *)($sp + 4)",
+        "p/x (unsigned int)((idt[0x80] >> 40) & 0xff)", "p/x (unsigned int)((idt[0x80] >> 16) & 0xffff)",
+        "p/x (unsigned int)((idt[0x80] & 0xffff) | ((idt[0x80] >> 32) & 0xffff0000))",
+        "p/x (unsigned int)int80_entry", "delete", "continue",
+    )
+    vals = values(out)
+    assert len(vals) == 6, out
+    cs, frame_cs, access, gate_sel, gate_off, handler = vals
+    assert cs == KCS[abi]                       # running in ring 1
+    assert frame_cs & 3 == 3                    # came from ring 3
+    assert access == 0xEF                       # present, DPL 3, 32-bit trap gate
+    assert gate_sel == KCS[abi] and gate_off == handler
+    assert booted.finish().ok
+
+
 def test_gdb_mi_reads_registers(boot_gdb) -> None:
     """The same through an MI session (pygdbmi), as xendbg's MiTarget drives gdb."""
     booted = boot_gdb("shim32", abi="3.0", timeout=60)
