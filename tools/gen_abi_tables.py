@@ -85,10 +85,36 @@ def evaluate(expr: str, known: dict[str, int]) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def current_interface_lines(text: str) -> list[str]:
+    """Drop the lines that only guests built for an older interface version see.
+
+    `#if __XEN_INTERFACE_VERSION__ < X` blocks hold compatibility spellings for old guests; the
+    tables describe the ABI as the newest interface of that tag defines it (its `#else` branch).
+    """
+    stack: list[bool] = []  # True: this block's lines are for old interfaces only
+    kept = []
+    for line in text.splitlines():
+        directive = line.strip().replace("# ", "#")
+        if directive.startswith("#if"):
+            stack.append(bool(re.match(r"#if\s+__XEN_INTERFACE_VERSION__\s*<", directive)))
+            continue
+        if directive.startswith("#else") or directive.startswith("#elif"):
+            if stack:
+                stack[-1] = False
+            continue
+        if directive.startswith("#endif"):
+            if stack:
+                stack.pop()
+            continue
+        if not any(stack):
+            kept.append(line)
+    return kept
+
+
 def read_tag(git_dir: str, tag: str) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
     text = headers(git_dir, tag)
     known: dict[str, int] = {}
-    for line in text.splitlines():
+    for line in current_interface_lines(text):
         m = DEFINE.match(line)
         if m and "(" not in m.group(1):
             value = evaluate(m.group(2), known)

@@ -28,7 +28,7 @@ _SPANS: tuple[tuple[tuple[int, int, int], str], ...] = (
     ((2, 0, 0), "2.0"),
 )
 
-_VERSION = re.compile(r"(?:xen-?|release-)?(\d+)(?:\.(\d+))?(?:\.(\d+))?(?:[-+~.].*)?", re.IGNORECASE)
+_VERSION = re.compile(r"(?:xen-?|release-)?(\d+)(?:\.(\d+))?(?:\.(\d+))?(?:[-+~].*)?", re.IGNORECASE)
 
 
 def resolve_generation(version: str) -> str:
