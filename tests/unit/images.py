@@ -44,7 +44,7 @@ def registers(width: int, nr: int, *args: int, pc: int = 0x7000) -> dict[str, in
     """A register file with hypercall `nr` and `args` in the PV convention of `width`."""
     names = ("ebx", "ecx", "edx", "esi", "edi") if width == 32 else ("rdi", "rsi", "rdx", "r10", "r8")
     regs = {name: 0 for name in names}
-    regs.update(dict(zip(names, args)))
+    regs.update(dict(zip(names, args, strict=False)))
     regs["eax" if width == 32 else "rax"] = nr
     regs["eip" if width == 32 else "rip"] = pc
     regs["cs"] = 0xE019 if width == 32 else 0xE033

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from xendbg.abi import _tables, get_abi
-from xendbg.abi.layouts import LAYOUTS, ERA_3
+from xendbg.abi.layouts import ERA_3, LAYOUTS
 
 HEADERS = Path("/usr/include/xen")
 GENERATION = "4.17"  # the libxen-dev version Debian 12 ships
@@ -47,8 +47,8 @@ C_FIELDS = {("callback_register", "cs", 32): "address.cs", ("callback_register",
 def _probe_source(width: int) -> str:
     lines = ["#include <stddef.h>", "#include <stdint.h>"]
     lines += [f"#include <{h}>" for h in FAMILY_HEADERS]
-    lines += ['#define EMIT(key, value) asm volatile(".ascii \\"@@" key "=%c0@@\\"" :: "i"((long long)(value)));',
-              "void probe(void) {"]
+    emit = '#define EMIT(key, value) asm volatile(".ascii \\"@@" key "=%c0@@\\"" :: "i"((long long)(value)));'
+    lines += [emit, "void probe(void) {"]
     for name in _tables.HYPERCALL[GENERATION]:
         macro = f"__HYPERVISOR_{name}"
         lines.append(f"#ifdef {macro}\nEMIT(\"hc.{name}\", {macro})\n#endif")
@@ -70,8 +70,9 @@ def _probe_source(width: int) -> str:
 def _run_probe(width: int, tmp_path: Path) -> dict[str, int]:
     source = tmp_path / f"probe{width}.c"
     source.write_text(_probe_source(width))
-    result = subprocess.run(["gcc", f"-m{width}", "-ffreestanding", "-D__XEN_INTERFACE_VERSION__=__XEN_LATEST_INTERFACE_VERSION__",
-                             "-S", "-o", "-", str(source)],
+    # The newest interface version, as a guest built today would see the headers.
+    latest = "-D__XEN_INTERFACE_VERSION__=__XEN_LATEST_INTERFACE_VERSION__"
+    result = subprocess.run(["gcc", f"-m{width}", "-ffreestanding", latest, "-S", "-o", "-", str(source)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     return {k: int(v) for k, v in re.findall(r"@@([\w.]+)=(-?\d+)@@", result.stdout)}
