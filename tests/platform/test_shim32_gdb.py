@@ -59,6 +59,16 @@ def test_gdb_int80_enters_ring1_through_a_dpl3_gate(boot_gdb, abi: str) -> None:
     assert booted.finish().ok
 
 
+def test_gdb_vcpu1_runs_on_the_second_cpu(boot_gdb) -> None:
+    """vCPU 1 (VCPUOP_initialise + VCPUOP_up) runs on QEMU's second CPU, i.e. gdb thread 2, in ring 1."""
+    booted = boot_gdb("shim32", abi="4.0", timeout=60)
+    out = booted.gdb_batch("hbreak vcpu1_main", "continue", "p/x $cs", "thread", "delete", "continue")
+    assert re.search(r"^Thread 2 hit Breakpoint 1, vcpu1_main", out, re.M), out
+    assert values(out) == [KCS["4.0"]], out
+    assert "Current thread is 2 " in out, out
+    assert booted.finish().ok
+
+
 def test_gdb_mi_reads_registers(boot_gdb) -> None:
     """The same through an MI session (pygdbmi), as xendbg's MiTarget drives gdb."""
     booted = boot_gdb("shim32", abi="3.0", timeout=60)
