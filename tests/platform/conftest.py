@@ -155,7 +155,8 @@ class Booted:
         """An MI session (pygdbmi) with symbols loaded and connected."""
         from pygdbmi.gdbcontroller import GdbController
 
-        mi = GdbController(command=["gdb", "--nx", "--quiet", "--interpreter=mi3"])
+        mi = GdbController(command=["gdb", "--nx", "--quiet", "--interpreter=mi3"],
+                           time_to_check_for_additional_output_sec=0.05)
         for c in [*self.symbol_commands(), f"target remote 127.0.0.1:{self.port}"]:
             mi.write(f"-interpreter-exec console \"{c}\"", timeout_sec=30)
         self._mi = mi

@@ -4,6 +4,7 @@ multicall, and read the registers there."""
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -74,11 +75,10 @@ def test_gdb_mi_reads_registers(boot_gdb) -> None:
     booted = boot_gdb("shim32", abi="3.0", timeout=60)
     mi = booted.gdb_mi()
     mi.write("-break-insert -h -c \"$eax == 13\" *xen_int82", timeout_sec=10)
-    resp = mi.write("-exec-continue", timeout_sec=30)
-    deadline = 30
-    while not any(r.get("message") == "stopped" for r in resp) and deadline:
-        resp = mi.get_gdb_response(timeout_sec=1, raise_error_on_timeout=False)
-        deadline -= 1
+    resp = mi.write("-exec-continue", timeout_sec=0.2, raise_error_on_timeout=False)
+    deadline = time.monotonic() + 30
+    while not any(r.get("message") == "stopped" for r in resp) and time.monotonic() < deadline:
+        resp += mi.get_gdb_response(timeout_sec=0.1, raise_error_on_timeout=False)
     stopped = [r for r in resp if r.get("message") == "stopped"]
     assert stopped and stopped[0]["payload"].get("reason") == "breakpoint-hit", resp
     regs = mi.write("-data-evaluate-expression $eax", timeout_sec=10)
