@@ -60,6 +60,47 @@ def test_gdb_int80_enters_ring1_through_a_dpl3_gate(boot_gdb, abi: str) -> None:
     assert booted.finish().ok
 
 
+def words(out: str) -> list[list[int]]:
+    """Each `x/Nwx` dump as a list of words (one list per command, assuming N <= 4 per line)."""
+    dumps: list[list[int]] = []
+    for line in out.splitlines():
+        m = re.match(r"^0x([0-9a-f]+):\s+((?:0x[0-9a-f]+\s*)+)$", line)
+        if not m:
+            continue
+        vals = [int(v, 16) for v in m[2].split()]
+        if dumps and int(m[1], 16) == dumps[-1][0] + 4 * (len(dumps[-1]) - 1):
+            dumps[-1] += vals
+        else:
+            dumps.append([int(m[1], 16), *vals])
+    return [d[1:] for d in dumps]
+
+
+@pytest.mark.parametrize("abi", ["2.0", "3.0"])
+def test_gdb_bounce_frames(boot_gdb, abi: str) -> None:
+    """The frames the shim builds on the guest stack, read at the guest's entry points:
+    event callback {eip, cs[|mask<<16], eflags} and page fault 2.0 {cr2, error, eip, cs, eflags} /
+    3.0 {error, eip, cs|mask<<16, eflags}."""
+    booted = boot_gdb("shim32", abi=abi, timeout=60)
+    out = booted.gdb_batch(
+        "hbreak event_entry", "hbreak trap_14", "continue", "x/3wx $sp", "continue", "x/5wx $sp",
+        "p/x (unsigned int)&touch_hole", "delete", "continue",
+    )
+    event, pf = words(out)[:2]
+    touch_hole = values(out)[-1]
+    kcs = KCS[abi]
+    assert event[1] == kcs                       # 3.0: saved mask 0 in bits 16-23
+    if abi == "3.0":
+        assert event[2] & 0x200                  # EFLAGS.IF = !saved_upcall_mask
+        error, eip, cs, eflags = pf[:4]
+    else:
+        cr2, error, eip, cs, eflags = pf
+        assert cr2 == 0x600000
+    assert error == 0                            # not present, read, supervisor
+    assert cs == kcs and eflags & 0x2
+    assert touch_hole <= eip < touch_hole + 16   # the faulting read in touch_hole
+    assert booted.finish().ok
+
+
 def test_gdb_vcpu1_runs_on_the_second_cpu(boot_gdb) -> None:
     """vCPU 1 (VCPUOP_initialise + VCPUOP_up) runs on QEMU's second CPU, i.e. gdb thread 2, in ring 1."""
     booted = boot_gdb("shim32", abi="4.0", timeout=60)
