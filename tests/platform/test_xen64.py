@@ -8,10 +8,11 @@ refusing a nested multicall. A gdb test stops the guest at its first syscall int
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 
 import pytest
-from conftest import FIXTURES
+from conftest import FIXTURES, RUN, SYSTEM_PYTHON
 
 sys.path.insert(0, str(FIXTURES))
 from platforms import common  # noqa: E402
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.platform
 
 EINVAL, ENOSYS = -22, -38
 XEN_4_17 = (4 << 16) | 17
-KERNEL_CS = 0xE033  # FLAT_KERNEL_CS of a 64-bit PV guest (arch-x86/xen-x86_64.h, RELEASE-4.17.0)
+# FLAT_KERNEL_CS/SS of a 64-bit PV guest (arch-x86/xen-x86_64.h, RELEASE-4.17.0)
+KERNEL_CS, KERNEL_SS = 0xE033, 0xE02B
 HC_console_io, HC_multicall, HC_xen_version, HC_vcpu_op, HC_event_channel_op = 18, 13, 17, 24, 32
 
 
@@ -73,6 +75,7 @@ def test_normal_scenario(platform_run) -> None:
     assert res.ok, res.stderr + t.text()
     check_common(t, "normal")
     assert field(t, "set_trap_table", "cs") == KERNEL_CS
+    assert field(t, "vcpu_op.initialise", "cs") == KERNEL_CS and field(t, "vcpu1", "ss") == KERNEL_SS
     # console_io, XENMEM_current_reservation (dom0's page count), sched_op yield.
     assert rc(t, "multicall#2.entry0") == 0 and rc(t, "multicall#2.entry2") == 0
     assert rc(t, "multicall#2.entry1") > 0
@@ -89,6 +92,11 @@ def test_faulty_scenario(platform_run) -> None:
     # (fixup_guest_code_selector); the handlers really run with 0xe033.
     assert field(t, "set_trap_table", "cs") == KERNEL_CS & ~3
     assert field(t, "trap.page_fault", "handler_cs") == KERNEL_CS
+    # Same in the vcpu_guest_context of VCPUOP_initialise (arch_set_info_guest): CS/SS given with
+    # RPL 0, vCPU 1 runs with RPL 3.
+    assert field(t, "vcpu_op.initialise", "cs") == KERNEL_CS & ~3
+    assert field(t, "vcpu_op.initialise", "ss") == KERNEL_SS & ~3
+    assert field(t, "vcpu1", "ss") == KERNEL_SS
 
     # What Xen 4.17 does refuse (pv/callback.c): a non-canonical handler or callback address
     # (-EINVAL) and an unknown callback type (-ENOSYS).
@@ -117,3 +125,10 @@ def test_gdb_first_hypercall(boot_gdb) -> None:
     assert "[guest] xen64 PV guest" in out, out
     res = booted.finish()
     assert res.ok, res.stderr + res.stdout[-2000:]
+
+
+def test_only_real_xen_abi() -> None:
+    """xen64 is Debian's Xen 4.17: other ABI generations are refused before anything boots."""
+    r = subprocess.run([SYSTEM_PYTHON, str(RUN), "xen64", "--abi", "3.0", "--build-only"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 and "3.0" in r.stderr
