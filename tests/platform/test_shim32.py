@@ -60,6 +60,7 @@ def test_normal_scenario(platform_run, abi: str) -> None:
     assert field(t, "event", "port") == field(t, "evtchn.bind_virq", "port")
     assert field(t, "trap.int3", "cs") == KCS[abi]
     assert field(t, "trap.page_fault", "cr2") == 0x600000
+    assert field(t, "trap.page_fault", "events_masked") == 1   # trap entry with the IF flag
     # int $0x81 from ring 3: a #GP the shim forwards through the trap table (frame with esp/ss).
     assert rc(t, "int81") == 0 and field(t, "int81", "cs") == UCS[abi]
     assert any("int $0x81 from ring 3 bounced" in line for line in t.lines)
