@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Set up everything xendbg needs on a Debian 12 machine, then run the main job or the tests.
+#
+#   ./setup.sh demo    decode the bundled example batches, then boot the bundled test guest
+#   ./setup.sh test    the whole test suite (unit tests and the QEMU platform tests)
+#   ./setup.sh env     set up only
+#
+# Installs (as root, only what is missing): the Debian packages below and in fixtures/apt-packages.txt;
+# a virtual environment in .venv built on the system Python (the one gdb embeds); the fixtures.
+set -euo pipefail
+cd "$(dirname "$0")"
+mode=${1:-demo}
+
+apt_packages() {
+    # The project's own needs; the fixtures list theirs in fixtures/apt-packages.txt.
+    echo python3 python3-venv libxen-dev
+    grep -v '^\s*#' fixtures/apt-packages.txt | grep -v '^\s*$'
+}
+
+install_packages() {
+    local missing=()
+    for pkg in $(apt_packages); do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+    done
+    # The fixtures fetch Debian's Xen and Linux with `apt-get download`, which needs package lists.
+    local have_lists=0
+    compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null && have_lists=1
+    if [ ${#missing[@]} -eq 0 ] && [ $have_lists -eq 1 ]; then
+        return
+    fi
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup.sh: missing Debian packages: ${missing[*]:-(package lists)}; run as root to install them" >&2
+        exit 1
+    fi
+    echo "setup.sh: installing ${missing[*]:-package lists}"
+    apt-get update -q >/dev/null
+    if [ ${#missing[@]} -gt 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+
+make_venv() {
+    # gdb embeds the system Python: build the venv on it so gdb can load the same packages.
+    if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import xendbg, capstone, rich, pygdbmi, pytest' 2>/dev/null
+    then
+        echo "setup.sh: creating .venv"
+        /usr/bin/python3 -m venv .venv
+        .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    fi
+}
+
+build_fixtures() {
+    /usr/bin/python3 fixtures/run shim32 --build-only --quiet
+}
+
+install_packages
+make_venv
+build_fixtures
+
+case "$mode" in
+    env)
+        echo "setup.sh: ready (.venv/bin/xendbg, fixtures/run)"
+        ;;
+    demo)
+        for example in examples/*.args; do
+            echo "== xendbg decode @$example"
+            .venv/bin/xendbg decode "@$example"
+            echo
+        done
+        echo "== fixtures/run shim32 --abi 2.0: the bundled test guest on the emulated Xen 2.0"
+        /usr/bin/python3 fixtures/run shim32 --abi 2.0 --timeout 60
+        ;;
+    test)
+        exec .venv/bin/python -m pytest -q -p no:cacheprovider tests
+        ;;
+    *)
+        echo "usage: ./setup.sh demo|test|env" >&2
+        exit 2
+        ;;
+esac
