@@ -105,6 +105,9 @@ def test_faulty_scenario(platform_run, abi: str) -> None:
 
     # Fast trap on a forbidden vector: 2.0 answers -1; later ABIs have no such hypercall.
     assert rc(t, "set_fast_trap.bad_vector") == (EPERM if abi == "2.0" else ENOSYS)
+    # ... and on an allowed vector whose trap-table entry has the IF flag: 2.0 refuses it too.
+    assert rc(t, "set_trap_table.vector21") == 0
+    assert rc(t, "set_fast_trap.if_flag") == (EPERM if abi == "2.0" else ENOSYS)
 
     # Nested multicall: 3.0+ refuse it with -EINVAL; 2.0 writes the address of its own
     # multicall_return_from_call as the inner entry's result.
