@@ -473,38 +473,41 @@ def _console_io(ctx: _Ctx, args: list[Arg]) -> Detail:
     return Text(args[2].value, data.decode("utf-8", "replace"), truncated=count > shown)
 
 
-def _mmu_update(ctx: _Ctx, args: list[Arg]) -> Detail:
-    abi = ctx.abi
-    lay = abi.layout("mmu_update")
+def _request_array(ctx: _Ctx, struct: str, args: list[Arg],
+                   describe: Callable[[dict[str, object]], tuple[tuple[str, int | str], ...]]) -> Detail:
+    """mmu_update/mmuext_op: (requests, count, done, foreigndom), one row per request."""
+    lay = ctx.abi.layout(struct)
     count = args[1].value & 0x7FFFFFFF  # bit 31 of the count marks a preempted continuation
     shown = min(count, MAX_ARRAY_ROWS)
-    types = abi.enum("MMU")
     rows = []
     for i, row in enumerate(ctx.read_array(lay, args[0].value, shown)):
         if row is None:
-            ctx.add(rules.unreadable(f"mmu_update[{i}]", args[0].value + i * lay.size))
+            ctx.add(rules.unreadable(f"{struct}[{i}]", args[0].value + i * lay.size))
             break
+        rows.append(describe(row))
+    return TableOf(struct, args[0].value, tuple(rows), truncated=count > shown)
+
+
+def _mmu_update(ctx: _Ctx, args: list[Arg]) -> Detail:
+    types = ctx.abi.enum("MMU")
+
+    def describe(row: dict[str, object]) -> tuple[tuple[str, int | str], ...]:
         ptr = int(row["ptr"])  # type: ignore[arg-type]
-        kind = types.name_of(ptr & 3 if abi.era != "2.0" else ptr & 3) or f"type {ptr & 3}"
-        rows.append((("ptr", ptr & ~3), ("type", kind), ("val", int(row["val"]))))  # type: ignore[arg-type]
-    return TableOf("mmu_update", args[0].value, tuple(rows), truncated=count > shown)
+        kind = types.name_of(ptr & 3) or f"type {ptr & 3}"  # the request type is in ptr's low bits
+        return (("ptr", ptr & ~3), ("type", kind), ("val", int(row["val"])))  # type: ignore[arg-type]
+
+    return _request_array(ctx, "mmu_update", args, describe)
 
 
 def _mmuext_op(ctx: _Ctx, args: list[Arg]) -> Detail:
-    abi = ctx.abi
-    lay = abi.layout("mmuext_op")
-    count = args[1].value & 0x7FFFFFFF
-    shown = min(count, MAX_ARRAY_ROWS)
-    cmds = abi.enum("MMUEXT")
-    rows = []
-    for i, row in enumerate(ctx.read_array(lay, args[0].value, shown)):
-        if row is None:
-            ctx.add(rules.unreadable(f"mmuext_op[{i}]", args[0].value + i * lay.size))
-            break
+    cmds = ctx.abi.enum("MMUEXT")
+
+    def describe(row: dict[str, object]) -> tuple[tuple[str, int | str], ...]:
         cmd = int(row["cmd"])  # type: ignore[arg-type]
-        rows.append((("cmd", cmds.name_of(cmd) or f"unknown {cmd}"), ("arg1", int(row["arg1"])),  # type: ignore[arg-type]
-                     ("arg2", int(row["arg2"]))))  # type: ignore[arg-type]
-    return TableOf("mmuext_op", args[0].value, tuple(rows), truncated=count > shown)
+        return (("cmd", cmds.name_of(cmd) or f"unknown {cmd}"), ("arg1", int(row["arg1"])),  # type: ignore[arg-type]
+                ("arg2", int(row["arg2"])))  # type: ignore[arg-type]
+
+    return _request_array(ctx, "mmuext_op", args, describe)
 
 
 def _iret(ctx: _Ctx, args: list[Arg]) -> Detail:

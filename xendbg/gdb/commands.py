@@ -221,63 +221,25 @@ class XenVcpus(_XenCommand):
         _write(table)
 
 
-class _Parameter(gdb.Parameter):
-    def __init__(self, name: str, kind: int, *extra: object) -> None:
-        super().__init__(name, gdb.COMMAND_DATA, kind, *extra)
+class XenParameter(gdb.Parameter):
+    """One `set xen NAME` setting, mirrored into SETTINGS when the user sets it."""
 
-
-class XenAbiParameter(_Parameter):
-    """The Xen ABI generation xendbg decodes with (auto: the newest, 4.22)."""
-
-    set_doc = "Set the Xen ABI generation xendbg decodes with."
-    show_doc = "Show the Xen ABI generation xendbg decodes with."
-
-    def __init__(self) -> None:
-        super().__init__("xen abi", gdb.PARAM_ENUM, ABI_CHOICES)
-        self.value = "auto"
+    def __init__(self, name: str, what: str, kind: int, choices: list[str] | None, default: object) -> None:
+        self.__doc__ = f"{what[0].upper()}{what[1:]}."
+        self.set_doc = f"Set {what}."
+        self.show_doc = f"Show {what}."
+        self._attribute = name
+        self._what = what
+        extra = (choices,) if choices is not None else ()
+        super().__init__(f"xen {name}", gdb.COMMAND_DATA, kind, *extra)
+        self.value = default
 
     def get_set_string(self) -> str:
-        SETTINGS.abi = self.value
+        setattr(SETTINGS, self._attribute, self.value)
         return ""
 
     def get_show_string(self, svalue: str) -> str:
-        return f"xendbg decodes with the Xen {svalue if svalue != 'auto' else NEWEST + ' (auto)'} ABI"
-
-
-class XenWidthParameter(_Parameter):
-    """The guest width (auto: from the code selector)."""
-
-    set_doc = "Set the guest width xendbg assumes."
-    show_doc = "Show the guest width xendbg assumes."
-
-    def __init__(self) -> None:
-        super().__init__("xen width", gdb.PARAM_ENUM, ["auto", "32", "64"])
-        self.value = "auto"
-
-    def get_set_string(self) -> str:
-        SETTINGS.width = self.value
-        return ""
-
-    def get_show_string(self, svalue: str) -> str:
-        return f"guest width: {svalue}"
-
-
-class XenColorParameter(_Parameter):
-    """Whether xendbg colours its output (also off when gdb's `set style enabled off`)."""
-
-    set_doc = "Set whether xendbg colours its output."
-    show_doc = "Show whether xendbg colours its output."
-
-    def __init__(self) -> None:
-        super().__init__("xen color", gdb.PARAM_BOOLEAN)
-        self.value = True
-
-    def get_set_string(self) -> str:
-        SETTINGS.color = bool(self.value)
-        return ""
-
-    def get_show_string(self, svalue: str) -> str:
-        return f"xendbg colour: {svalue}"
+        return f"{self._what}: {svalue}"
 
 
 def register() -> None:
@@ -290,6 +252,9 @@ def register() -> None:
     XenTraps()
     XenCallbacks()
     XenVcpus()
-    XenAbiParameter()
-    XenWidthParameter()
-    XenColorParameter()
+    XenParameter("abi", f"the Xen ABI generation xendbg decodes with (auto: {NEWEST}, the newest)",
+                 gdb.PARAM_ENUM, ABI_CHOICES, "auto")
+    XenParameter("width", "the guest width xendbg assumes (auto: from the code selector)",
+                 gdb.PARAM_ENUM, ["auto", "32", "64"], "auto")
+    XenParameter("color", "whether xendbg colours its output (never when gdb's style is off)",
+                 gdb.PARAM_BOOLEAN, None, True)
