@@ -1,0 +1,69 @@
+"""The gdb front end (`source gdbscripts/xendbg.py`) on the real Xen 4.17 with our 64-bit PV guest.
+
+The guest's hypercalls go through its hypercall page; a hardware breakpoint on a stub's `syscall`
+(stub nr at hypercall_page + nr * 32, syscall at +8) stops the guest with the arguments in RDI, RSI, ...
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.platform
+
+SCRIPT = Path(__file__).resolve().parents[2] / "gdbscripts" / "xendbg.py"
+HC_set_trap_table, HC_multicall = 0, 13
+KERNEL_CS = 0xE033  # FLAT_KERNEL_CS of a 64-bit PV guest (arch-x86/xen-x86_64.h, RELEASE-4.17.0)
+
+
+def json_blocks(out: str) -> list[dict]:
+    """The JSON objects a batch gdb printed (each starts with '{' alone on a line)."""
+    blocks, depth, current = [], 0, []
+    for line in out.splitlines():
+        if line == "{" and depth == 0:
+            current = []
+        if depth or line == "{":
+            current.append(line)
+            depth += line.count("{") - line.count("}")
+            if depth == 0:
+                blocks.append(json.loads("\n".join(current)))
+    return blocks
+
+
+def at_syscall(booted, nr: int) -> str:
+    return f"hbreak *{booted.artifacts['hypercall_page'] + nr * 32 + 8:#x}"
+
+
+def test_trap_table_and_multicall(boot_gdb) -> None:
+    booted = boot_gdb("xen64", timeout=60)
+    out = booted.gdb_batch(
+        f"source {SCRIPT}", "set xen abi 4.17", "set xen color off",
+        at_syscall(booted, HC_set_trap_table), "continue", "xen traps --json", "delete",
+        at_syscall(booted, HC_multicall), "continue", "xen hypercall --json", "delete", "continue", timeout=60)
+    traps, hc = json_blocks(out)
+    assert [e["vector"] for e in traps["entries"]] == [3, 6, 13, 14, 0x80] and traps["terminated"]
+    assert all(e["cs"] == KERNEL_CS for e in traps["entries"]) and traps["findings"] == []
+    assert [e["dpl"] for e in traps["entries"]] == [3, 0, 0, 0, 3]
+    assert hc["width"] == 64 and hc["name"] == "multicall" and hc["site"] == "at syscall"
+    entries = hc["detail"]["entries"]
+    assert [e["op"] for e in entries] == [17, 24, 32, 17]  # multicall#1 of the guest
+    assert all(e["result"] is None for e in entries)  # still pending: Xen has not run the batch
+    assert booted.finish().ok
+
+
+def test_faulty_findings(boot_gdb) -> None:
+    """RPL-0 trap-table selectors are info for Xen 4.17 (it raises them); a nested multicall is an error."""
+    booted = boot_gdb("xen64", faulty=True, timeout=60)
+    out = booted.gdb_batch(
+        f"source {SCRIPT}", "set xen abi 4.17", "set xen color off",
+        at_syscall(booted, HC_set_trap_table), "continue", "xen traps --json", "delete",
+        # the faulty guest's second multicall nests one
+        at_syscall(booted, HC_multicall), "continue", "continue", "xen multicall --json", "delete", "continue",
+        timeout=60)
+    traps, mc = json_blocks(out)
+    assert {(f["rule"], f["severity"]) for f in traps["findings"]} == {("selector-rpl", "info")}
+    assert all(e["cs"] == KERNEL_CS & ~3 for e in traps["entries"])
+    assert "multicall-nested" in json.dumps(mc)
+    assert booted.finish().ok
