@@ -16,8 +16,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rich.console import Group
-
 from xendbg.abi import NEWEST, get_abi
 from xendbg.arch import cpu_mode
 from xendbg.decode import decode_multicall, decode_pending, decode_trap_table
@@ -152,13 +150,10 @@ def run(argv: Sequence[str] | None = None, base_dir: Path | None = None) -> int:
         return 0
     if args.command == "traps":
         table, found = decode_trap_table(target, abi, args.address)
-        data = render_json.trap_table(table) | {"findings": [render_json.finding(f) for f in found]}
-        _emit(args, data, Group(render_text.trap_table(table), render_text.findings(found)))
+        _emit(args, render_json.trap_table_report(table, found), render_text.trap_table_report(table, found))
         return 0
     batch, found = decode_multicall(target, abi, args.address, args.count, results=args.results)
-    data = render_json.multicall(batch) | {"findings": [render_json.finding(f) for f in found]}
-    all_found = list(found) + [f for e in batch.entries for f in e.call.findings]
-    _emit(args, data, Group(render_text.multicall(batch), render_text.findings(all_found)))
+    _emit(args, render_json.multicall_report(batch, found), render_text.multicall_report(batch, found))
     return 0
 
 

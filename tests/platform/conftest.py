@@ -35,6 +35,23 @@ sys.path.insert(0, str(FIXTURES))
 
 from platforms.common import Transcript, parse_transcript  # noqa: E402
 
+XENDBG_SCRIPT = ROOT / "gdbscripts" / "xendbg.py"  # what a user `source`s in gdb
+
+
+def json_blocks(out: str) -> list[dict]:
+    """The JSON objects a batch gdb printed (each starts with '{' alone on a line)."""
+    blocks, depth, current = [], 0, []
+    for line in out.splitlines():
+        if line == "{" and depth == 0:
+            current = []
+        if depth or line == "{":
+            current.append(line)
+            depth += line.count("{") - line.count("}")
+            if depth == 0:
+                blocks.append(json.loads("\n".join(current)))
+    return blocks
+
+
 SYSTEM_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
 

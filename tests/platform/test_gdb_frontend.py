@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import pytest
+from conftest import XENDBG_SCRIPT as SCRIPT
+from conftest import json_blocks
 
 pytestmark = pytest.mark.platform
-
-SCRIPT = Path(__file__).resolve().parents[2] / "gdbscripts" / "xendbg.py"
-
-
-def json_blocks(out: str) -> list[dict]:
-    """The JSON objects a batch gdb printed (each starts with '{' alone on a line)."""
-    blocks, depth, current = [], 0, []
-    for line in out.splitlines():
-        if line == "{" and depth == 0:
-            current = []
-        if depth or line == "{":
-            current.append(line)
-            depth += line.count("{") - line.count("}")
-            if depth == 0:
-                blocks.append(json.loads("\n".join(current)))
-    return blocks
 
 
 @pytest.mark.parametrize("abi,kernel_cs", [("2.0", 0x0819), ("4.0", 0xE019)])

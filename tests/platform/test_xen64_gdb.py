@@ -7,29 +7,15 @@ The guest's hypercalls go through its hypercall page; a hardware breakpoint on a
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from conftest import XENDBG_SCRIPT as SCRIPT
+from conftest import json_blocks
 
 pytestmark = pytest.mark.platform
 
-SCRIPT = Path(__file__).resolve().parents[2] / "gdbscripts" / "xendbg.py"
 HC_set_trap_table, HC_multicall = 0, 13
 KERNEL_CS = 0xE033  # FLAT_KERNEL_CS of a 64-bit PV guest (arch-x86/xen-x86_64.h, RELEASE-4.17.0)
-
-
-def json_blocks(out: str) -> list[dict]:
-    """The JSON objects a batch gdb printed (each starts with '{' alone on a line)."""
-    blocks, depth, current = [], 0, []
-    for line in out.splitlines():
-        if line == "{" and depth == 0:
-            current = []
-        if depth or line == "{":
-            current.append(line)
-            depth += line.count("{") - line.count("}")
-            if depth == 0:
-                blocks.append(json.loads("\n".join(current)))
-    return blocks
 
 
 def at_syscall(booted, nr: int) -> str:

@@ -339,3 +339,29 @@ def test_pending_vmcall_and_not_a_hypercall():
     assert hc.name == "xen_version" and hc.site == "at vmcall"
     with pytest.raises(DecodeError, match="no hypercall pending"):
         decode_pending(InMemoryTarget(registers(64, 17, pc=PC), [(PC, bytes.fromhex("4889c3c3"))]), abi)
+
+
+def test_hypercall_page_stubs_map_numbers_to_addresses():
+    from xendbg.arch import hypercall_page_stubs
+
+    for width in (32, 64):
+        page = b"".join(stub(width, nr) for nr in range(4)) + b"\xcc" * 32 + stub(width, 9)
+        # A stub whose number does not match its slot (here 9 at slot 5) is not a hypercall-page stub.
+        assert hypercall_page_stubs(page, 0x5000, width) == {0: 0x5000, 1: 0x5020, 2: 0x5040, 3: 0x5060}
+
+
+def test_cpu_mode_from_code_selector():
+    from xendbg.arch import cpu_mode
+
+    assert cpu_mode(0xE019).width == 32 and cpu_mode(0x0819).ring == 1
+    assert cpu_mode(0xE033).width == 64
+    assert cpu_mode(0xE008).width is None  # Xen's own ring-0 selector
+    assert cpu_mode(0xE023).width == 32  # a 64-bit PV guest's compat user code
+
+
+def test_decoding_a_trap_table_reads_it_once():
+    abi = get_abi("4.17", 32)
+    target = InMemoryTarget(registers(32, 0, TABLE, pc=PC),
+                            [(PC, stub(32, 0)), (TABLE, pack_many(abi, "trap_info", trap_rows(0xE019)) + bytes(512))])
+    decode_pending(target, abi)
+    assert target.reads == 2  # the code at PC, then the whole table in one read

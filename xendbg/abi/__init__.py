@@ -87,9 +87,6 @@ class Enum:
                 return value
         return None
 
-    def __contains__(self, value: int) -> bool:
-        return value in self._names
-
 
 @dataclass(frozen=True)
 class HypercallDef:

@@ -547,7 +547,7 @@ _DETAILS: dict[str, Callable[[_Ctx, list[Arg]], Detail]] = {
 }
 
 
-def _subop(abi: Abi, args: list[Arg]) -> str | None:
+def _subop(args: list[Arg]) -> str | None:
     for arg in args:
         if arg.kind.startswith("cmd:"):
             return arg.text
@@ -569,7 +569,7 @@ def _decode(target: Target, abi: Abi, nr: int, raw_args: list[int] | tuple[int, 
         return Hypercall(nr, None, args, abi.generation, abi.width, findings=tuple(ctx.findings), site=site)
     raw += [0] * (len(hc.args) - len(raw))
     args = [_arg(ctx, spec, value) for spec, value in zip(hc.args, raw, strict=False)]
-    subop = _subop(abi, args)
+    subop = _subop(args)
     detail: Detail = None
     if hc.signature in ("event_channel_op_compat", "event_channel_op@2.0"):
         detail, subop = _event_channel_op_compat(ctx, args)

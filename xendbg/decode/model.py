@@ -91,6 +91,10 @@ class MulticallBatch:
     entries: tuple[MulticallEntry, ...]
     truncated: bool = False
 
+    def entry_findings(self) -> tuple[Finding, ...]:
+        """The findings of the batched calls themselves (the batch's own come from the decoder)."""
+        return tuple(f for entry in self.entries for f in entry.call.all_findings())
+
 
 @dataclass(frozen=True)
 class StructFields:
@@ -142,11 +146,9 @@ class Hypercall:
 
     def all_findings(self) -> tuple[Finding, ...]:
         """This call's findings and those of the calls it batches, outermost first."""
-        found = list(self.findings)
         if isinstance(self.detail, MulticallBatch):
-            for entry in self.detail.entries:
-                found.extend(entry.call.all_findings())
-        return tuple(found)
+            return self.findings + self.detail.entry_findings()
+        return self.findings
 
 
 @dataclass

@@ -137,11 +137,9 @@ results Xen wrote."""
             address, count = hc.args[0].value, hc.args[1].value
         batch, found = decode_multicall(target, abi, address, count, results="--results" in flags)
         if "--json" in flags:
-            gdb.write(render_json.dumps(render_json.multicall(batch) | {
-                "findings": [render_json.finding(f) for f in found]}) + "\n")
+            gdb.write(render_json.dumps(render_json.multicall_report(batch, found)) + "\n")
         else:
-            all_found = list(found) + [f for e in batch.entries for f in e.call.findings]
-            _write(_text().Group(_text().multicall(batch), _text().findings(all_found)))
+            _write(_text().multicall_report(batch, found))
 
 
 class XenTraps(_XenCommand):
@@ -165,10 +163,9 @@ Without ADDR: the table of the pending set_trap_table."""
             address = hc.args[0].value
         table, found = decode_trap_table(target, abi, address)
         if "--json" in flags:
-            gdb.write(render_json.dumps(render_json.trap_table(table) | {
-                "findings": [render_json.finding(f) for f in found]}) + "\n")
+            gdb.write(render_json.dumps(render_json.trap_table_report(table, found)) + "\n")
         else:
-            _write(_text().Group(_text().trap_table(table), _text().findings(found)))
+            _write(_text().trap_table_report(table, found))
 
 
 class XenCallbacks(_XenCommand):
@@ -215,10 +212,10 @@ class XenVcpus(_XenCommand):
         finally:
             if selected is not None:
                 selected.switch()
-        table = _text()._table("vCPU", "thread", "mode", "pending hypercall")
+        listing = _text().table("vCPU", "thread", "mode", "pending hypercall")
         for row in rows:
-            table.add_row(*row)
-        _write(table)
+            listing.add_row(*row)
+        _write(listing)
 
 
 class XenParameter(gdb.Parameter):

@@ -74,6 +74,16 @@ def multicall(b: MulticallBatch) -> dict[str, Any]:
                          "findings": [finding(f) for f in e.call.findings]} for e in b.entries]}
 
 
+def trap_table_report(t: TrapTable, found: tuple[Finding, ...]) -> dict[str, Any]:
+    """`xen traps` / `xendbg traps`: the table and the findings about it."""
+    return trap_table(t) | {"findings": [finding(f) for f in found]}
+
+
+def multicall_report(b: MulticallBatch, found: tuple[Finding, ...]) -> dict[str, Any]:
+    """`xen multicall` / `xendbg multicall`: the batch and the batch's own findings (entries carry theirs)."""
+    return multicall(b) | {"findings": [finding(f) for f in found]}
+
+
 def hypercall(hc: Hypercall) -> dict[str, Any]:
     """A decoded hypercall; `findings` holds its own and its batched calls' findings."""
     return {"schema": SCHEMA_VERSION, "xen": hc.generation, "width": hc.width, "site": hc.site,

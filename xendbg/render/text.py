@@ -35,11 +35,12 @@ def hexv(value: int) -> str:
     return f"{value:#x}"
 
 
-def _table(*columns: str) -> Table:
-    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+def table(*columns: str) -> Table:
+    """A borderless table with these column headings (shared by every listing, gdb's included)."""
+    grid = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
     for column in columns:
-        table.add_column(column, overflow="fold")
-    return table
+        grid.add_column(column, overflow="fold")
+    return grid
 
 
 def _titled(title: str, *body: RenderableType) -> Group:
@@ -47,10 +48,10 @@ def _titled(title: str, *body: RenderableType) -> Group:
 
 
 def args_table(args: Iterable[Arg]) -> Table:
-    table = _table("arg", "value", "meaning")
+    rows = table("arg", "value", "meaning")
     for a in args:
-        table.add_row(a.name, hexv(a.value), a.text or "")
-    return table
+        rows.add_row(a.name, hexv(a.value), a.text or "")
+    return rows
 
 
 def findings(found: Iterable[Finding]) -> RenderableType:
@@ -67,32 +68,32 @@ def findings(found: Iterable[Finding]) -> RenderableType:
 def trap_table(t: TrapTable) -> RenderableType:
     title = f"trap table at {t.address:#x}: {len(t.entries)} entries"
     title += "" if t.terminated else " (no terminating entry)"
-    table = _table("#", "vector", "name", "DPL", "IF", "cs", "RPL", "handler")
+    rows = table("#", "vector", "name", "DPL", "IF", "cs", "RPL", "handler")
     for e in t.entries:
-        table.add_row(str(e.index), hexv(e.vector), e.vector_name, str(e.dpl), "yes" if e.interrupt_flag else "",
+        rows.add_row(str(e.index), hexv(e.vector), e.vector_name, str(e.dpl), "yes" if e.interrupt_flag else "",
                       f"{e.cs:#06x}", str(e.rpl), hexv(e.address))
     if t.note:
-        return _titled(title, table, RichText(f"note: {t.note}", style="dim"))
-    return _titled(title, table)
+        return _titled(title, rows, RichText(f"note: {t.note}", style="dim"))
+    return _titled(title, rows)
 
 
 def callbacks(c: Callbacks) -> RenderableType:
-    table = _table("callback", "address", "selector", "RPL", "flags")
+    rows = table("callback", "address", "selector", "RPL", "flags")
     for cb in c.entries:
-        table.add_row(cb.kind, hexv(cb.address), "" if cb.selector is None else f"{cb.selector:#06x}",
+        rows.add_row(cb.kind, hexv(cb.address), "" if cb.selector is None else f"{cb.selector:#06x}",
                       "" if cb.rpl is None else str(cb.rpl), "|".join(cb.flag_names) or "")
-    return _titled(f"callbacks ({c.operation})", table)
+    return _titled(f"callbacks ({c.operation})", rows)
 
 
 def multicall(b: MulticallBatch) -> RenderableType:
     title = f"multicall batch at {b.address:#x}: {b.count} entries" + (" (truncated)" if b.truncated else "")
-    table = _table("#", "op", "hypercall", "arguments", "result")
+    rows = table("#", "op", "hypercall", "arguments", "result")
     for e in b.entries:
         call = e.call
         args = ", ".join(f"{a.name}={a.text or hexv(a.value)}" for a in call.args)
         result = "" if e.result is None else f"{e.result}" + (f" ({e.result_text})" if e.result_text else "")
-        table.add_row(str(e.index), str(call.nr), call.display_name, args, result)
-    parts: list[RenderableType] = [RichText(title, style="bold"), table]
+        rows.add_row(str(e.index), str(call.nr), call.display_name, args, result)
+    parts: list[RenderableType] = [RichText(title, style="bold"), rows]
     for e in b.entries:
         if e.call.detail is not None:
             parts.append(RichText(f"entry {e.index}: {e.call.display_name}", style="bold"))
@@ -112,16 +113,16 @@ def detail(d: Detail) -> RenderableType:
                    if d.handler else "handler not seen yet")
         return RichText(f"fast trap: vector {d.vector:#x} ({d.vector_name}), {handler}")
     if isinstance(d, StructFields):
-        table = _table("field", "value")
+        rows = table("field", "value")
         for name, value in d.fields:
-            table.add_row(name, hexv(value) if isinstance(value, int) else value)
-        return _titled(f"{d.struct} at {d.address:#x}", table)
+            rows.add_row(name, hexv(value) if isinstance(value, int) else value)
+        return _titled(f"{d.struct} at {d.address:#x}", rows)
     if isinstance(d, TableOf):
         columns = [name for name, _ in d.rows[0]] if d.rows else ["(empty)"]
-        table = _table("#", *columns)
+        rows = table("#", *columns)
         for i, row in enumerate(d.rows):
-            table.add_row(str(i), *(hexv(v) if isinstance(v, int) else v for _, v in row))
-        return _titled(f"{d.struct}[] at {d.address:#x}" + (" (truncated)" if d.truncated else ""), table)
+            rows.add_row(str(i), *(hexv(v) if isinstance(v, int) else v for _, v in row))
+        return _titled(f"{d.struct}[] at {d.address:#x}" + (" (truncated)" if d.truncated else ""), rows)
     if isinstance(d, Text):
         return RichText(f"text: {d.text!r}" + (" (truncated)" if d.truncated else ""))
     return RichText("")
@@ -146,12 +147,20 @@ def hypercall(hc: Hypercall) -> RenderableType:
     return Group(*parts)
 
 
+def trap_table_report(t: TrapTable, found: Iterable[Finding]) -> RenderableType:
+    return Group(trap_table(t), findings(found))
+
+
+def multicall_report(b: MulticallBatch, found: tuple[Finding, ...]) -> RenderableType:
+    return Group(multicall(b), findings(found + b.entry_findings()))
+
+
 def abi_listing(abi: Abi) -> RenderableType:
-    table = _table("nr", "hypercall", "arguments")
+    rows = table("nr", "hypercall", "arguments")
     for h in abi.hypercalls():
         name = h.name + (f" (also {', '.join(h.former_names)})" if h.former_names else "")
-        table.add_row(str(h.nr), name, ", ".join(f"{a.name}: {a.kind}" for a in h.args))
-    return _titled(f"Xen {abi.generation} ABI ({abi.tag}), {abi.width}-bit PV guests", table)
+        rows.add_row(str(h.nr), name, ", ".join(f"{a.name}: {a.kind}" for a in h.args))
+    return _titled(f"Xen {abi.generation} ABI ({abi.tag}), {abi.width}-bit PV guests", rows)
 
 
 def to_string(renderable: RenderableType, *, width: int = 100, color: bool = False) -> str:
