@@ -93,7 +93,9 @@ def cpu_mode(cs: int, *, long_mode: bool | None = None) -> CpuMode:
 class Site:
     """Where a stopped vCPU stands relative to a hypercall it is about to make."""
 
-    kind: str  # "instruction" (PC at int/syscall/vmcall), "stub" (before it in a stub), "registers"
+    # "instruction" (PC at int/syscall/vmcall), "stub" (before it in a stub), "registers", or inside
+    # Xen: "handler" (at a do_* handler), "frame" (at pv_hypercall, reading the saved guest frame)
+    kind: str
     convention: str
     instruction: str  # e.g. "syscall" or "int 0x82"
     address: int  # address of the hypercall instruction (PC for "registers")
@@ -105,6 +107,10 @@ class Site:
         if self.kind == "stub":
             where = f"stub for hypercall {self.stub_nr}" if self.stub_nr is not None else "inline stub"
             return f"in {where}, before {self.instruction} at {self.address:#x}"
+        if self.kind == "handler":
+            return f"in Xen at {self.instruction} (C arguments)"
+        if self.kind == "frame":
+            return f"in Xen at {self.instruction}, from the guest's saved registers (guest PC {self.address:#x})"
         return "from registers"
 
 
@@ -213,6 +219,71 @@ def pending_call(target: Target, width: int, *, code_at_pc: bytes | None = None,
         convention = CONVENTIONS.get(site.convention, convention)
     nr = site.stub_nr if site.stub_nr is not None else _reg_nr(target, convention, width)
     return PendingCall(nr, _read_args(target, convention, width), site)
+
+
+# Inside a 64-bit Xen (symbols from xen-syms).  Xen names a hypercall's handler `do_NAME` for a
+# native 64-bit guest and `compat_NAME` for a 32-bit one (xen/include/hypercall-defs.c at
+# RELEASE-4.17.0); `pv_hypercall(struct cpu_user_regs *regs)` is where every PV hypercall enters C
+# with the guest's saved registers (xen/arch/x86/pv/hypercall.c at RELEASE-4.17.0).
+XEN_HYPERCALL_ENTRY = "pv_hypercall"
+_HANDLER_PREFIXES = (("do_", 64), ("compat_", 32))
+
+
+def handler_hypercall(function: str) -> tuple[str, int] | None:
+    """The hypercall name and guest width a Xen handler serves: 'do_multicall' -> ('multicall', 64)."""
+    for prefix, width in _HANDLER_PREFIXES:
+        if function.startswith(prefix):
+            return function[len(prefix):], width
+    return None
+
+
+def handler_symbol(name: str, width: int) -> str:
+    """The Xen handler of hypercall `name` for a guest of `width` bits (inverse of handler_hypercall)."""
+    return ("do_" if width == 64 else "compat_") + name
+
+
+@dataclass(frozen=True)
+class XenEntry:
+    """A hypercall seen from inside Xen: its number (None until the caller maps a handler name),
+    raw arguments in the guest's order, the guest's width, and where it was read from."""
+
+    nr: int | None
+    name: str | None
+    args: tuple[int, ...]
+    width: int
+    site: Site
+
+
+def handler_entry(target: Target, function: str) -> XenEntry:
+    """Stopped at the first instruction of Xen's handler `function`: arguments are C arguments."""
+    served = handler_hypercall(function)
+    if served is None:
+        raise DecodeError(f"{function} is not a Xen hypercall handler (do_NAME or compat_NAME)")
+    name, width = served
+    pc = _reg(target, "rip")
+    convention = CONVENTIONS["xen-c"]
+    site = Site("handler", "xen-c", f"{function}()", pc)
+    return XenEntry(None, name, _read_args(target, convention, width), width, site)
+
+
+def guest_frame_entry(target: Target, regs_address: int) -> XenEntry:
+    """The hypercall in the guest registers Xen saved at `regs_address` (pv_hypercall's argument)."""
+    from xendbg.abi.layouts import ERA_3, layout, unpack
+
+    lay = layout("cpu_user_regs", 64, ERA_3)  # Xen itself is 64-bit: its frame is the 64-bit layout
+    regs = unpack(lay, target.read_memory(regs_address, lay.size), 64, ERA_3)
+    mode = cpu_mode(int(regs["cs"]))  # type: ignore[arg-type]
+    width = mode.width or 64
+    convention = pv_convention(width)
+    wide = {name: int(v) for name, v in regs.items() if isinstance(v, int)}
+    mask = (1 << width) - 1
+    # A 32-bit guest's EBX..EDI sit in the low halves of the 64-bit frame's RBX..RDI.
+    args = tuple(wide["r" + reg[1:] if reg.startswith("e") else reg] & mask for reg in convention.arg_registers)
+    nr_reg = convention.nr_register
+    nr = wide["r" + nr_reg[1:] if nr_reg.startswith("e") else nr_reg] & mask
+    guest_pc = int(regs["rip"])  # type: ignore[arg-type]
+    site = Site("frame", convention.name, f"{XEN_HYPERCALL_ENTRY}()", guest_pc)
+    return XenEntry(nr, None, args, width, site)
 
 
 def read_code(target: Target, pc: int) -> bytes:

@@ -32,7 +32,7 @@ from xendbg.decode.model import (
     TrapEntry,
     TrapTable,
 )
-from xendbg.errors import UnreadableMemory
+from xendbg.errors import DecodeError, UnreadableMemory
 from xendbg.target import Target
 
 MAX_CONSOLE_TEXT = 512
@@ -594,3 +594,23 @@ def decode_pending(target: Target, abi: Abi, *, state: GuestState | None = None,
     """Decode the hypercall a stopped vCPU is about to make (at the instruction or in its stub)."""
     pending = arch.pending_call(target, abi.width, code_at_pc=code_at_pc)
     return _decode(target, abi, pending.nr, list(pending.args), state, 0, site=pending.site.describe())
+
+
+def decode_in_xen(target: Target, function: str, abi_for_width: Callable[[int], Abi], *,
+                  state: GuestState | None = None) -> Hypercall:
+    """Decode the hypercall a vCPU stopped inside Xen is serving: at the entry of its handler
+    (`do_multicall`, `compat_vcpu_op`, ...) or of `pv_hypercall`.  `abi_for_width` picks the ABI once
+    the guest's width is known (the handler's prefix, or the code selector in the saved frame)."""
+    if function == arch.XEN_HYPERCALL_ENTRY:
+        entry = arch.guest_frame_entry(target, target.read_register("rdi"))
+    else:
+        entry = arch.handler_entry(target, function)
+    abi = abi_for_width(entry.width)
+    nr = entry.nr
+    if nr is None:
+        known = abi.hypercall_named(entry.name or "")
+        if known is None:
+            raise DecodeError(f"{function} serves {entry.name}, which Xen {abi.generation} has no number for")
+        nr = known.nr
+    return _decode(target, abi, nr, list(entry.args), state, 0, site=entry.site.describe())
+

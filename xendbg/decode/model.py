@@ -153,8 +153,15 @@ class Hypercall:
 
 @dataclass
 class GuestState:
-    """What the guest has registered so far, as far as xendbg has seen (for rules that need it)."""
+    """What one vCPU has registered so far, as far as xendbg has seen (decode/state.py replays calls
+    into it; rules that depend on earlier registrations read it)."""
 
-    trap_table: dict[int, TrapEntry] = field(default_factory=dict)
-    callbacks: dict[str, Callback] = field(default_factory=dict)
+    trap_table: dict[int, TrapEntry] = field(default_factory=dict)  # Xen's virtual IDT, by vector
+    callbacks: dict[str, Callback] = field(default_factory=dict)  # by kind: event, failsafe, ...
     fast_trap: FastTrap | None = None
+    table: TrapTable | None = None  # the last trap table the guest handed Xen, as decoded
+    history: list[str] = field(default_factory=list)  # one line per registering call applied
+
+    @property
+    def seen_anything(self) -> bool:
+        return bool(self.history)

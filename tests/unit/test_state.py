@@ -1,0 +1,175 @@
+"""Registered-state replay (decode/state.py) and decoding from inside Xen (decode_in_xen)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.unit.images import pack, pack_many, registers, stub
+from xendbg.abi import get_abi
+from xendbg.abi.layouts import ERA_3, layout
+from xendbg.decode import GuestState, decode_call, decode_in_xen, decode_pending
+from xendbg.decode.state import apply, check_state
+from xendbg.errors import DecodeError
+from xendbg.target import InMemoryTarget
+
+TABLE, PC = 0x10000, 0x7000
+
+
+def decoded(version: str, width: int, nr: int, *args: int, memory=()):
+    abi = get_abi(version, width)
+    target = InMemoryTarget(registers(width, nr, *args, pc=PC), [(PC, stub(width, nr)), *memory])
+    return abi, decode_pending(target, abi)
+
+
+def table(abi, rows):
+    return [(TABLE, pack_many(abi, "trap_info", [*rows, {"vector": 0, "address": 0}]))]
+
+
+def test_trap_tables_merge_by_vector():
+    abi = get_abi("4.17", 64)
+    state = GuestState()
+    _, first = decoded("4.17", 64, 0, TABLE, memory=table(abi, [
+        {"vector": 3, "cs": 0xE033, "address": 0xFFFFFFFF81000030},
+        {"vector": 14, "cs": 0xE033, "address": 0xFFFFFFFF810000E0}]))
+    assert apply(state, abi, first) == ["trap table: 2 of 2 entries applied"]
+    _, second = decoded("4.17", 64, 0, TABLE, memory=table(abi, [
+        {"vector": 14, "cs": 0xE033, "address": 0xFFFFFFFF81000EEE}]))
+    apply(state, abi, second)
+    assert sorted(state.trap_table) == [3, 14]
+    assert state.trap_table[14].address == 0xFFFFFFFF81000EEE
+    assert state.trap_table[3].address == 0xFFFFFFFF81000030
+    assert len(state.history) == 2
+
+
+def test_old_xen_stops_at_the_refused_entry_and_failed_calls_change_nothing():
+    abi = get_abi("2.0", 32)
+    state = GuestState()
+    _, hc = decoded("2.0", 32, 0, TABLE, memory=table(abi, [
+        {"vector": 3, "cs": 0x0819, "address": 0xC0001030},
+        {"vector": 6, "cs": 0x0818, "address": 0xC0001060},   # RPL 0: -EPERM here
+        {"vector": 13, "cs": 0x0819, "address": 0xC00010D0}]))
+    assert apply(state, abi, hc) == ["trap table: 1 of 3 entries applied"]
+    assert sorted(state.trap_table) == [3]
+    fresh = GuestState()
+    assert apply(fresh, abi, hc, result=-1) == []
+    assert not fresh.seen_anything
+
+
+@pytest.mark.parametrize("version,cleared", [("4.17", True), ("3.0", False)])
+def test_null_trap_table(version, cleared):
+    abi = get_abi(version, 32)
+    state = GuestState()
+    apply(state, abi, decoded(version, 32, 0, TABLE, memory=table(abi, [
+        {"vector": 3, "cs": abi.kernel_cs, "address": 0xC0001030}]))[1])
+    _, null = decoded(version, 32, 0, 0)
+    apply(state, abi, null)
+    assert (state.trap_table == {}) is cleared
+
+
+def test_callbacks_replace_and_refusals_keep_the_old_ones():
+    abi = get_abi("3.0", 32)
+    state = GuestState()
+    apply(state, abi, decoded("3.0", 32, 4, 0xE019, 0xC0100000, 0xE019, 0xC0100100)[1])
+    assert state.callbacks["event"].address == 0xC0100000
+    # RPL 0 selector: Xen 3.0.0 refuses the whole call with -EPERM.
+    changes = apply(state, abi, decoded("3.0", 32, 4, 0xE018, 0xC0200000, 0xE019, 0xC0200100)[1])
+    assert changes == ["set_callbacks refused: nothing changes"]
+    assert state.callbacks["event"].address == 0xC0100000
+
+
+def test_callback_op_in_a_multicall_is_applied():
+    abi = get_abi("4.17", 64)
+    reg = pack(abi, "callback_register", type=0, flags=0, address=0xFFFFFFFF81002000)
+    entry = pack(abi, "multicall_entry", op=30, args=[0, 0x9000, 0, 0, 0, 0])
+    _, hc = decoded("4.17", 64, 13, 0x8000, 1, memory=[(0x8000, entry), (0x9000, reg)])
+    state = GuestState()
+    assert apply(state, abi, hc) == ["multicall entry 0: callbacks registered: event"]
+    assert state.callbacks["event"].address == 0xFFFFFFFF81002000
+
+
+def test_fast_trap_gate_goes_stale_when_its_vector_is_re_registered():
+    abi = get_abi("2.0", 32)
+    state = GuestState()
+    apply(state, abi, decoded("2.0", 32, 0, TABLE, memory=table(abi, [
+        {"vector": 0x80, "flags": 3, "cs": 0x0819, "address": 0xC0008000},
+        {"vector": 14, "cs": 0x0819, "address": 0xC00010E0}]))[1])
+    fast_nr = abi.hypercall_named("set_fast_trap").nr
+    target = InMemoryTarget(registers(32, fast_nr, 0x80, pc=PC), [(PC, stub(32, fast_nr))])
+    apply(state, abi, decode_pending(target, abi, state=state))
+    assert state.fast_trap.handler.address == 0xC0008000
+    assert [f.rule for f in check_state(state, abi)] == []
+    apply(state, abi, decoded("2.0", 32, 0, TABLE, memory=table(abi, [
+        {"vector": 0x80, "flags": 3, "cs": 0x0819, "address": 0xC0009000}]))[1])
+    assert [f.rule for f in check_state(state, abi)] == ["fast-trap-stale"]
+
+
+def test_check_state_reports_nothing_seen_and_missing_handlers():
+    abi = get_abi("4.17", 64)
+    state = GuestState()
+    assert [f.rule for f in check_state(state, abi)] == ["state-unknown"]
+    apply(state, abi, decoded("4.17", 64, 0, TABLE, memory=table(abi, [
+        {"vector": 3, "cs": 0xE030, "address": 0xFFFFFFFF81000030}]))[1])
+    assert [(f.rule, f.severity) for f in check_state(state, abi)] == [
+        ("selector-rpl", "info"), ("no-page-fault-handler", "warning")]
+
+
+# --- decoding from inside Xen ---------------------------------------------------------------------
+
+def abi_for(width: int):
+    return get_abi("4.17", width)
+
+
+def test_at_a_handler_the_arguments_are_c_arguments():
+    abi = get_abi("4.17", 64)
+    entry = pack(abi, "multicall_entry", op=17, args=[0, 0, 0, 0, 0, 0])
+    # rdi, rsi as a C call; r10 (the guest's 4th register) must not be used.
+    regs = {"rip": 0xFFFF82D040200000, "rdi": 0x8000, "rsi": 1, "rdx": 0, "rcx": 7, "r8": 0, "r10": 99,
+            "cs": 0xE008}
+    hc = decode_in_xen(InMemoryTarget(regs, [(0x8000, entry)]), "do_multicall", abi_for)
+    assert (hc.name, hc.width, hc.args[0].value, hc.args[1].value) == ("multicall", 64, 0x8000, 1)
+    assert hc.detail.entries[0].call.name == "xen_version"
+    assert "do_multicall" in hc.site
+
+
+def test_compat_handler_means_a_32_bit_guest():
+    regs = {"rip": 0xFFFF82D040200000, "rdi": 3, "rsi": 0xC0001000, "rdx": 0, "rcx": 0, "r8": 0}
+    hc = decode_in_xen(InMemoryTarget(regs), "compat_vcpu_op", abi_for)
+    assert (hc.name, hc.width, hc.subop) == ("vcpu_op", 32, "VCPUOP_is_up")
+
+
+def test_at_pv_hypercall_the_guest_frame_is_read():
+    lay = layout("cpu_user_regs", 64, ERA_3)
+    frame = bytearray(lay.size)
+
+    def put(name: str, value: int) -> None:
+        f = lay.field(name)
+        size = {"u64": 8, "u32": 4, "u16": 2, "u8": 1}[f.kind]
+        frame[f.offset:f.offset + size] = value.to_bytes(size, "little")
+
+    put("rax", 24)   # vcpu_op
+    put("rdi", 3)    # VCPUOP_is_up
+    put("rsi", 1)
+    put("rip", 0xFFFFFFFF81001005)
+    put("cs", 0xE033)
+    hc = decode_in_xen(InMemoryTarget({"rdi": 0xFFFF830000001000}, [(0xFFFF830000001000, bytes(frame))]),
+                       "pv_hypercall", abi_for)
+    assert (hc.name, hc.subop, hc.width, hc.args[1].value) == ("vcpu_op", "VCPUOP_is_up", 64, 1)
+    assert "0xffffffff81001005" in hc.site
+
+
+def test_not_a_handler():
+    with pytest.raises(DecodeError, match="not a Xen hypercall handler"):
+        decode_in_xen(InMemoryTarget({"rip": 0}), "schedule", abi_for)
+    with pytest.raises(DecodeError, match="no number"):
+        decode_in_xen(InMemoryTarget({"rip": 0, "rdi": 0, "rsi": 0, "rdx": 0, "rcx": 0, "r8": 0}),
+                      "do_no_such_call", abi_for)
+
+
+def test_replay_is_independent_of_how_the_call_was_decoded():
+    abi = get_abi("4.17", 64)
+    regs = registers(64, 4, 0xFFFFFFFF81001000, 0xFFFFFFFF81002000, 0)
+    hc = decode_call(InMemoryTarget(regs), abi, 4, (0xFFFFFFFF81001000, 0xFFFFFFFF81002000, 0))
+    state = GuestState()
+    apply(state, abi, hc)
+    assert {k: c.address for k, c in state.callbacks.items()} == {
+        "event": 0xFFFFFFFF81001000, "failsafe": 0xFFFFFFFF81002000, "syscall": 0}

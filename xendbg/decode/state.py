@@ -1,0 +1,135 @@
+"""What a guest has registered with Xen, replayed from the hypercalls xendbg has seen, and Xen's rules
+run over it.
+
+Xen keeps trap tables and callbacks per vCPU; the front end keeps one GuestState per vCPU and feeds
+each decoded call (with its result once known) to `apply`.  Replay follows Xen's own semantics:
+- set_trap_table merges entries by vector, stops at the first entry Xen refuses (2.0/3.0.0: wrong
+  RPL; 4.x: non-canonical address), and from 3.0.2 a NULL table clears the whole virtual IDT
+  (xen/arch/x86/traps.c at 3.0.2-branched and RELEASE-4.0.0; xen/arch/x86/pv/callback.c at
+  RELEASE-4.17.0); 2.0 and 3.0.0 fail a NULL table with -EFAULT.
+- set_callbacks / callback_op replace one callback each; a call Xen refuses changes nothing.
+- set_fast_trap (2.0 only) copies the trap-table entry of its vector into a real gate at call time
+  (xen/arch/x86/traps.c at RELEASE-2.0.0), so re-registering that vector later leaves the gate stale.
+- a multicall applies its entries in order.
+"""
+
+from __future__ import annotations
+
+from xendbg.abi import Abi
+from xendbg.abi.generations import at_least
+from xendbg.decode import rules
+from xendbg.decode.model import (
+    Callbacks,
+    FastTrap,
+    Finding,
+    GuestState,
+    Hypercall,
+    MulticallBatch,
+    TrapTable,
+)
+
+PAGE_FAULT = 14
+
+
+def _refused(findings: list[Finding]) -> bool:
+    return any(f.severity == "error" for f in findings)
+
+
+def _apply_trap_table(state: GuestState, abi: Abi, table: TrapTable) -> str:
+    if table.address == 0 and not table.entries:
+        if at_least(abi.generation, "3.0.2"):
+            state.trap_table.clear()
+            state.table = table
+            return "trap table cleared (NULL table)"
+        return "NULL trap table: refused (-EFAULT)"
+    applied = 0
+    for entry in table.entries:
+        what = f"trap {entry.vector:#x}"
+        if _refused(rules.check_code_selector(abi, entry.cs, what) + rules.check_code_address(abi, entry.address,
+                                                                                             what)):
+            break
+        state.trap_table[entry.vector] = entry
+        applied += 1
+    state.table = table
+    return f"trap table: {applied} of {len(table.entries)} entries applied"
+
+
+def _apply_callbacks(state: GuestState, abi: Abi, callbacks: Callbacks, findings: tuple[Finding, ...]) -> str:
+    if _refused(list(findings)):
+        return f"{callbacks.operation} refused: nothing changes"
+    for cb in callbacks.entries:
+        if callbacks.operation == "unregister":
+            state.callbacks.pop(cb.kind, None)
+        else:
+            state.callbacks[cb.kind] = cb
+    kinds = ", ".join(cb.kind for cb in callbacks.entries)
+    return f"callbacks {'unregistered' if callbacks.operation == 'unregister' else 'registered'}: {kinds}"
+
+
+def _apply_fast_trap(state: GuestState, fast: FastTrap, findings: tuple[Finding, ...]) -> str:
+    if _refused(list(findings)):
+        return "set_fast_trap refused: nothing changes"
+    if fast.vector == 0:
+        state.fast_trap = None
+        return "fast trap disabled"
+    # The gate takes the handler registered *now*: remember it, later set_trap_table calls do not move it.
+    state.fast_trap = FastTrap(fast.vector, fast.vector_name, state.trap_table.get(fast.vector))
+    return f"fast trap: vector {fast.vector:#x}"
+
+
+def apply(state: GuestState, abi: Abi, call: Hypercall, result: int | None = None) -> list[str]:
+    """Replay one decoded hypercall into `state`; returns what changed, one line each.
+
+    `result` is Xen's return value when known: a negative one means Xen refused the call (a
+    multicall's own result says nothing about its entries, whose results are in the batch)."""
+    if result is not None and result < 0 and call.name != "multicall":
+        return []
+    detail = call.detail
+    changes: list[str] = []
+    if call.name == "set_trap_table" and isinstance(detail, TrapTable):
+        changes.append(_apply_trap_table(state, abi, detail))
+    elif call.name == "set_trap_table" and call.args and call.args[0].value == 0:
+        changes.append(_apply_trap_table(state, abi, TrapTable(0, (), True)))
+    elif isinstance(detail, Callbacks):
+        changes.append(_apply_callbacks(state, abi, detail, call.findings))
+    elif isinstance(detail, FastTrap):
+        changes.append(_apply_fast_trap(state, detail, call.findings))
+    elif isinstance(detail, MulticallBatch):
+        for entry in detail.entries:
+            if entry.result is not None and entry.result < 0:
+                continue
+            changes += [f"multicall entry {entry.index}: {c}" for c in apply(state, abi, entry.call)]
+    if changes:
+        state.history.append(f"{call.display_name}: {'; '.join(changes)}")
+    return changes
+
+
+def check_state(state: GuestState, abi: Abi) -> list[Finding]:
+    """Xen's rules over everything the guest has registered (as far as xendbg has seen)."""
+    if not state.seen_anything:
+        return [Finding("state-unknown", "info", "xendbg has seen no registration from this vCPU yet "
+                        "(it sees the hypercalls made while xen catch, xen trace or xen break is active)")]
+    found: list[Finding] = []
+    for vector, entry in sorted(state.trap_table.items()):
+        what = f"trap table entry for vector {vector:#x}"
+        found += rules.check_code_selector(abi, entry.cs, what) + rules.check_code_address(abi, entry.address, what)
+    for kind, cb in state.callbacks.items():
+        if cb.selector is not None:
+            found += rules.check_code_selector(abi, cb.selector, f"{kind} callback")
+        found += rules.check_code_address(abi, cb.address, f"{kind} callback")
+    if state.table is not None and PAGE_FAULT not in state.trap_table:
+        found.append(Finding("no-page-fault-handler", "warning",
+                             "the trap table has no page-fault (#PF, vector 14) handler: Xen has nowhere to "
+                             "bounce the guest's page faults (Xen 4.17 logs 'Unhandled: vec 14')"))
+    if "event" not in state.callbacks and state.callbacks:
+        found.append(Finding("no-event-callback", "warning",
+                             "no event callback registered: Xen cannot deliver event-channel upcalls"))
+    fast = state.fast_trap
+    if fast is not None and fast.handler is not None:
+        current = state.trap_table.get(fast.vector)
+        if current is not None and current.address != fast.handler.address:
+            found.append(Finding("fast-trap-stale", "warning",
+                                 f"the fast-trap gate for vector {fast.vector:#x} still enters "
+                                 f"{fast.handler.address:#x}; the trap table now says {current.address:#x}: "
+                                 f"Xen 2.0 copies the handler at set_fast_trap time, so call it again"))
+    return found
