@@ -100,3 +100,19 @@ def abi_listing(abi: Abi) -> dict[str, Any]:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2)
+
+
+# --- bounce frames ------------------------------------------------------------------------------
+from xendbg.decode.bounce import BounceFrame  # noqa: E402  (kept beside its renderer)
+
+
+def bounce_frame(f: BounceFrame) -> dict[str, Any]:
+    """A bounce frame (docs/json-schema.md); `fields` are its slots, lowest address first."""
+    return {"schema": SCHEMA_VERSION, "type": "bounce_frame", "kind": f.kind, "xen": f.generation, "tag": f.tag,
+            "width": f.width, "source": f.source, "address": f.address, "size": f.size, "vector": f.vector,
+            "vector_name": f.vector_name, "ip": f.ip, "cs": f.cs, "cs_name": f.cs_name, "rpl": f.rpl,
+            "saved_upcall_mask": f.saved_upcall_mask, "eflags": f.eflags, "if": f.interrupt_flag,
+            "events_masked": f.events_masked, "guest_mode": f.guest_mode, "from_user": f.from_user,
+            "ring": f.ring, "sp": f.sp, "ss": f.ss, "error_code": f.error_code, "cr2": f.cr2, "rcx": f.rcx,
+            "r11": f.r11, "ds": f.ds, "es": f.es, "fs": f.fs, "gs": f.gs,
+            "fields": [{"address": a, "name": n, "value": v} for a, n, v in f.slots()], "notes": list(f.notes)}

@@ -175,3 +175,57 @@ def to_string(renderable: RenderableType, *, width: int = 100, color: bool = Fal
 def console(stderr: bool = False) -> Console:
     """A console for the CLI: rich decides colour from the terminal and NO_COLOR."""
     return Console(stderr=stderr, highlight=False)
+
+
+# --- bounce frames ------------------------------------------------------------------------------
+from xendbg.decode.bounce import BounceFrame  # noqa: E402  (kept beside its renderer)
+
+
+def _selector(value: int, name: str | None) -> str:
+    return f"{value:#06x} ({name}, RPL {value & 3})" if name else f"{value:#06x} (RPL {value & 3})"
+
+
+def _slot_meaning(f: BounceFrame, name: str) -> str:
+    if name == "cs":
+        text = _selector(f.cs, f.cs_name)
+        return text + ("" if f.saved_upcall_mask is None else f", saved_upcall_mask {f.saved_upcall_mask}")
+    if name in ("eflags", "rflags"):
+        text = "IF" if f.interrupt_flag else "IF clear"
+        if f.events_masked is not None:
+            text += ": events were masked" if f.events_masked else ": events were enabled"
+        return text + (", VM" if f.guest_mode == "vm86" else "")
+    if name == "ss":
+        return "interrupted stack selector"
+    if name in ("ds", "es", "fs", "gs"):
+        return "selector to reload (failsafe)"
+    if name == "error_code":
+        return "error code" + (f" of {f.vector_name}" if f.vector_name else "")
+    if name == "cr2":
+        return "faulting address"
+    if name in ("eip", "rip"):
+        return "interrupted code"
+    if name in ("esp", "rsp"):
+        return "interrupted stack"
+    if name.startswith("vm86_"):
+        return "vm86 segment"
+    return f"guest {name}"
+
+
+def bounce_frame(f: BounceFrame) -> RenderableType:
+    """A bounce frame slot by slot, lowest address first, and what it says about the interruption."""
+    head = RichText()
+    what = f"{f.kind} frame" + (f" for vector {f.vector:#x} ({f.vector_name})" if f.vector is not None else "")
+    head.append(f"{what} at {f.address:#x}", style="bold")
+    head.append(f"  [Xen {f.generation} ABI, {f.width}-bit PV; {f.source}, {f.tag}]", style="dim")
+    rows = table("address", "slot", "value", "meaning")
+    digits = f.width // 4
+    for address, name, value in f.slots():
+        rows.add_row(hexv(address), name, f"{value:#0{digits + 2}x}", _slot_meaning(f, name))
+    summary = f"interrupted guest {f.guest_mode} (ring {f.ring}) at {f.cs:#06x}:{f.ip:#x}"
+    if f.sp is not None and f.ss is not None:
+        summary += f", stack {f.ss:#06x}:{f.sp:#x}"
+    if f.events_masked is not None:
+        summary += ", events were masked" if f.events_masked else ", events were enabled"
+    parts: list[RenderableType] = [head, rows, RichText(summary)]
+    parts += [RichText(f"note: {note}", style="dim") for note in f.notes]
+    return Group(*parts)
