@@ -181,6 +181,31 @@ def _pc_name(width: int) -> str:
     return "eip" if width == 32 else "rip"
 
 
+@dataclass(frozen=True)
+class StubShape:
+    """Where the hypercall instruction sits in a hypercall-page stub, and what the stub pushed first."""
+
+    instruction_offset: int
+    pushed: int  # bytes on the stack between the stub's entry and its hypercall instruction
+    instruction_size: int = 2  # `syscall` and `int $0x82` are both 2 bytes
+
+    @property
+    def return_offset(self) -> int:
+        return self.instruction_offset + self.instruction_size
+
+
+# The stubs Xen writes into a guest's hypercall page (pv_ring3_init_hypercall_page and
+# pv_ring1_init_hypercall_page in xen/arch/x86/pv/hypercall.c at RELEASE-4.17.0): 64-bit
+# `push %rcx; push %r11; mov $N,%eax; syscall; pop %r11; pop %rcx; ret`, 32-bit
+# `mov $N,%eax; int $0x82; ret`.  (The iret stub does not return.)
+PAGE_STUB_SHAPE = {64: StubShape(8, 16), 32: StubShape(5, 0)}
+
+
+def pv_args(target: Target, width: int) -> tuple[int, ...]:
+    """The five hypercall arguments of a vCPU about to make a PV hypercall."""
+    return _read_args(target, pv_convention(width), width)
+
+
 def _read_args(target: Target, convention: CallingConvention, width: int) -> tuple[int, ...]:
     mask = (1 << width) - 1
     values = []
@@ -225,12 +250,16 @@ def pending_call(target: Target, width: int, *, code_at_pc: bytes | None = None,
 # native 64-bit guest and `compat_NAME` for a 32-bit one (xen/include/hypercall-defs.c at
 # RELEASE-4.17.0); `pv_hypercall(struct cpu_user_regs *regs)` is where every PV hypercall enters C
 # with the guest's saved registers (xen/arch/x86/pv/hypercall.c at RELEASE-4.17.0).
+# A 32-bit guest's `int $0x82` enters C at `do_entry_int82(struct cpu_user_regs *regs)` instead.
 XEN_HYPERCALL_ENTRY = "pv_hypercall"
+XEN_FRAME_ENTRIES = (XEN_HYPERCALL_ENTRY, "do_entry_int82")
 _HANDLER_PREFIXES = (("do_", 64), ("compat_", 32))
 
 
 def handler_hypercall(function: str) -> tuple[str, int] | None:
     """The hypercall name and guest width a Xen handler serves: 'do_multicall' -> ('multicall', 64)."""
+    if function in XEN_FRAME_ENTRIES:
+        return None
     for prefix, width in _HANDLER_PREFIXES:
         if function.startswith(prefix):
             return function[len(prefix):], width
@@ -266,8 +295,9 @@ def handler_entry(target: Target, function: str) -> XenEntry:
     return XenEntry(None, name, _read_args(target, convention, width), width, site)
 
 
-def guest_frame_entry(target: Target, regs_address: int) -> XenEntry:
-    """The hypercall in the guest registers Xen saved at `regs_address` (pv_hypercall's argument)."""
+def guest_frame_entry(target: Target, regs_address: int, function: str = XEN_HYPERCALL_ENTRY) -> XenEntry:
+    """The hypercall in the guest registers Xen saved at `regs_address` (the argument of
+    pv_hypercall or do_entry_int82)."""
     from xendbg.abi.layouts import ERA_3, layout, unpack
 
     lay = layout("cpu_user_regs", 64, ERA_3)  # Xen itself is 64-bit: its frame is the 64-bit layout
@@ -282,7 +312,7 @@ def guest_frame_entry(target: Target, regs_address: int) -> XenEntry:
     nr_reg = convention.nr_register
     nr = wide["r" + nr_reg[1:] if nr_reg.startswith("e") else nr_reg] & mask
     guest_pc = int(regs["rip"])  # type: ignore[arg-type]
-    site = Site("frame", convention.name, f"{XEN_HYPERCALL_ENTRY}()", guest_pc)
+    site = Site("frame", convention.name, f"{function}()", guest_pc)
     return XenEntry(nr, None, args, width, site)
 
 
@@ -302,6 +332,12 @@ def read_code(target: Target, pc: int) -> bytes:
         except TargetError:
             size //= 2
     return b""
+
+
+def read_result(target: Target, width: int) -> int:
+    """A hypercall's return value, as the guest sees it back in EAX/RAX (signed)."""
+    raw = _reg_nr(target, pv_convention(width), width)
+    return raw - (1 << width) if raw >> (width - 1) else raw
 
 
 def _reg_nr(target: Target, convention: CallingConvention, width: int) -> int:

@@ -599,10 +599,10 @@ def decode_pending(target: Target, abi: Abi, *, state: GuestState | None = None,
 def decode_in_xen(target: Target, function: str, abi_for_width: Callable[[int], Abi], *,
                   state: GuestState | None = None) -> Hypercall:
     """Decode the hypercall a vCPU stopped inside Xen is serving: at the entry of its handler
-    (`do_multicall`, `compat_vcpu_op`, ...) or of `pv_hypercall`.  `abi_for_width` picks the ABI once
+    (`do_multicall`, `compat_vcpu_op`, ...) or of `pv_hypercall` / `do_entry_int82`.  `abi_for_width` picks the ABI once
     the guest's width is known (the handler's prefix, or the code selector in the saved frame)."""
-    if function == arch.XEN_HYPERCALL_ENTRY:
-        entry = arch.guest_frame_entry(target, target.read_register("rdi"))
+    if function in arch.XEN_FRAME_ENTRIES:
+        entry = arch.guest_frame_entry(target, target.read_register("rdi"), function)
     else:
         entry = arch.handler_entry(target, function)
     abi = abi_for_width(entry.width)

@@ -3,65 +3,57 @@
 from __future__ import annotations
 
 import shlex
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import gdb  # type: ignore[import-not-found]
 
 from xendbg import arch
 from xendbg.abi import GENERATIONS, NEWEST, Abi, get_abi
-from xendbg.decode import Callbacks, decode_multicall, decode_pending, decode_trap_table
+from xendbg.decode import (
+    Callbacks,
+    Finding,
+    GuestState,
+    Hypercall,
+    TrapTable,
+    decode_multicall,
+    decode_trap_table,
+)
+from xendbg.decode.model import SEVERITIES
+from xendbg.decode.state import apply, check_state
 from xendbg.errors import XendbgError
+from xendbg.gdb import context
+from xendbg.gdb.context import SETTINGS, write, write_json
+from xendbg.gdb.monitor import MONITOR, Catch, EntryWatch
 from xendbg.gdb.target import GdbTarget
 from xendbg.render import json as render_json
 
-if TYPE_CHECKING:
-    from types import ModuleType
-
-
-def _text() -> ModuleType:
-    """rich is imported on first output, not when gdb loads xendbg (startup stays fast)."""
-    from xendbg.render import text
-
-    return text
-
 ABI_CHOICES = ["auto", *GENERATIONS]
+CALLBACK_KINDS = ("event", "failsafe", "syscall", "nmi")
 
 
-class _Settings:
-    abi = "auto"
-    width = "auto"
-    color = True
-
-
-SETTINGS = _Settings()
-
-
-def _write(renderable: object) -> None:
-    width = gdb.parameter("width") or 100
-    color = SETTINGS.color and bool(gdb.parameter("style enabled"))
-    gdb.write(_text().to_string(renderable, width=int(width) if int(width) > 0 else 200, color=color))
-
-
-def _current_abi(target: GdbTarget) -> Abi:
-    """The ABI for the selected vCPU: `set xen width/abi`, else the guest's CS, else gdb's architecture."""
-    if SETTINGS.width != "auto":
-        width = int(SETTINGS.width)
-    else:
-        mode = arch.cpu_mode(target.read_register("cs") & 0xFFFF)
-        if mode.width is None:
-            raise XendbgError("the selected vCPU is in Xen (ring 0), not in the guest: no guest hypercall "
-                              "pending here (set xen width 32|64 to decode anyway)")
-        width = mode.width
-    return get_abi(NEWEST if SETTINGS.abi == "auto" else SETTINGS.abi, width)
-
-
-def _options(arg: str, known: tuple[str, ...] = ("--json",)) -> tuple[set[str], list[str]]:
-    words = shlex.split(arg)
-    flags = {w for w in words if w.startswith("--")}
-    unknown = flags - set(known)
-    if unknown:
-        raise XendbgError(f"unknown option {sorted(unknown)[0]} (known: {', '.join(known)})")
-    return flags, [w for w in words if not w.startswith("--")]
+def _options(arg: str, known: tuple[str, ...] = ("--json",), valued: tuple[str, ...] = ()
+             ) -> tuple[dict[str, str], list[str]]:
+    """--flags (and `--name VALUE` options) and the remaining words."""
+    try:
+        words = shlex.split(arg)
+    except ValueError as exc:
+        raise XendbgError(f"cannot parse the arguments: {exc}") from None
+    flags: dict[str, str] = {}
+    rest: list[str] = []
+    it = iter(words)
+    for word in it:
+        if not word.startswith("--"):
+            rest.append(word)
+        elif word in valued:
+            value = next(it, None)
+            if value is None:
+                raise XendbgError(f"{word} needs a value")
+            flags[word] = value
+        elif word in known:
+            flags[word] = ""
+        else:
+            raise XendbgError(f"unknown option {word} (known: {', '.join(known + valued)})")
+    return flags, rest
 
 
 def _number(text: str) -> int:
@@ -71,24 +63,81 @@ def _number(text: str) -> int:
         raise XendbgError(f"not a number or expression: {text!r}: {exc}") from None
 
 
+def _hypercall_names() -> list[str]:
+    names = {h.name for width in (32, 64) for h in get_abi(NEWEST, width).hypercalls()}
+    names |= {h.name for h in get_abi("2.0", 32).hypercalls()}
+    return sorted(names)
+
+
+def _hypercall_name(word: str, abi: Abi) -> str:
+    """A hypercall given by name (current or former) or number, as its name in `abi`."""
+    found = None
+    if word.isdigit() or word.lower().startswith("0x"):
+        found = abi.hypercall(int(word, 0))
+    else:
+        found = abi.hypercall_named(word)
+    if found is None:
+        raise XendbgError(f"Xen {abi.generation} ({abi.width}-bit) has no hypercall {word!r} "
+                          f"(`xendbg abi {abi.generation}` lists them)")
+    return found.name
+
+
+def _complete_words(candidates: list[str], word: str) -> list[str]:
+    return [c for c in candidates if c.startswith(word)]
+
+
 class _XenCommand(gdb.Command):
-    """Base: turns xendbg's errors into one-line gdb errors."""
+    """Base: one-line gdb errors instead of tracebacks, and completion from `completions`."""
+
+    completions: tuple[str, ...] | Callable[[], list[str]] = ()
 
     def invoke(self, arg: str, from_tty: bool) -> None:
         try:
             self.run(arg)
         except XendbgError as exc:
             raise gdb.GdbError(str(exc)) from None
+        except gdb.GdbError:
+            raise
+        except gdb.error as exc:
+            raise gdb.GdbError(f"xendbg: {exc}") from None
 
     def run(self, arg: str) -> None:
         raise NotImplementedError
+
+    def complete(self, text: str, word: str | None) -> list[str] | int:
+        candidates = self.completions() if callable(self.completions) else list(self.completions)
+        if not candidates:
+            return gdb.COMPLETE_NONE
+        return _complete_words(candidates, word or "")
+
+
+def _registered(cpu: int) -> GuestState:
+    return MONITOR.state(cpu)
+
+
+def _pending_here(target: GdbTarget) -> Hypercall:
+    """The pending hypercall, replayed into the registered state as Xen will apply it."""
+    cpu = context.cpu_index()
+    hc = context.decode_here(target, state=_registered(cpu))
+    apply(_registered(cpu), get_abi(hc.generation, hc.width), hc)
+    return hc
+
+
+def _try_pending(target: GdbTarget) -> Hypercall | None:
+    try:
+        return context.decode_here(target, state=_registered(context.cpu_index()))
+    except XendbgError:
+        return None
 
 
 class XenPrefix(gdb.Command):
     """Xen PV guest debugging: decode hypercalls, multicalls, trap tables and callbacks.
 
-Commands: xen hypercall (xen hc), xen multicall, xen traps, xen callbacks, xen vcpus.
-Settings: set xen abi auto|2.0|3.0|..., set xen width auto|32|64, set xen color on|off."""
+Decoding:  xen hypercall (xen hc), xen multicall, xen traps, xen callbacks, xen check, xen vcpus
+Stopping:  xen catch hypercall [NAME|NR ...], xen break callback|trap|fasttrap
+Tracing:   xen trace start|stop|show, xen stats
+Settings:  set xen abi auto|2.0|3.0|..., set xen width auto|32|64, set xen color on|off
+Every decoding command takes --json (the schema is in docs/json-schema.md)."""
 
     def __init__(self) -> None:
         super().__init__("xen", gdb.COMMAND_DATA, gdb.COMPLETE_COMMAND, prefix=True)
@@ -97,20 +146,23 @@ Settings: set xen abi auto|2.0|3.0|..., set xen width auto|32|64, set xen color 
 class XenHypercall(_XenCommand):
     """Decode the hypercall the selected vCPU is about to make: xen hypercall [--json]
 
-Works when stopped at the hypercall instruction (int $0x82, syscall, vmcall) or in a stub leading
-to it (a hypercall-page stub, Linux's xen_hypercall_pv)."""
+Works when stopped at the hypercall instruction (int $0x82, syscall, vmcall), in a stub leading
+to it (a hypercall-page stub, Linux's xen_hypercall_pv), and, with Xen's symbols loaded
+(xen-syms), inside Xen at the first instruction of a handler (do_multicall, compat_vcpu_op, ...)
+or of pv_hypercall."""
+
+    completions = ("--json",)
 
     def __init__(self, name: str = "xen hypercall") -> None:
         super().__init__(name, gdb.COMMAND_DATA)
 
     def run(self, arg: str) -> None:
         flags, _ = _options(arg)
-        target = GdbTarget()
-        hc = decode_pending(target, _current_abi(target))
+        hc = _pending_here(GdbTarget())
         if "--json" in flags:
-            gdb.write(render_json.dumps(render_json.hypercall(hc)) + "\n")
+            write_json(render_json.hypercall(hc))
         else:
-            _write(_text().hypercall(hc))
+            write(context.text().hypercall(hc))
 
 
 class XenMulticall(_XenCommand):
@@ -119,33 +171,50 @@ class XenMulticall(_XenCommand):
 Without ADDR COUNT: the batch of the pending multicall.  --results: the batch has run, show the
 results Xen wrote."""
 
+    completions = ("--results", "--json")
+
     def __init__(self) -> None:
         super().__init__("xen multicall", gdb.COMMAND_DATA)
 
     def run(self, arg: str) -> None:
         flags, words = _options(arg, ("--json", "--results"))
         target = GdbTarget()
-        abi = _current_abi(target)
         if words:
             if len(words) != 2:
                 raise XendbgError("usage: xen multicall [ADDR COUNT] [--results] [--json]")
+            abi = context.current_abi(target)
             address, count = _number(words[0]), _number(words[1])
         else:
-            hc = decode_pending(target, abi)
+            hc = _pending_here(target)
             if hc.name != "multicall":
                 raise XendbgError(f"the pending hypercall is {hc.display_name}, not multicall: give ADDR COUNT")
+            abi = get_abi(hc.generation, hc.width)
             address, count = hc.args[0].value, hc.args[1].value
-        batch, found = decode_multicall(target, abi, address, count, results="--results" in flags)
+        batch, found = decode_multicall(target, abi, address, count, results="--results" in flags,
+                                        state=_registered(context.cpu_index()))
         if "--json" in flags:
-            gdb.write(render_json.dumps(render_json.multicall_report(batch, found)) + "\n")
+            write_json(render_json.multicall_report(batch, found))
         else:
-            _write(_text().multicall_report(batch, found))
+            write(context.text().multicall_report(batch, found))
+
+
+def _registered_table(state: GuestState, abi: Abi) -> tuple[TrapTable, tuple[Finding, ...]]:
+    """The virtual IDT as the guest's registrations left it (entries merged by vector)."""
+    entries = tuple(sorted(state.trap_table.values(), key=lambda e: e.vector))
+    last = state.table.address if state.table else 0
+    table = TrapTable(last, entries, True, note=f"registered: {len(entries)} vectors, merged from every "
+                      f"set_trap_table xendbg saw (the last one's array at {last:#x})")
+    found = [f for f in check_state(state, abi) if "trap table" in f.message or f.rule == "no-page-fault-handler"]
+    return table, tuple(found)
 
 
 class XenTraps(_XenCommand):
     """Show a trap table (trap_info array): xen traps [ADDR] [--json]
 
-Without ADDR: the table of the pending set_trap_table."""
+Without ADDR: the table of the pending set_trap_table, else the virtual IDT the guest has
+registered (as far as xendbg has seen)."""
+
+    completions = ("--json",)
 
     def __init__(self) -> None:
         super().__init__("xen traps", gdb.COMMAND_DATA)
@@ -153,23 +222,39 @@ Without ADDR: the table of the pending set_trap_table."""
     def run(self, arg: str) -> None:
         flags, words = _options(arg)
         target = GdbTarget()
-        abi = _current_abi(target)
         if words:
-            address = _number(" ".join(words))
+            table, found = decode_trap_table(target, context.current_abi(target), _number(" ".join(words)))
         else:
-            hc = decode_pending(target, abi)
-            if hc.name != "set_trap_table":
-                raise XendbgError(f"the pending hypercall is {hc.display_name}, not set_trap_table: give ADDR")
-            address = hc.args[0].value
-        table, found = decode_trap_table(target, abi, address)
+            hc = _try_pending(target)
+            if hc is not None and hc.name == "set_trap_table" and hc.args[0].value:
+                table, found = decode_trap_table(target, get_abi(hc.generation, hc.width), hc.args[0].value)
+            else:
+                state = _registered(context.cpu_index())
+                if not state.trap_table:
+                    pending = f"the pending hypercall is {hc.display_name}; " if hc else ""
+                    raise XendbgError(f"{pending}xendbg has seen no trap table registered on this vCPU yet: "
+                                      f"give ADDR, or let it watch (xen catch hypercall set_trap_table)")
+                table, found = _registered_table(state, _state_abi(target))
         if "--json" in flags:
-            gdb.write(render_json.dumps(render_json.trap_table_report(table, found)) + "\n")
+            write_json(render_json.trap_table_report(table, found))
         else:
-            _write(_text().trap_table_report(table, found))
+            write(context.text().trap_table_report(table, found))
+
+
+def _state_abi(target: GdbTarget) -> Abi:
+    """The ABI to judge registered state with: the guest's width if it is in the guest, else 64."""
+    width = context.guest_width(target)
+    return context.abi_for_width(width or 64)
 
 
 class XenCallbacks(_XenCommand):
-    """Show the callbacks a pending set_callbacks or callback_op registers: xen callbacks [--json]"""
+    """Show the guest's callbacks and fast trap: xen callbacks [--json]
+
+At a pending set_callbacks or callback_op: what it registers.  Elsewhere: what the guest has
+registered (event, failsafe, syscall, NMI callbacks with selectors and the RPL verdict, and the
+fast trap), as far as xendbg has seen."""
+
+    completions = ("--json",)
 
     def __init__(self) -> None:
         super().__init__("xen callbacks", gdb.COMMAND_DATA)
@@ -177,18 +262,65 @@ class XenCallbacks(_XenCommand):
     def run(self, arg: str) -> None:
         flags, _ = _options(arg)
         target = GdbTarget()
-        hc = decode_pending(target, _current_abi(target))
-        if not isinstance(hc.detail, Callbacks):
-            raise XendbgError(f"the pending hypercall is {hc.display_name}: no callbacks to show "
-                              f"(stop at set_callbacks or callback_op)")
+        hc = _try_pending(target)
+        text = context.text()
+        if hc is not None and isinstance(hc.detail, Callbacks):
+            if "--json" in flags:
+                write_json(render_json.hypercall(hc))
+            else:
+                write(text.Group(text.callbacks(hc.detail), text.findings(hc.findings)))
+            return
+        state = _registered(context.cpu_index())
+        if not state.callbacks and state.fast_trap is None:
+            pending = f"the pending hypercall is {hc.display_name}; " if hc else ""
+            raise XendbgError(f"{pending}xendbg has seen no callback registration on this vCPU yet (it sees the "
+                              f"hypercalls made while xen catch, xen trace or xen break is active)")
+        registered = Callbacks("registered", tuple(state.callbacks.values()))
+        found = [f for f in check_state(state, _state_abi(target)) if "callback" in f.message]
+        fast = state.fast_trap
         if "--json" in flags:
-            gdb.write(render_json.dumps(render_json.hypercall(hc)) + "\n")
-        else:
-            _write(_text().Group(_text().callbacks(hc.detail), _text().findings(hc.findings)))
+            write_json({"schema": render_json.SCHEMA_VERSION, "callbacks": render_json.detail(registered),
+                        "fast_trap": render_json.detail(fast), "findings": [render_json.finding(f) for f in found]})
+            return
+        parts = [text.callbacks(registered)]
+        if fast is not None:
+            parts.append(text.detail(fast))
+        write(text.Group(*parts, text.findings(found)))
+
+
+class XenCheck(_XenCommand):
+    """Run Xen's own rules over the pending hypercall and what the guest registered: xen check [--json]
+
+Findings by severity: error (Xen refuses it, or the guest will misbehave), warning (accepted but
+suspicious), info (Xen silently fixes it up)."""
+
+    completions = ("--json",)
+
+    def __init__(self) -> None:
+        super().__init__("xen check", gdb.COMMAND_DATA)
+
+    def run(self, arg: str) -> None:
+        flags, _ = _options(arg)
+        target = GdbTarget()
+        hc = _try_pending(target)
+        found = list(hc.all_findings()) if hc else []
+        found += check_state(_registered(context.cpu_index()), _state_abi(target))
+        found.sort(key=lambda f: SEVERITIES.index(f.severity))
+        if "--json" in flags:
+            write_json({"schema": render_json.SCHEMA_VERSION, "pending": hc.display_name if hc else None,
+                        "findings": [render_json.finding(f) for f in found]})
+            return
+        text = context.text()
+        head = f"pending hypercall: {hc.display_name}" if hc else "no pending hypercall"
+        counts = ", ".join(f"{sum(f.severity == s for f in found)} {s}" for s in SEVERITIES)
+        write(text.Group(text.RichText(f"{head}; {counts}"), text.findings(found)))
 
 
 class XenVcpus(_XenCommand):
-    """List the vCPUs (gdb threads) with their mode and pending hypercall: xen vcpus"""
+    """List the vCPUs (gdb threads) with their mode and pending hypercall: xen vcpus
+
+Under a real Xen, gdb's threads are QEMU's CPUs: the guest's vCPUs run on them, and a CPU "in Xen"
+is running the hypervisor."""
 
     def __init__(self) -> None:
         super().__init__("xen vcpus", gdb.COMMAND_DATA)
@@ -202,20 +334,306 @@ class XenVcpus(_XenCommand):
                 thread.switch()
                 target = GdbTarget()
                 mode = arch.cpu_mode(target.read_register("cs") & 0xFFFF)
-                pending = ""
-                if mode.width is not None:
-                    try:
-                        pending = decode_pending(target, _current_abi(target)).display_name
-                    except XendbgError:
-                        pending = ""
-                rows.append((str(thread.num - 1), str(thread.num), mode.description, pending))
+                pending = _try_pending(target)
+                state = MONITOR.states.get(thread.num - 1)
+                seen = f"{len(state.trap_table)} traps, {len(state.callbacks)} callbacks" if state else ""
+                rows.append((str(thread.num - 1), str(thread.num), mode.description,
+                             pending.display_name if pending else "", seen))
         finally:
             if selected is not None:
                 selected.switch()
-        listing = _text().table("vCPU", "thread", "mode", "pending hypercall")
+        listing = context.text().table("vCPU", "thread", "mode", "pending hypercall", "registered (seen)")
         for row in rows:
             listing.add_row(*row)
-        _write(listing)
+        write(listing)
+
+
+class XenCatch(gdb.Command):
+    """Stop at hypercalls: xen catch hypercall [--guest|--xen] [NAME|NR ...]; xen catch delete; xen catch
+
+Without a subcommand: what is being caught, and where."""
+
+    def __init__(self) -> None:
+        super().__init__("xen catch", gdb.COMMAND_BREAKPOINTS, prefix=True)
+
+    def invoke(self, arg: str, from_tty: bool) -> None:
+        if arg.strip():
+            raise gdb.GdbError(f"unknown xen catch subcommand {arg.split()[0]!r} (hypercall, delete)")
+        if MONITOR.catch is None:
+            gdb.write("xendbg catches no hypercalls\n")
+            return
+        names = ", ".join(sorted(MONITOR.catch.names)) or "every hypercall"
+        gdb.write(f"catching {names}; observing {MONITOR.plan}\n")
+
+
+class XenCatchHypercall(_XenCommand):
+    """Stop only at these hypercalls (all when none given), decoded: xen catch hypercall [--guest|--xen] [NAME|NR ...]
+
+Guest side, xendbg watches where the loaded guest issues hypercalls (its hypercall page, Linux's
+xen_hypercall_pv, an int $0x82).  With Xen's symbols loaded (xen-syms) a named hypercall is caught
+at its Xen handler instead (do_multicall, ...), which costs no stop for the other hypercalls.
+--guest / --xen force the side.  `xen catch delete` ends it."""
+
+    completions = staticmethod(_hypercall_names)
+
+    def __init__(self) -> None:
+        super().__init__("xen catch hypercall", gdb.COMMAND_BREAKPOINTS)
+
+    def run(self, arg: str) -> None:
+        flags, words = _options(arg, ("--guest", "--xen"))
+        if "--guest" in flags and "--xen" in flags:
+            raise XendbgError("--guest and --xen exclude each other")
+        side = "guest" if "--guest" in flags else "xen" if "--xen" in flags else "auto"
+        names = frozenset(_any_width_name(w) for w in words)
+        previous = MONITOR.catch
+        MONITOR.catch = Catch(names, side)
+        try:
+            plan = MONITOR.replan()
+        except XendbgError:
+            MONITOR.catch = previous
+            MONITOR.replan()
+            raise
+        what = ", ".join(sorted(names)) or "every hypercall"
+        gdb.write(f"xendbg: catching {what}, observing {plan}\n")
+
+
+def _any_width_name(word: str) -> str:
+    errors = []
+    for width in (64, 32):
+        try:
+            return _hypercall_name(word, context.abi_for_width(width))
+        except XendbgError as exc:
+            errors.append(str(exc))
+    raise XendbgError(errors[0])
+
+
+class XenCatchDelete(_XenCommand):
+    """Stop catching hypercalls: xen catch delete"""
+
+    def __init__(self) -> None:
+        super().__init__("xen catch delete", gdb.COMMAND_BREAKPOINTS)
+
+    def run(self, arg: str) -> None:
+        MONITOR.catch = None
+        MONITOR.replan()
+        gdb.write("xendbg: no longer catching hypercalls\n")
+
+
+class XenBreak(gdb.Command):
+    """Break on guest entry points, followed when the guest registers new ones:
+  xen break callback [event|failsafe|syscall|nmi|all]
+  xen break trap VECTOR          (a number, or a name such as PF, GP, int80)
+  xen break fasttrap             (Xen 2.0's set_fast_trap gate)
+  xen break delete
+On a hit xendbg says which entry point and vCPU, and decodes the frame Xen pushed."""
+
+    def __init__(self) -> None:
+        super().__init__("xen break", gdb.COMMAND_BREAKPOINTS, prefix=True)
+
+    def invoke(self, arg: str, from_tty: bool) -> None:
+        if arg.strip():
+            raise gdb.GdbError(f"unknown xen break subcommand {arg.split()[0]!r} "
+                               f"(callback, trap, fasttrap, delete)")
+        if not MONITOR.watches:
+            gdb.write("no xen break entry points\n")
+        for watch in MONITOR.watches:
+            where = (f"breakpoint {watch.breakpoint.number} at {watch.address:#x}" if watch.breakpoint
+                     else "not registered yet")
+            gdb.write(f"{watch.describe()}: {where}\n")
+
+
+class XenBreakCallback(_XenCommand):
+    """Break on entry to a guest callback: xen break callback [event|failsafe|syscall|nmi|all]"""
+
+    completions = (*CALLBACK_KINDS, "all")
+
+    def __init__(self) -> None:
+        super().__init__("xen break callback", gdb.COMMAND_BREAKPOINTS)
+
+    def run(self, arg: str) -> None:
+        _, words = _options(arg, ())
+        kinds = words or ["event"]
+        if kinds == ["all"]:
+            kinds = list(CALLBACK_KINDS)
+        for kind in kinds:
+            if kind not in CALLBACK_KINDS:
+                raise XendbgError(f"unknown callback {kind!r} (event, failsafe, syscall, nmi, all)")
+        for kind in kinds:
+            gdb.write(MONITOR.add_watch(EntryWatch("callback", kind)) + "\n")
+
+
+_VECTOR_NAMES = {mnemonic.lstrip("#").lower(): vector for vector, (mnemonic, _) in arch.TRAP_VECTORS.items()
+                 if mnemonic != "--"}
+_VECTOR_NAMES |= {"int80": 0x80, "syscall80": 0x80}
+
+
+def _vector(word: str) -> int:
+    key = word.lower().lstrip("#")
+    if key in _VECTOR_NAMES:
+        return _VECTOR_NAMES[key]
+    vector = _number(word)
+    if not 0 <= vector <= 255:
+        raise XendbgError(f"vector {vector} is out of range (0-255)")
+    return vector
+
+
+class XenBreakTrap(_XenCommand):
+    """Break on entry to the guest's handler for a vector: xen break trap VECTOR
+
+VECTOR is a number (14, 0x80) or a name (PF, GP, UD, BP, int80, ...)."""
+
+    completions = (*sorted(_VECTOR_NAMES),)
+
+    def __init__(self) -> None:
+        super().__init__("xen break trap", gdb.COMMAND_BREAKPOINTS)
+
+    def run(self, arg: str) -> None:
+        _, words = _options(arg, ())
+        if len(words) != 1:
+            raise XendbgError("usage: xen break trap VECTOR")
+        vector = _vector(words[0])
+        gdb.write(MONITOR.add_watch(EntryWatch("trap", f"{vector:#x}", vector)) + "\n")
+
+
+class XenBreakFasttrap(_XenCommand):
+    """Break on entry to the fast trap (Xen 2.0's set_fast_trap): xen break fasttrap"""
+
+    def __init__(self) -> None:
+        super().__init__("xen break fasttrap", gdb.COMMAND_BREAKPOINTS)
+
+    def run(self, arg: str) -> None:
+        if context.generation() != "2.0":
+            raise XendbgError(f"set_fast_trap exists only in Xen 2.0 (decoding as {context.generation()}: "
+                              f"set xen abi 2.0); from 3.0 int $0x80 gets a direct gate through the trap "
+                              f"table: use xen break trap 0x80")
+        gdb.write(MONITOR.add_watch(EntryWatch("fasttrap", "", 0x80)) + "\n")
+
+
+class XenBreakDelete(_XenCommand):
+    """Delete every xen break entry-point breakpoint: xen break delete"""
+
+    def __init__(self) -> None:
+        super().__init__("xen break delete", gdb.COMMAND_BREAKPOINTS)
+
+    def run(self, arg: str) -> None:
+        gdb.write(f"xendbg: deleted {MONITOR.remove_watches()} entry-point breakpoints\n")
+
+
+class XenTrace(gdb.Command):
+    """Log hypercalls strace-style: xen trace start [--file F.jsonl] [NAME ...]; xen trace stop; xen trace show"""
+
+    def __init__(self) -> None:
+        super().__init__("xen trace", gdb.COMMAND_RUNNING, prefix=True)
+
+
+class XenTraceStart(_XenCommand):
+    """Trace every hypercall (or those named): xen trace start [--file F.jsonl] [NAME|NR ...]
+
+Each call is logged with its decoded arguments and, when it comes back, its result (errno name).
+With --file every record is appended to F as one JSON line and flushed at once: if the target dies,
+the file holds every record up to its last hypercall.  The guest does not stop; `xen trace show`
+lists the records, `xen stats` counts them."""
+
+    completions = staticmethod(_hypercall_names)
+
+    def __init__(self) -> None:
+        super().__init__("xen trace start", gdb.COMMAND_RUNNING)
+
+    def run(self, arg: str) -> None:
+        from xendbg.trace import Stats, TraceLog
+
+        flags, words = _options(arg, (), ("--file",))
+        if MONITOR.trace is not None:
+            raise XendbgError("a trace is already running: xen trace stop first")
+        names = tuple(sorted({_any_width_name(w) for w in words}))
+        MONITOR.trace = TraceLog(flags.get("--file"), names)
+        MONITOR.stats = Stats()
+        try:
+            plan = MONITOR.replan()
+        except XendbgError:
+            MONITOR.trace.close()
+            MONITOR.trace = None
+            MONITOR.replan()
+            raise
+        target = f" to {flags['--file']}" if "--file" in flags else ""
+        gdb.write(f"xendbg: tracing {', '.join(names) or 'every hypercall'}{target}, observing {plan}\n")
+
+
+class XenTraceStop(_XenCommand):
+    """Stop tracing: xen trace stop"""
+
+    def __init__(self) -> None:
+        super().__init__("xen trace stop", gdb.COMMAND_RUNNING)
+
+    def run(self, arg: str) -> None:
+        trace = MONITOR.trace
+        if trace is None:
+            raise XendbgError("no trace is running (xen trace start)")
+        trace.close()
+        MONITOR.trace = None
+        try:
+            MONITOR.replan()
+        except XendbgError:
+            pass  # the target may be gone: the trace is closed either way
+        where = f"; {trace.written} records in {trace.path}" if trace.path else ""
+        gdb.write(f"xendbg: trace stopped after {trace.seq} records{where}\n")
+
+
+class XenTraceShow(_XenCommand):
+    """Show the last traced hypercalls: xen trace show [N] [--json]  (default 20)"""
+
+    completions = ("--json",)
+
+    def __init__(self) -> None:
+        super().__init__("xen trace show", gdb.COMMAND_RUNNING)
+
+    def run(self, arg: str) -> None:
+        from xendbg.trace import show_lines
+
+        flags, words = _options(arg)
+        trace = MONITOR.trace or _LAST_TRACE.get("trace")
+        if trace is None:
+            raise XendbgError("nothing traced yet (xen trace start)")
+        count = _number(words[0]) if words else 20
+        records = [r for r in trace.recent if r["event"] not in ("start", "stop")]
+        if "--json" in flags:
+            write_json(records[-count:])
+            return
+        lines = show_lines(records)
+        gdb.write("\n".join(lines[-count:]) + ("\n" if lines else "(no hypercalls traced yet)\n"))
+
+
+_LAST_TRACE: dict[str, object] = {}
+
+
+class XenStats(_XenCommand):
+    """Count traced hypercalls, failures and sub-operations, like strace -c: xen stats [--json] [--reset]"""
+
+    completions = ("--json", "--reset")
+
+    def __init__(self) -> None:
+        super().__init__("xen stats", gdb.COMMAND_STATUS)
+
+    def run(self, arg: str) -> None:
+        from xendbg.trace import Stats
+
+        flags, _ = _options(arg, ("--json", "--reset"))
+        rows = MONITOR.stats.rows()
+        if "--reset" in flags:
+            MONITOR.stats = Stats()
+        if "--json" in flags:
+            write_json({"schema": render_json.SCHEMA_VERSION, "hypercalls": rows})
+            return
+        if not rows:
+            gdb.write("no hypercalls counted yet (xen trace start counts them)\n")
+            return
+        listing = context.text().table("calls", "errors", "hypercall", "in multicalls", "errnos", "sub-operations")
+        for r in rows:
+            subops = ", ".join(f"{k} {v}" for k, v in sorted(r["subops"].items(), key=lambda kv: -kv[1]))
+            errnos = ", ".join(f"{k} {v}" for k, v in r["errnos"].items())
+            listing.add_row(str(r["calls"]), str(r["errors"]), r["name"], str(r["in_multicalls"] or ""), errnos,
+                            subops)
+        write(listing)
 
 
 class XenParameter(gdb.Parameter):
@@ -236,10 +654,14 @@ class XenParameter(gdb.Parameter):
         return ""
 
     def get_show_string(self, svalue: str) -> str:
+        if self._attribute == "abi" and svalue == "auto":
+            return f"{self._what}: auto (now {context.generation()})"
         return f"{self._what}: {svalue}"
 
 
 def register() -> None:
+    from xendbg.gdb.monitor import register_events
+
     gdb.Command("set xen", gdb.COMMAND_DATA, prefix=True)
     gdb.Command("show xen", gdb.COMMAND_DATA, prefix=True)
     XenPrefix()
@@ -248,10 +670,25 @@ def register() -> None:
     XenMulticall()
     XenTraps()
     XenCallbacks()
+    XenCheck()
     XenVcpus()
-    XenParameter("abi", f"the Xen ABI generation xendbg decodes with (auto: {NEWEST}, the newest)",
-                 gdb.PARAM_ENUM, ABI_CHOICES, "auto")
+    XenCatch()
+    XenCatchHypercall()
+    XenCatchDelete()
+    XenBreak()
+    XenBreakCallback()
+    XenBreakTrap()
+    XenBreakFasttrap()
+    XenBreakDelete()
+    XenTrace()
+    XenTraceStart()
+    XenTraceStop()
+    XenTraceShow()
+    XenStats()
+    XenParameter("abi", "the Xen ABI generation xendbg decodes with (auto: the version the guest was told, "
+                 f"else {NEWEST}, the newest)", gdb.PARAM_ENUM, ABI_CHOICES, "auto")
     XenParameter("width", "the guest width xendbg assumes (auto: from the code selector)",
                  gdb.PARAM_ENUM, ["auto", "32", "64"], "auto")
     XenParameter("color", "whether xendbg colours its output (never when gdb's style is off)",
                  gdb.PARAM_BOOLEAN, None, True)
+    register_events()

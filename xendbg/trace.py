@@ -1,0 +1,143 @@
+"""Hypercall tracing, front-end independent: records, the JSONL log, strace-style lines, `xen stats`.
+
+A call is logged twice: a `call` record when the vCPU enters the hypercall (decoded arguments) and a
+`return` record when it comes back (result and errno name), or `preempted` when Xen interrupted it
+and will re-enter it as a continuation.  Each record is written and flushed as it happens, so a
+target that dies mid-run loses nothing that was seen.  The record format is in docs/json-schema.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from xendbg.abi import errno_name
+from xendbg.decode.model import Hypercall
+from xendbg.errors import UsageError
+from xendbg.render import json as render_json
+
+TRACE_SCHEMA = 1
+RECENT_RECORDS = 1000  # what `xen trace show` can list without a file
+
+
+def result_text(result: int) -> str:
+    name = errno_name(result)
+    return f"{result} ({name})" if name else (f"{result:#x}" if result > 0xFFFF else str(result))
+
+
+def call_line(hc: Hypercall) -> str:
+    """`multicall(call_list=0xffff8880..., nr_calls=3)`: the call as strace would print it."""
+    args = ", ".join(f"{a.name}={a.text or hex(a.value)}" for a in hc.args)
+    return f"{hc.display_name}({args})"
+
+
+@dataclass
+class Stats:
+    """Counts like `strace -c`: calls, failed calls and sub-operations per hypercall."""
+
+    calls: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    errnos: dict[str, Counter[str]] = field(default_factory=dict)
+    subops: dict[str, Counter[str]] = field(default_factory=dict)
+    batched: Counter[str] = field(default_factory=Counter)  # calls made inside multicall batches
+
+    def count_call(self, hc: Hypercall) -> None:
+        self.calls[hc.display_name] += 1
+        if hc.subop:
+            self.subops.setdefault(hc.display_name, Counter())[hc.subop] += 1
+        batch = getattr(hc.detail, "entries", None)
+        if hc.name == "multicall" and batch:
+            for entry in batch:
+                self.batched[entry.call.display_name] += 1
+
+    def count_result(self, name: str, result: int) -> None:
+        if result < 0:
+            self.errors[name] += 1
+            self.errnos.setdefault(name, Counter())[errno_name(result) or str(result)] += 1
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per hypercall, most called first (the `xen stats --json` form)."""
+        return [{"name": name, "calls": n, "errors": self.errors[name],
+                 "errnos": dict(self.errnos.get(name, {})), "subops": dict(self.subops.get(name, {})),
+                 "in_multicalls": self.batched[name]}
+                for name, n in self.calls.most_common()] + [
+                {"name": name, "calls": 0, "errors": 0, "errnos": {}, "subops": {}, "in_multicalls": n}
+                for name, n in self.batched.most_common() if name not in self.calls]
+
+
+class TraceLog:
+    """The records of one `xen trace start` .. `xen trace stop`, in memory and optionally in a file."""
+
+    def __init__(self, path: str | None, names: tuple[str, ...]) -> None:
+        self.path = path
+        self.names = names
+        self.started = time.monotonic()
+        self.seq = 0
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_RECORDS)
+        self.written = 0
+        self._file: IO[str] | None = None
+        if path:
+            try:
+                self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole trace
+            except OSError as exc:
+                raise UsageError(f"cannot open trace file {path}: {exc.strerror}") from None
+        self._emit({"event": "start", "schema": TRACE_SCHEMA, "names": list(names), "pid": os.getpid()})
+
+    def _emit(self, record: dict[str, Any]) -> dict[str, Any]:
+        record["t"] = round(time.monotonic() - self.started, 6)
+        self.recent.append(record)
+        if self._file is not None:
+            # One line per record, flushed at once: a dying target must not cost a record.
+            self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+            self._file.flush()
+            self.written += 1
+        return record
+
+    def call(self, cpu: int, hc: Hypercall, where: str) -> int:
+        self.seq += 1
+        self._emit({"event": "call", "seq": self.seq, "cpu": cpu, "where": where, "name": hc.name, "nr": hc.nr,
+                    "line": call_line(hc), "hypercall": render_json.hypercall(hc)})
+        return self.seq
+
+    def result(self, cpu: int, seq: int, name: str, result: int) -> None:
+        self._emit({"event": "return", "seq": seq, "cpu": cpu, "name": name, "result": result,
+                    "errno": errno_name(result)})
+
+    def preempted(self, cpu: int, seq: int, name: str) -> None:
+        self._emit({"event": "preempted", "seq": seq, "cpu": cpu, "name": name})
+
+    def error(self, cpu: int, where: str, message: str) -> None:
+        self.seq += 1
+        self._emit({"event": "error", "seq": self.seq, "cpu": cpu, "where": where, "error": message})
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._emit({"event": "stop"})
+            self._file.close()
+            self._file = None
+
+
+def show_lines(records: list[dict[str, Any]]) -> list[str]:
+    """strace-style lines: a call and its result on one line when the result followed at once."""
+    lines: list[str] = []
+    open_calls: dict[int, int] = {}  # seq -> index of its line, while the result is awaited
+    for r in records:
+        event = r.get("event")
+        stamp = f"{r.get('t', 0):10.6f} cpu{r.get('cpu', '?')} "
+        if event == "call":
+            open_calls[r["seq"]] = len(lines)
+            lines.append(f"{stamp}{r['line']}")
+        elif event in ("return", "preempted"):
+            tail = " = " + result_text(r["result"]) if event == "return" else " = <preempted: Xen continues it>"
+            index = open_calls.pop(r["seq"], None)
+            if index is not None and index == len(lines) - 1:
+                lines[index] += tail
+            else:
+                lines.append(f"{stamp}<... {r['name']} resumed>{tail}")
+        elif event == "error":
+            lines.append(f"{stamp}xendbg could not decode {r['where']}: {r['error']}")
+    return lines
