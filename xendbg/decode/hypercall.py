@@ -161,6 +161,7 @@ def _trap_table(ctx: _Ctx, address: int, limit: int = rules.MAX_TABLE_ENTRIES) -
     lay = abi.layout("trap_info")
     entries: list[TrapEntry] = []
     seen: dict[int, int] = {}
+    by_selector: dict[int, list[TrapEntry]] = {}
     terminated = False
     chunk = 32
     index = 0
@@ -175,7 +176,7 @@ def _trap_table(ctx: _Ctx, address: int, limit: int = rules.MAX_TABLE_ENTRIES) -
                 break
             entry = _trap_entry(ctx, index, row)
             what = f"trap_info[{index}] (vector {entry.vector:#x} {entry.vector_name})"
-            ctx.add(rules.check_code_selector(abi, entry.cs, what))
+            by_selector.setdefault(entry.cs, []).append(entry)
             ctx.add(rules.check_code_address(abi, entry.address, what))
             if entry.vector in seen:
                 ctx.add(Finding("trap-duplicate", "warning",
@@ -183,6 +184,11 @@ def _trap_table(ctx: _Ctx, address: int, limit: int = rules.MAX_TABLE_ENTRIES) -
             seen[entry.vector] = index
             entries.append(entry)
             index += 1
+    for selector, same in by_selector.items():  # one finding per selector, not one per entry
+        first = same[0]
+        what = (f"trap_info[{first.index}] (vector {first.vector:#x} {first.vector_name})" if len(same) == 1 else
+                f"{len(same)} entries from trap_info[{first.index}] ({rules.vector_list([e.vector for e in same])})")
+        ctx.add(rules.check_code_selector(abi, selector, what))
     note = ""
     if any(e.vector == 14 for e in entries):
         note = ("#PF: Xen 2.0 pushes the faulting address (CR2) onto the guest frame below the error code"

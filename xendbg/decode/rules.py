@@ -38,6 +38,18 @@ def _in_reserved_gdt(abi: Abi, selector: int) -> bool:
     return not selector & 4 and first <= (selector >> 3) <= last
 
 
+def vector_list(vectors: list[int]) -> str:
+    """'vectors 0x0-0x1f, 0x80' (runs of consecutive vectors collapsed)."""
+    runs: list[list[int]] = []
+    for v in vectors:
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    parts = [f"{r[0]:#x}-{r[-1]:#x}" if len(r) > 2 else ", ".join(f"{v:#x}" for v in r) for r in runs]
+    return ("vector " if len(vectors) == 1 else "vectors ") + ", ".join(parts)
+
+
 def check_code_selector(abi: Abi, selector: int, what: str) -> list[Finding]:
     """The RPL rule for a code selector a PV guest hands Xen (trap table, callbacks, vCPU context)."""
     kernel = abi.kernel_rpl

@@ -110,9 +110,12 @@ def check_state(state: GuestState, abi: Abi) -> list[Finding]:
         return [Finding("state-unknown", "info", "xendbg has seen no registration from this vCPU yet "
                         "(it sees the hypercalls made while xen catch, xen trace or xen break is active)")]
     found: list[Finding] = []
+    by_selector: dict[int, list[int]] = {}
     for vector, entry in sorted(state.trap_table.items()):
-        what = f"trap table entry for vector {vector:#x}"
-        found += rules.check_code_selector(abi, entry.cs, what) + rules.check_code_address(abi, entry.address, what)
+        by_selector.setdefault(entry.cs, []).append(vector)
+        found += rules.check_code_address(abi, entry.address, f"trap table entry for vector {vector:#x}")
+    for selector, vectors in by_selector.items():  # one finding per selector, not per vector
+        found += rules.check_code_selector(abi, selector, f"trap table entries for {rules.vector_list(vectors)}")
     for kind, cb in state.callbacks.items():
         if cb.selector is not None:
             found += rules.check_code_selector(abi, cb.selector, f"{kind} callback")
