@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import gdb  # type: ignore[import-not-found]
 
 from xendbg import arch
-from xendbg.abi import get_abi
+from xendbg.abi import NEWEST, get_abi
 from xendbg.decode import GuestState, Hypercall, decode_call, decode_in_xen, decode_pending
 from xendbg.decode.state import apply
 from xendbg.errors import XendbgError
@@ -183,14 +183,15 @@ class Monitor:
 
     def _place_return_probes(self, sites: list[tuple[str, int, int, str]], wanted: frozenset[str] | None) -> None:
         """Results are read where calls come back to the guest (placed now: not allowed in stop())."""
-        for kind, address, width, _ in sites:
+        for kind, address, width, source in sites:
+            iret_site = source.endswith("never returns")
             if kind == "page":
                 abi = context.abi_for_width(width)
                 shape = arch.PAGE_STUB_SHAPE[width]
                 places = [address + h.nr * arch.HYPERCALL_STUB_SIZE + shape.return_offset for h in abi.hypercalls()
                           if (wanted is None or h.name in wanted) and h.name != "iret"]
             else:
-                places = [address + 2]
+                places = [] if iret_site else [address + 2]
             for place in places:
                 if place not in self.returns:
                     self.returns[place] = _ReturnProbe(self, place)
@@ -436,9 +437,13 @@ def _guest_sites() -> list[tuple[str, int, int, str]]:
         except XendbgError:
             continue
         if sites.hypercall_page is not None:
-            found.append(("page", sites.hypercall_page, sites.width, sites.page_source))
+            found.append(("page", sites.hypercall_page, sites.width, f"by {sites.page_source}"))
         for site in sites.inline:
-            found.append(("instruction", site.instruction, sites.width, site.source))
+            # A stub that always makes one call (Linux's xen_iret) is named after it: iret never returns.
+            iret = get_abi(NEWEST, sites.width).hypercall_named("iret")
+            never_returns = iret is not None and site.nr == iret.nr
+            label = f"{site.name}, by {site.source}" + (", never returns" if never_returns else "")
+            found.append(("instruction", site.instruction, sites.width, label))
     return found
 
 
