@@ -179,6 +179,26 @@ class Booted:
         self._mi = mi
         return mi
 
+    def qemu_pid(self) -> int:
+        """The PID of this platform's QEMU (a descendant of the runner we started)."""
+        children: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        todo = [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                if b"qemu-system" in (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")[0]:
+                    return pid
+            except OSError:
+                pass
+            todo += children.get(pid, [])
+        raise RuntimeError("no QEMU among the runner's descendants")
+
     def finish(self, timeout: float | None = None) -> RunResult:
         """Wait for the runner to end (the guest must be running: continue or detach gdb first)."""
         start = time.monotonic()

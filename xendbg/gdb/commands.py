@@ -209,23 +209,23 @@ def _registered_table(state: GuestState, abi: Abi) -> tuple[TrapTable, tuple[Fin
 
 
 class XenTraps(_XenCommand):
-    """Show a trap table (trap_info array): xen traps [ADDR] [--json]
+    """Show a trap table (trap_info array): xen traps [ADDR] [--registered] [--json]
 
-Without ADDR: the table of the pending set_trap_table, else the virtual IDT the guest has
-registered (as far as xendbg has seen)."""
+Without ADDR: the table of the pending set_trap_table, else (or with --registered) the virtual IDT
+the guest has registered, as far as xendbg has seen."""
 
-    completions = ("--json",)
+    completions = ("--registered", "--json")
 
     def __init__(self) -> None:
         super().__init__("xen traps", gdb.COMMAND_DATA)
 
     def run(self, arg: str) -> None:
-        flags, words = _options(arg)
+        flags, words = _options(arg, ("--json", "--registered"))
         target = GdbTarget()
         if words:
             table, found = decode_trap_table(target, context.current_abi(target), _number(" ".join(words)))
         else:
-            hc = _try_pending(target)
+            hc = None if "--registered" in flags else _try_pending(target)
             if hc is not None and hc.name == "set_trap_table" and hc.args[0].value:
                 table, found = decode_trap_table(target, get_abi(hc.generation, hc.width), hc.args[0].value)
             else:
@@ -248,21 +248,21 @@ def _state_abi(target: GdbTarget) -> Abi:
 
 
 class XenCallbacks(_XenCommand):
-    """Show the guest's callbacks and fast trap: xen callbacks [--json]
+    """Show the guest's callbacks and fast trap: xen callbacks [--registered] [--json]
 
-At a pending set_callbacks or callback_op: what it registers.  Elsewhere: what the guest has
-registered (event, failsafe, syscall, NMI callbacks with selectors and the RPL verdict, and the
-fast trap), as far as xendbg has seen."""
+At a pending set_callbacks or callback_op: what it registers.  Elsewhere (or with --registered):
+what the guest has registered (event, failsafe, syscall, NMI callbacks with selectors and the RPL
+verdict, and the fast trap), as far as xendbg has seen."""
 
-    completions = ("--json",)
+    completions = ("--registered", "--json")
 
     def __init__(self) -> None:
         super().__init__("xen callbacks", gdb.COMMAND_DATA)
 
     def run(self, arg: str) -> None:
-        flags, _ = _options(arg)
+        flags, _ = _options(arg, ("--json", "--registered"))
         target = GdbTarget()
-        hc = _try_pending(target)
+        hc = None if "--registered" in flags else _try_pending(target)
         text = context.text()
         if hc is not None and isinstance(hc.detail, Callbacks):
             if "--json" in flags:
