@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up everything xendbg needs on a Debian 12 machine, then run the main job or the tests.
 #
-#   ./setup.sh demo    decode the bundled example batches, then boot the bundled test guest
+#   ./setup.sh demo [--batch] [--platform P] [--abi A]
+#                      boot the bundled test guest under QEMU and open gdb with xendbg loaded, stopped
+#                      at its first multicall (--batch, or no terminal: run the walkthrough and exit)
 #   ./setup.sh test    the whole test suite (unit tests and the QEMU platform tests)
 #   ./setup.sh env     set up only
 #
@@ -10,6 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 mode=${1:-demo}
+shift || true
 
 apt_packages() {
     # The project's own needs; the fixtures list theirs in fixtures/apt-packages.txt.
@@ -65,13 +68,7 @@ case "$mode" in
         echo "setup.sh: ready (.venv/bin/xendbg, fixtures/run)"
         ;;
     demo)
-        for example in examples/*.args; do
-            echo "== xendbg decode @$example"
-            .venv/bin/xendbg decode "@$example"
-            echo
-        done
-        echo "== fixtures/run shim32 --abi 2.0: the bundled test guest on the emulated Xen 2.0"
-        /usr/bin/python3 fixtures/run shim32 --abi 2.0 --timeout 60
+        exec /usr/bin/python3 tools/walkthrough.py "$@"
         ;;
     test)
         exec .venv/bin/python -m pytest -q -p no:cacheprovider tests

@@ -2,30 +2,43 @@
 
 from __future__ import annotations
 
+import importlib
 import shlex
+import sys
 from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import gdb  # type: ignore[import-not-found]
 
 from xendbg import arch
 from xendbg.abi import GENERATIONS, NEWEST, Abi, get_abi
-from xendbg.decode import (
-    Callbacks,
-    Finding,
-    GuestState,
-    Hypercall,
-    TrapTable,
-    decode_multicall,
-    decode_trap_table,
-)
-from xendbg.decode.model import SEVERITIES
-from xendbg.decode.state import apply, check_state
 from xendbg.errors import XendbgError
-from xendbg.gdb import context
-from xendbg.gdb.context import SETTINGS, write, write_json
-from xendbg.gdb.monitor import MONITOR, Catch, EntryWatch
 from xendbg.gdb.target import GdbTarget
-from xendbg.render import json as render_json
+
+if TYPE_CHECKING:
+    from xendbg.decode import Finding, GuestState, Hypercall, TrapTable
+
+
+class _Lazy(ModuleType):
+    """A module imported on first use: loading xendbg into gdb registers the commands without
+    importing the decoders, renderers and the monitor (startup stays fast; see bench/)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._module: ModuleType | None = None
+
+    def __getattr__(self, attribute: str) -> object:
+        if self._module is None:
+            self._module = importlib.import_module(self.__name__)
+        return getattr(self._module, attribute)
+
+
+decode = _Lazy("xendbg.decode")
+state_replay = _Lazy("xendbg.decode.state")
+context = _Lazy("xendbg.gdb.context")
+monitor = _Lazy("xendbg.gdb.monitor")
+render_json = _Lazy("xendbg.render.json")
 
 ABI_CHOICES = ["auto", *GENERATIONS]
 CALLBACK_KINDS = ("event", "failsafe", "syscall", "nmi")
@@ -112,14 +125,14 @@ class _XenCommand(gdb.Command):
 
 
 def _registered(cpu: int) -> GuestState:
-    return MONITOR.state(cpu)
+    return monitor.MONITOR.state(cpu)
 
 
 def _pending_here(target: GdbTarget) -> Hypercall:
     """The pending hypercall, replayed into the registered state as Xen will apply it."""
     cpu = context.cpu_index()
     hc = context.decode_here(target, state=_registered(cpu))
-    apply(_registered(cpu), get_abi(hc.generation, hc.width), hc)
+    state_replay.apply(_registered(cpu), get_abi(hc.generation, hc.width), hc)
     return hc
 
 
@@ -160,9 +173,9 @@ or of pv_hypercall."""
         flags, _ = _options(arg)
         hc = _pending_here(GdbTarget())
         if "--json" in flags:
-            write_json(render_json.hypercall(hc))
+            context.write_json(render_json.hypercall(hc))
         else:
-            write(context.text().hypercall(hc))
+            context.write(context.text().hypercall(hc))
 
 
 class XenMulticall(_XenCommand):
@@ -190,21 +203,22 @@ results Xen wrote."""
                 raise XendbgError(f"the pending hypercall is {hc.display_name}, not multicall: give ADDR COUNT")
             abi = get_abi(hc.generation, hc.width)
             address, count = hc.args[0].value, hc.args[1].value
-        batch, found = decode_multicall(target, abi, address, count, results="--results" in flags,
+        batch, found = decode.decode_multicall(target, abi, address, count, results="--results" in flags,
                                         state=_registered(context.cpu_index()))
         if "--json" in flags:
-            write_json(render_json.multicall_report(batch, found))
+            context.write_json(render_json.multicall_report(batch, found))
         else:
-            write(context.text().multicall_report(batch, found))
+            context.write(context.text().multicall_report(batch, found))
 
 
 def _registered_table(state: GuestState, abi: Abi) -> tuple[TrapTable, tuple[Finding, ...]]:
     """The virtual IDT as the guest's registrations left it (entries merged by vector)."""
     entries = tuple(sorted(state.trap_table.values(), key=lambda e: e.vector))
     last = state.table.address if state.table else 0
-    table = TrapTable(last, entries, True, note=f"registered: {len(entries)} vectors, merged from every "
+    table = decode.TrapTable(last, entries, True, note=f"registered: {len(entries)} vectors, merged from every "
                       f"set_trap_table xendbg saw (the last one's array at {last:#x})")
-    found = [f for f in check_state(state, abi) if "trap table" in f.message or f.rule == "no-page-fault-handler"]
+    found = [f for f in state_replay.check_state(state, abi)
+             if "trap table" in f.message or f.rule == "no-page-fault-handler"]
     return table, tuple(found)
 
 
@@ -223,11 +237,11 @@ the guest has registered, as far as xendbg has seen."""
         flags, words = _options(arg, ("--json", "--registered"))
         target = GdbTarget()
         if words:
-            table, found = decode_trap_table(target, context.current_abi(target), _number(" ".join(words)))
+            table, found = decode.decode_trap_table(target, context.current_abi(target), _number(" ".join(words)))
         else:
             hc = None if "--registered" in flags else _try_pending(target)
             if hc is not None and hc.name == "set_trap_table" and hc.args[0].value:
-                table, found = decode_trap_table(target, get_abi(hc.generation, hc.width), hc.args[0].value)
+                table, found = decode.decode_trap_table(target, get_abi(hc.generation, hc.width), hc.args[0].value)
             else:
                 state = _registered(context.cpu_index())
                 if not state.trap_table:
@@ -236,9 +250,9 @@ the guest has registered, as far as xendbg has seen."""
                                       f"give ADDR, or let it watch (xen catch hypercall set_trap_table)")
                 table, found = _registered_table(state, _state_abi(target))
         if "--json" in flags:
-            write_json(render_json.trap_table_report(table, found))
+            context.write_json(render_json.trap_table_report(table, found))
         else:
-            write(context.text().trap_table_report(table, found))
+            context.write(context.text().trap_table_report(table, found))
 
 
 def _state_abi(target: GdbTarget) -> Abi:
@@ -264,28 +278,28 @@ verdict, and the fast trap), as far as xendbg has seen."""
         target = GdbTarget()
         hc = None if "--registered" in flags else _try_pending(target)
         text = context.text()
-        if hc is not None and isinstance(hc.detail, Callbacks):
+        if hc is not None and isinstance(hc.detail, decode.Callbacks):
             if "--json" in flags:
-                write_json(render_json.hypercall(hc))
+                context.write_json(render_json.hypercall(hc))
             else:
-                write(text.Group(text.callbacks(hc.detail), text.findings(hc.findings)))
+                context.write(text.Group(text.callbacks(hc.detail), text.findings(hc.findings)))
             return
         state = _registered(context.cpu_index())
         if not state.callbacks and state.fast_trap is None:
             pending = f"the pending hypercall is {hc.display_name}; " if hc else ""
             raise XendbgError(f"{pending}xendbg has seen no callback registration on this vCPU yet (it sees the "
                               f"hypercalls made while xen catch, xen trace or xen break is active)")
-        registered = Callbacks("registered", tuple(state.callbacks.values()))
-        found = [f for f in check_state(state, _state_abi(target)) if "callback" in f.message]
+        registered = decode.Callbacks("registered", tuple(state.callbacks.values()))
+        found = [f for f in state_replay.check_state(state, _state_abi(target)) if "callback" in f.message]
         fast = state.fast_trap
         if "--json" in flags:
-            write_json({"schema": render_json.SCHEMA_VERSION, "callbacks": render_json.detail(registered),
+            context.write_json({"schema": render_json.SCHEMA_VERSION, "callbacks": render_json.detail(registered),
                         "fast_trap": render_json.detail(fast), "findings": [render_json.finding(f) for f in found]})
             return
         parts = [text.callbacks(registered)]
         if fast is not None:
             parts.append(text.detail(fast))
-        write(text.Group(*parts, text.findings(found)))
+        context.write(text.Group(*parts, text.findings(found)))
 
 
 class XenCheck(_XenCommand):
@@ -304,16 +318,16 @@ suspicious), info (Xen silently fixes it up)."""
         target = GdbTarget()
         hc = _try_pending(target)
         found = list(hc.all_findings()) if hc else []
-        found += check_state(_registered(context.cpu_index()), _state_abi(target))
-        found.sort(key=lambda f: SEVERITIES.index(f.severity))
+        found += state_replay.check_state(_registered(context.cpu_index()), _state_abi(target))
+        found.sort(key=lambda f: decode.model.SEVERITIES.index(f.severity))
         if "--json" in flags:
-            write_json({"schema": render_json.SCHEMA_VERSION, "pending": hc.display_name if hc else None,
+            context.write_json({"schema": render_json.SCHEMA_VERSION, "pending": hc.display_name if hc else None,
                         "findings": [render_json.finding(f) for f in found]})
             return
         text = context.text()
         head = f"pending hypercall: {hc.display_name}" if hc else "no pending hypercall"
-        counts = ", ".join(f"{sum(f.severity == s for f in found)} {s}" for s in SEVERITIES)
-        write(text.Group(text.RichText(f"{head}; {counts}"), text.findings(found)))
+        counts = ", ".join(f"{sum(f.severity == s for f in found)} {s}" for s in decode.model.SEVERITIES)
+        context.write(text.Group(text.RichText(f"{head}; {counts}"), text.findings(found)))
 
 
 class XenVcpus(_XenCommand):
@@ -335,7 +349,7 @@ is running the hypervisor."""
                 target = GdbTarget()
                 mode = arch.cpu_mode(target.read_register("cs") & 0xFFFF)
                 pending = _try_pending(target)
-                state = MONITOR.states.get(thread.num - 1)
+                state = monitor.MONITOR.states.get(thread.num - 1)
                 seen = f"{len(state.trap_table)} traps, {len(state.callbacks)} callbacks" if state else ""
                 rows.append((str(thread.num - 1), str(thread.num), mode.description,
                              pending.display_name if pending else "", seen))
@@ -345,7 +359,7 @@ is running the hypervisor."""
         listing = context.text().table("vCPU", "thread", "mode", "pending hypercall", "registered (seen)")
         for row in rows:
             listing.add_row(*row)
-        write(listing)
+        context.write(listing)
 
 
 class XenCatch(gdb.Command):
@@ -359,11 +373,11 @@ Without a subcommand: what is being caught, and where."""
     def invoke(self, arg: str, from_tty: bool) -> None:
         if arg.strip():
             raise gdb.GdbError(f"unknown xen catch subcommand {arg.split()[0]!r} (hypercall, delete)")
-        if MONITOR.catch is None:
+        if monitor.MONITOR.catch is None:
             gdb.write("xendbg catches no hypercalls\n")
             return
-        names = ", ".join(sorted(MONITOR.catch.names)) or "every hypercall"
-        gdb.write(f"catching {names}; observing {MONITOR.plan}\n")
+        names = ", ".join(sorted(monitor.MONITOR.catch.names)) or "every hypercall"
+        gdb.write(f"catching {names}; observing {monitor.MONITOR.plan}\n")
 
 
 class XenCatchHypercall(_XenCommand):
@@ -385,13 +399,13 @@ at its Xen handler instead (do_multicall, ...), which costs no stop for the othe
             raise XendbgError("--guest and --xen exclude each other")
         side = "guest" if "--guest" in flags else "xen" if "--xen" in flags else "auto"
         names = frozenset(_any_width_name(w) for w in words)
-        previous = MONITOR.catch
-        MONITOR.catch = Catch(names, side)
+        previous = monitor.MONITOR.catch
+        monitor.MONITOR.catch = monitor.Catch(names, side)
         try:
-            plan = MONITOR.replan()
+            plan = monitor.MONITOR.replan()
         except XendbgError:
-            MONITOR.catch = previous
-            MONITOR.replan()
+            monitor.MONITOR.catch = previous
+            monitor.MONITOR.replan()
             raise
         what = ", ".join(sorted(names)) or "every hypercall"
         gdb.write(f"xendbg: catching {what}, observing {plan}\n")
@@ -414,8 +428,8 @@ class XenCatchDelete(_XenCommand):
         super().__init__("xen catch delete", gdb.COMMAND_BREAKPOINTS)
 
     def run(self, arg: str) -> None:
-        MONITOR.catch = None
-        MONITOR.replan()
+        monitor.MONITOR.catch = None
+        monitor.MONITOR.replan()
         gdb.write("xendbg: no longer catching hypercalls\n")
 
 
@@ -434,9 +448,9 @@ On a hit xendbg says which entry point and vCPU, and decodes the frame Xen pushe
         if arg.strip():
             raise gdb.GdbError(f"unknown xen break subcommand {arg.split()[0]!r} "
                                f"(callback, trap, fasttrap, delete)")
-        if not MONITOR.watches:
+        if not monitor.MONITOR.watches:
             gdb.write("no xen break entry points\n")
-        for watch in MONITOR.watches:
+        for watch in monitor.MONITOR.watches:
             where = (f"breakpoint {watch.breakpoint.number} at {watch.address:#x}" if watch.breakpoint
                      else "not registered yet")
             gdb.write(f"{watch.describe()}: {where}\n")
@@ -459,7 +473,7 @@ class XenBreakCallback(_XenCommand):
             if kind not in CALLBACK_KINDS:
                 raise XendbgError(f"unknown callback {kind!r} (event, failsafe, syscall, nmi, all)")
         for kind in kinds:
-            gdb.write(MONITOR.add_watch(EntryWatch("callback", kind)) + "\n")
+            gdb.write(monitor.MONITOR.add_watch(monitor.EntryWatch("callback", kind)) + "\n")
 
 
 _VECTOR_NAMES = {mnemonic.lstrip("#").lower(): vector for vector, (mnemonic, _) in arch.TRAP_VECTORS.items()
@@ -492,7 +506,7 @@ VECTOR is a number (14, 0x80) or a name (PF, GP, UD, BP, int80, ...)."""
         if len(words) != 1:
             raise XendbgError("usage: xen break trap VECTOR")
         vector = _vector(words[0])
-        gdb.write(MONITOR.add_watch(EntryWatch("trap", f"{vector:#x}", vector)) + "\n")
+        gdb.write(monitor.MONITOR.add_watch(monitor.EntryWatch("trap", f"{vector:#x}", vector)) + "\n")
 
 
 class XenBreakFasttrap(_XenCommand):
@@ -506,7 +520,7 @@ class XenBreakFasttrap(_XenCommand):
             raise XendbgError(f"set_fast_trap exists only in Xen 2.0 (decoding as {context.generation()}: "
                               f"set xen abi 2.0); from 3.0 int $0x80 gets a direct gate through the trap "
                               f"table: use xen break trap 0x80")
-        gdb.write(MONITOR.add_watch(EntryWatch("fasttrap", "", 0x80)) + "\n")
+        gdb.write(monitor.MONITOR.add_watch(monitor.EntryWatch("fasttrap", "", 0x80)) + "\n")
 
 
 class XenBreakDelete(_XenCommand):
@@ -516,7 +530,7 @@ class XenBreakDelete(_XenCommand):
         super().__init__("xen break delete", gdb.COMMAND_BREAKPOINTS)
 
     def run(self, arg: str) -> None:
-        gdb.write(f"xendbg: deleted {MONITOR.remove_watches()} entry-point breakpoints\n")
+        gdb.write(f"xendbg: deleted {monitor.MONITOR.remove_watches()} entry-point breakpoints\n")
 
 
 class XenTrace(gdb.Command):
@@ -543,17 +557,17 @@ lists the records, `xen stats` counts them."""
         from xendbg.trace import Stats, TraceLog
 
         flags, words = _options(arg, (), ("--file",))
-        if MONITOR.trace is not None:
+        if monitor.MONITOR.trace is not None:
             raise XendbgError("a trace is already running: xen trace stop first")
         names = tuple(sorted({_any_width_name(w) for w in words}))
-        MONITOR.trace = TraceLog(flags.get("--file"), names)
-        MONITOR.stats = Stats()
+        monitor.MONITOR.trace = TraceLog(flags.get("--file"), names)
+        monitor.MONITOR.stats = Stats()
         try:
-            plan = MONITOR.replan()
+            plan = monitor.MONITOR.replan()
         except XendbgError:
-            MONITOR.trace.close()
-            MONITOR.trace = None
-            MONITOR.replan()
+            monitor.MONITOR.trace.close()
+            monitor.MONITOR.trace = None
+            monitor.MONITOR.replan()
             raise
         target = f" to {flags['--file']}" if "--file" in flags else ""
         gdb.write(f"xendbg: tracing {', '.join(names) or 'every hypercall'}{target}, observing {plan}\n")
@@ -566,13 +580,13 @@ class XenTraceStop(_XenCommand):
         super().__init__("xen trace stop", gdb.COMMAND_RUNNING)
 
     def run(self, arg: str) -> None:
-        trace = MONITOR.trace
+        trace = monitor.MONITOR.trace
         if trace is None:
             raise XendbgError("no trace is running (xen trace start)")
         trace.close()
-        MONITOR.trace = None
+        monitor.MONITOR.trace = None
         try:
-            MONITOR.replan()
+            monitor.MONITOR.replan()
         except XendbgError:
             pass  # the target may be gone: the trace is closed either way
         where = f"; {trace.written} records in {trace.path}" if trace.path else ""
@@ -591,13 +605,13 @@ class XenTraceShow(_XenCommand):
         from xendbg.trace import show_lines
 
         flags, words = _options(arg)
-        trace = MONITOR.trace or _LAST_TRACE.get("trace")
+        trace = monitor.MONITOR.trace or _LAST_TRACE.get("trace")
         if trace is None:
             raise XendbgError("nothing traced yet (xen trace start)")
         count = _number(words[0]) if words else 20
         records = [r for r in trace.recent if r["event"] not in ("start", "stop")]
         if "--json" in flags:
-            write_json(records[-count:])
+            context.write_json(records[-count:])
             return
         lines = show_lines(records)
         gdb.write("\n".join(lines[-count:]) + ("\n" if lines else "(no hypercalls traced yet)\n"))
@@ -618,11 +632,11 @@ class XenStats(_XenCommand):
         from xendbg.trace import Stats
 
         flags, _ = _options(arg, ("--json", "--reset"))
-        rows = MONITOR.stats.rows()
+        rows = monitor.MONITOR.stats.rows()
         if "--reset" in flags:
-            MONITOR.stats = Stats()
+            monitor.MONITOR.stats = Stats()
         if "--json" in flags:
-            write_json({"schema": render_json.SCHEMA_VERSION, "hypercalls": rows})
+            context.write_json({"schema": render_json.SCHEMA_VERSION, "hypercalls": rows})
             return
         if not rows:
             gdb.write("no hypercalls counted yet (xen trace start counts them)\n")
@@ -633,11 +647,11 @@ class XenStats(_XenCommand):
             errnos = ", ".join(f"{k} {v}" for k, v in r["errnos"].items())
             listing.add_row(str(r["calls"]), str(r["errors"]), r["name"], str(r["in_multicalls"] or ""), errnos,
                             subops)
-        write(listing)
+        context.write(listing)
 
 
 class XenParameter(gdb.Parameter):
-    """One `set xen NAME` setting, mirrored into SETTINGS when the user sets it."""
+    """One `set xen NAME` setting, mirrored into context.SETTINGS when the user sets it."""
 
     def __init__(self, name: str, what: str, kind: int, choices: list[str] | None, default: object) -> None:
         self.__doc__ = f"{what[0].upper()}{what[1:]}."
@@ -650,7 +664,7 @@ class XenParameter(gdb.Parameter):
         self.value = default
 
     def get_set_string(self) -> str:
-        setattr(SETTINGS, self._attribute, self.value)
+        setattr(context.SETTINGS, self._attribute, self.value)
         return ""
 
     def get_show_string(self, svalue: str) -> str:
@@ -659,9 +673,14 @@ class XenParameter(gdb.Parameter):
         return f"{self._what}: {svalue}"
 
 
-def register() -> None:
-    from xendbg.gdb.monitor import register_events
+def _on_stop(event: object) -> None:
+    """Forward gdb's stops to the monitor, once something has loaded it (catch, trace, break, ...)."""
+    loaded = sys.modules.get("xendbg.gdb.monitor")
+    if loaded is not None:
+        loaded.on_stop(event)
 
+
+def register() -> None:
     gdb.Command("set xen", gdb.COMMAND_DATA, prefix=True)
     gdb.Command("show xen", gdb.COMMAND_DATA, prefix=True)
     XenPrefix()
@@ -691,4 +710,4 @@ def register() -> None:
                  gdb.PARAM_ENUM, ["auto", "32", "64"], "auto")
     XenParameter("color", "whether xendbg colours its output (never when gdb's style is off)",
                  gdb.PARAM_BOOLEAN, None, True)
-    register_events()
+    gdb.events.stop.connect(_on_stop)

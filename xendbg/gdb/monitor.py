@@ -29,7 +29,7 @@ from xendbg.decode.state import apply
 from xendbg.errors import XendbgError
 from xendbg.gdb import context
 from xendbg.gdb.target import GdbTarget
-from xendbg.trace import Stats, TraceLog, call_line, result_text
+from xendbg.trace import Stats, TraceLog
 
 # The calls that change what the guest has registered (replayed into GuestState).  Guest-side
 # probes also need multicall, whose batch may register; Xen-side handler probes see batched calls
@@ -450,7 +450,7 @@ def _guest_sites() -> list[tuple[str, int, int, str]]:
 MONITOR = Monitor()
 
 
-def _on_stop(event: object) -> None:
+def on_stop(event: object) -> None:
     """Print what the probes and entry breakpoints saved for the user, and move entry breakpoints."""
     reports, MONITOR.reports = MONITOR.reports, []
     notes = MONITOR.move_entries() if MONITOR.moves_due or any(k == "moved" for k, _ in reports) else []
@@ -484,14 +484,3 @@ def _report_entry(watch: EntryWatch) -> None:
     frame = decode_bounce_frame(target, abi, kind, target.read_register("sp"),
                                 vector=watch.vector if watch.kind != "callback" else None)
     context.write(context.text().bounce_frame(frame))
-
-
-def describe_call(hc: Hypercall) -> str:
-    return call_line(hc)
-
-
-def register_events() -> None:
-    gdb.events.stop.connect(_on_stop)
-
-
-__all__ = ["MONITOR", "Catch", "EntryWatch", "Monitor", "describe_call", "register_events", "result_text"]
