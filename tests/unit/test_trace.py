@@ -1,0 +1,77 @@
+"""Trace records, the JSONL log, strace-style lines and stats (xendbg/trace.py), without gdb."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.unit.images import pack, registers, stub
+from xendbg.abi import get_abi
+from xendbg.decode import decode_pending
+from xendbg.errors import UsageError
+from xendbg.target import InMemoryTarget
+from xendbg.trace import Stats, TraceLog, call_line, result_text, show_lines
+
+PC = 0x7000
+
+
+def call(nr: int, *args: int, memory=()):
+    target = InMemoryTarget(registers(64, nr, *args, pc=PC), [(PC, stub(64, nr)), *memory])
+    return decode_pending(target, get_abi("4.17", 64))
+
+
+def test_each_record_is_on_disk_as_soon_as_it_is_logged(tmp_path):
+    path = tmp_path / "t.jsonl"
+    log = TraceLog(str(path), ("vcpu_op",))
+    seq = log.call(0, call(24, 3, 1, 0), "guest")
+    # Not closed: a reader (or a crash) sees the start and the call already.
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["event"] for r in lines] == ["start", "call"]
+    assert lines[0]["names"] == ["vcpu_op"]
+    assert lines[1]["line"] == "vcpu_op(cmd=VCPUOP_is_up, vcpuid=0x1, extra_args=0x0)"
+    assert lines[1]["hypercall"]["subop"] == "VCPUOP_is_up"
+    log.result(0, seq, "vcpu_op", -22)
+    log.close()
+    last = [json.loads(line) for line in path.read_text().splitlines()][-2:]
+    assert last[0] == {**last[0], "event": "return", "seq": seq, "result": -22, "errno": "EINVAL"}
+    assert last[1]["event"] == "stop"
+
+
+def test_unwritable_trace_file_is_a_one_line_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="cannot open trace file"):
+        TraceLog(str(tmp_path / "missing" / "t.jsonl"), ())
+
+
+def test_show_lines_joins_a_call_with_its_result_and_marks_interleaving():
+    log = TraceLog(None, ())
+    first = log.call(0, call(17, 0, 0), "guest")
+    second = log.call(1, call(29, 0, 0), "guest")  # another vCPU's call comes in between
+    log.result(0, first, "xen_version", 0x40011)
+    log.preempted(1, second, "sched_op")
+    log.error(0, "probe at 0x7000", "cannot read memory at 0x0")
+    lines = show_lines(list(log.recent)[1:])
+    assert lines[0].endswith("xen_version(cmd=XENVER_version, arg=0x0)")
+    assert lines[2].endswith("<... xen_version resumed> = 0x40011")
+    assert lines[3].endswith("<... sched_op resumed> = <preempted: Xen continues it>")
+    assert "could not decode probe at 0x7000" in lines[4]
+
+
+def test_stats_count_calls_errors_subops_and_batched_calls():
+    abi = get_abi("4.17", 64)
+    entry = pack(abi, "multicall_entry", op=24, args=[3, 0, 0, 0, 0, 0])
+    stats = Stats()
+    stats.count_call(call(24, 3, 1, 0))
+    stats.count_call(call(24, 2, 1, 0))
+    stats.count_result("vcpu_op", -1)
+    stats.count_call(call(13, 0x8000, 2, memory=[(0x8000, entry + entry)]))
+    rows = {r["name"]: r for r in stats.rows()}
+    assert rows["vcpu_op"] == {"name": "vcpu_op", "calls": 2, "errors": 1, "errnos": {"EPERM": 1},
+                               "subops": {"VCPUOP_is_up": 1, "VCPUOP_down": 1}, "in_multicalls": 2}
+    assert rows["multicall"]["calls"] == 1
+
+
+def test_result_text_and_call_line():
+    assert result_text(-38) == "-38 (ENOSYS)"
+    assert result_text(0) == "0" and result_text(0x40011) == "0x40011"
+    assert call_line(call(4, 0xFFFFFFFF81000000, 0, 0)).startswith("set_callbacks(event_address=0xffffffff81000000")
