@@ -135,7 +135,6 @@ class Monitor:
     side: str | None = None  # where the probes are: "guest" or "xen"
     plan: str = ""  # one line: where and how xendbg observes hypercalls now
     moves_due: bool = False
-    seen: int = 0  # hypercalls observed since xendbg was loaded
 
     # --- what to observe, and where ---------------------------------------------------------------
 
@@ -286,13 +285,12 @@ class Monitor:
             hc = self._decode_at(probe, target, state)
         except (XendbgError, gdb.error) as exc:
             where = f"probe at {probe.address:#x}"
-            if self.trace is not None:
-                self.trace.error(context.cpu_index(), where, str(exc))
+            if self.trace is not None:  # logged, not lost: the record says what could not be read
+                self.trace.error(_cpu_or_unknown(), where, str(exc))
             if self.catch is not None:
                 self.reports.append(("error", f"xendbg: cannot decode the hypercall at the {where}: {exc}"))
                 return True
             return False
-        self.seen += 1
         name = hc.display_name
         wanted_by_user = (self.catch is not None and self.catch.matches(name)) or (
             self.trace is not None and (not self.trace.names or name in self.trace.names))
@@ -356,7 +354,7 @@ class Monitor:
                 self.stats.count_result(call.name, result)
         except (XendbgError, gdb.error) as exc:
             if self.trace is not None:
-                self.trace.error(context.cpu_index(), f"return probe at {probe.address:#x}", str(exc))
+                self.trace.error(_cpu_or_unknown(), f"return probe at {probe.address:#x}", str(exc))
         return False
 
     # --- entry points followed across registrations ------------------------------------------------
@@ -423,9 +421,21 @@ _NO_SITES = ("xendbg found nowhere in the loaded symbol files that the guest iss
              "hypercall page, xen_hypercall_pv or int $0x82 site): load the guest kernel with `file`")
 
 
+def _cpu_or_unknown() -> int:
+    try:
+        return context.cpu_index()
+    except XendbgError:
+        return -1
+
+
+_SITES_CACHE: dict[tuple[str, float], object] = {}  # (path, mtime) -> HypercallSites
+
+
 def _guest_sites() -> list[tuple[str, int, int, str]]:
     """(kind, address, width, how found) for each place the loaded guest issues hypercalls."""
-    from xendbg.sites import find_hypercall_sites
+    import os
+
+    from xendbg.sites import HypercallSites, find_hypercall_sites
 
     found = []
     for objfile in gdb.objfiles():
@@ -433,9 +443,13 @@ def _guest_sites() -> list[tuple[str, int, int, str]]:
         if not path:
             continue
         try:
-            sites = find_hypercall_sites(path)
-        except XendbgError:
+            key = (path, os.stat(path).st_mtime)
+            if key not in _SITES_CACHE:  # a vmlinux takes ~0.1 s to scan: once per file
+                _SITES_CACHE[key] = find_hypercall_sites(path)
+        except (OSError, XendbgError):
             continue
+        sites = _SITES_CACHE[key]
+        assert isinstance(sites, HypercallSites)
         if sites.hypercall_page is not None:
             found.append(("page", sites.hypercall_page, sites.width, f"by {sites.page_source}"))
         for site in sites.inline:
@@ -468,7 +482,7 @@ def on_stop(event: object) -> None:
             gdb.write(note + "\n")
         if any(k == "moved" for k, _ in reports):
             gdb.write("xendbg: stopped so that gdb could move the breakpoint; continue to go on\n")
-    except XendbgError as exc:
+    except (XendbgError, gdb.error) as exc:
         gdb.write(f"xendbg: {exc}\n")
 
 
