@@ -10,7 +10,7 @@ from xendbg import arch
 from xendbg.abi import NEWEST, Abi, get_abi
 from xendbg.abi.generations import resolve_generation
 from xendbg.decode import GuestState, Hypercall, decode_in_xen, decode_pending
-from xendbg.errors import XendbgError
+from xendbg.errors import TargetGone, XendbgError
 from xendbg.gdb.target import GdbTarget
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ def cpu_index() -> int:
     Under a real Xen these are QEMU's CPUs, which Xen schedules the guest's vCPUs on."""
     thread = gdb.selected_thread()
     if thread is None:
-        raise XendbgError("no thread selected: is gdb connected to a stopped target?")
+        raise TargetGone("no thread selected: is gdb connected to a stopped target?")
     return thread.num - 1
 
 

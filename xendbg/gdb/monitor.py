@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import gdb  # type: ignore[import-not-found]
 
 from xendbg import arch
-from xendbg.abi import NEWEST, get_abi
+from xendbg.abi import get_abi
 from xendbg.decode import GuestState, Hypercall, decode_call, decode_in_xen, decode_pending
 from xendbg.decode.state import apply
-from xendbg.errors import XendbgError
+from xendbg.errors import TargetGone, XendbgError
 from xendbg.gdb import context
 from xendbg.gdb.target import GdbTarget
 from xendbg.trace import Stats, TraceLog
@@ -180,17 +180,17 @@ class Monitor:
             self._place_return_probes(sites or _guest_sites(), wanted)
         return self.plan
 
-    def _place_return_probes(self, sites: list[tuple[str, int, int, str]], wanted: frozenset[str] | None) -> None:
+    def _place_return_probes(self, sites: list[_Site], wanted: frozenset[str] | None) -> None:
         """Results are read where calls come back to the guest (placed now: not allowed in stop())."""
-        for kind, address, width, source in sites:
-            iret_site = source.endswith("never returns")
-            if kind == "page":
-                abi = context.abi_for_width(width)
-                shape = arch.PAGE_STUB_SHAPE[width]
-                places = [address + h.nr * arch.HYPERCALL_STUB_SIZE + shape.return_offset for h in abi.hypercalls()
-                          if (wanted is None or h.name in wanted) and h.name != "iret"]
-            else:
-                places = [] if iret_site else [address + 2]
+        for site in sites:
+            abi = context.abi_for_width(site.width)
+            iret = abi.hypercall_named("iret")
+            if site.kind == "page":
+                shape = arch.PAGE_STUB_SHAPE[site.width]
+                places = [site.address + h.nr * arch.HYPERCALL_STUB_SIZE + shape.return_offset
+                          for h in abi.hypercalls() if (wanted is None or h.name in wanted) and h is not iret]
+            else:  # iret never comes back
+                places = [] if iret is not None and site.fixed_nr == iret.nr else [site.address + 2]
             for place in places:
                 if place not in self.returns:
                     self.returns[place] = _ReturnProbe(self, place)
@@ -228,10 +228,11 @@ class Monitor:
             probe.condition = " || ".join(f"{rax} == {n}" for n in numbers)
         self.probes.append(probe)
 
-    def _plan_guest(self, sites: list[tuple[str, int, int, str]], wanted: frozenset[str] | None) -> None:
+    def _plan_guest(self, sites: list[_Site], wanted: frozenset[str] | None) -> None:
         self.side = "guest"
         described = []
-        for kind, address, width, source in sites:
+        for site in sites:
+            kind, address, width, source = site.kind, site.address, site.width, site.label
             abi = context.abi_for_width(width)
             names = wanted if wanted is not None else frozenset(h.name for h in abi.hypercalls())
             numbers = sorted(h.nr for n in names if (h := abi.hypercall_named(n)) is not None)
@@ -240,6 +241,10 @@ class Monitor:
                     stub = address + nr * arch.HYPERCALL_STUB_SIZE
                     self.probes.append(_Probe(self, stub, "stub", width, nr=nr))
                 described.append(f"{len(numbers)} stubs of the hypercall page at {address:#x} ({source})")
+            elif site.fixed_nr is not None:  # a stub for one call (xen_iret): only if that call is wanted
+                if site.fixed_nr in numbers:
+                    self.probes.append(_Probe(self, address, "instruction", width))
+                    described.append(f"the hypercall instruction at {address:#x} ({source})")
             else:
                 probe = _Probe(self, address, "instruction", width)
                 if wanted is not None:
@@ -287,6 +292,8 @@ class Monitor:
             where = f"probe at {probe.address:#x}"
             if self.trace is not None:  # logged, not lost: the record says what could not be read
                 self.trace.error(_cpu_or_unknown(), where, str(exc))
+            if isinstance(exc, (TargetGone, gdb.error)):
+                return True  # the target is going away: resuming it makes gdb 13 fail an assertion
             if self.catch is not None:
                 self.reports.append(("error", f"xendbg: cannot decode the hypercall at the {where}: {exc}"))
                 return True
@@ -355,6 +362,7 @@ class Monitor:
         except (XendbgError, gdb.error) as exc:
             if self.trace is not None:
                 self.trace.error(_cpu_or_unknown(), f"return probe at {probe.address:#x}", str(exc))
+            return isinstance(exc, (TargetGone, gdb.error))  # as in on_probe
         return False
 
     # --- entry points followed across registrations ------------------------------------------------
@@ -431,8 +439,19 @@ def _cpu_or_unknown() -> int:
 _SITES_CACHE: dict[tuple[str, float], object] = {}  # (path, mtime) -> HypercallSites
 
 
-def _guest_sites() -> list[tuple[str, int, int, str]]:
-    """(kind, address, width, how found) for each place the loaded guest issues hypercalls."""
+@dataclass(frozen=True)
+class _Site:
+    """A place the loaded guest issues hypercalls from."""
+
+    kind: str  # "page" (a hypercall page: one stub per number) or "instruction"
+    address: int
+    width: int
+    label: str  # how xendbg found it, for the user
+    fixed_nr: int | None = None  # a stub that only ever makes this hypercall (Linux's xen_iret)
+
+
+def _guest_sites() -> list[_Site]:
+    """Every place the guest files gdb has loaded issue hypercalls from."""
     import os
 
     from xendbg.sites import HypercallSites, find_hypercall_sites
@@ -451,13 +470,10 @@ def _guest_sites() -> list[tuple[str, int, int, str]]:
         sites = _SITES_CACHE[key]
         assert isinstance(sites, HypercallSites)
         if sites.hypercall_page is not None:
-            found.append(("page", sites.hypercall_page, sites.width, f"by {sites.page_source}"))
+            found.append(_Site("page", sites.hypercall_page, sites.width, f"by {sites.page_source}"))
         for site in sites.inline:
-            # A stub that always makes one call (Linux's xen_iret) is named after it: iret never returns.
-            iret = get_abi(NEWEST, sites.width).hypercall_named("iret")
-            never_returns = iret is not None and site.nr == iret.nr
-            label = f"{site.name}, by {site.source}" + (", never returns" if never_returns else "")
-            found.append(("instruction", site.instruction, sites.width, label))
+            found.append(_Site("instruction", site.instruction, sites.width, f"{site.name}, by {site.source}",
+                               site.nr))
     return found
 
 
