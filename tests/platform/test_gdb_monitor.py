@@ -129,3 +129,15 @@ def test_xen64_catch_guest_side_at_hypercall_page_and_xen_side_at_handler(boot_g
     kinds = {c["kind"] for c in callbacks["callbacks"]["callbacks"]}
     assert {"event", "failsafe", "syscall"} <= kinds
     assert booted.finish().ok
+
+
+def test_xen64_catch_every_hypercall_at_pv_hypercall(boot_gdb):
+    """Without names, Xen side: one probe at pv_hypercall decodes the guest frame Xen saved."""
+    booted = boot_gdb("xen64", timeout=60)
+    out = booted.gdb_batch(*SETUP, "set xen abi 4.17", "xen catch hypercall --xen", "continue", "xen hc --json",
+                           "xen catch delete", "continue", timeout=60)
+    assert "observing in Xen at pv_hypercall (every PV hypercall)" in out
+    (hc,) = json_blocks(out)
+    assert hc["site"].startswith("in Xen at pv_hypercall(), from the guest's saved registers (guest PC 0xffffffff8")
+    assert hc["width"] == 64 and hc["name"] is not None
+    assert booted.finish().ok

@@ -24,6 +24,7 @@ import gdb  # type: ignore[import-not-found]
 
 from xendbg import arch
 from xendbg.abi import get_abi
+from xendbg.abi.layouts import ERA_3, layout
 from xendbg.decode import GuestState, Hypercall, decode_call, decode_in_xen, decode_pending
 from xendbg.decode.state import apply
 from xendbg.errors import TargetGone, XendbgError
@@ -224,7 +225,7 @@ class Monitor:
         address = context.address_of(arch.XEN_HYPERCALL_ENTRY)
         probe = _Probe(self, address or 0, "frame", function=arch.XEN_HYPERCALL_ENTRY)
         if numbers:
-            rax = "*(unsigned long *)($rdi + 80)"  # cpu_user_regs.rax (abi/layouts.py, 64-bit Xen frame)
+            rax = f"*(unsigned long *)($rdi + {_FRAME_RAX})"  # the guest's RAX in the frame at RDI
             probe.condition = " || ".join(f"{rax} == {n}" for n in numbers)
         self.probes.append(probe)
 
@@ -422,8 +423,9 @@ class Monitor:
 
 _INSTRUCTION_BYTES = {32: b"\xcd\x82", 64: b"\x0f\x05"}  # int $0x82, syscall
 
-# Offsets in Xen's 64-bit saved guest frame (struct cpu_user_regs in abi/layouts.py).
-_FRAME_RIP, _FRAME_RSP = 128, 152
+# Xen's saved guest frame is the 64-bit struct cpu_user_regs (abi/layouts.py): Xen itself is 64-bit.
+_FRAME = layout("cpu_user_regs", 64, ERA_3)
+_FRAME_RAX, _FRAME_RIP, _FRAME_RSP = (_FRAME.field(name).offset for name in ("rax", "rip", "rsp"))
 
 _NO_SITES = ("xendbg found nowhere in the loaded symbol files that the guest issues hypercalls (no "
              "hypercall page, xen_hypercall_pv or int $0x82 site): load the guest kernel with `file`")
