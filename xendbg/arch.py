@@ -362,6 +362,9 @@ TRAP_VECTORS: dict[int, tuple[str, str]] = {
 }
 
 
+PAGE_FAULT = 14  # #PF: the one exception whose faulting address Xen hands over (stack or vcpu_info)
+
+
 def vector_name(vector: int) -> str:
     if vector in TRAP_VECTORS:
         return TRAP_VECTORS[vector][0]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from xendbg.abi import errno_name
-from xendbg.decode.model import Hypercall
+from xendbg.decode.model import Hypercall, MulticallBatch
 from xendbg.errors import UsageError
 from xendbg.render import json as render_json
 
@@ -49,9 +49,8 @@ class Stats:
         self.calls[hc.display_name] += 1
         if hc.subop:
             self.subops.setdefault(hc.display_name, Counter())[hc.subop] += 1
-        batch = getattr(hc.detail, "entries", None)
-        if hc.name == "multicall" and batch:
-            for entry in batch:
+        if isinstance(hc.detail, MulticallBatch):
+            for entry in hc.detail.entries:
                 self.batched[entry.call.display_name] += 1
 
     def count_result(self, name: str, result: int) -> None:

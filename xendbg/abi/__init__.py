@@ -124,6 +124,12 @@ class Abi:
         return not at_least(self.generation, "3.0.2")
 
     @property
+    def null_trap_table_clears(self) -> bool:
+        """From 3.0.2 a NULL set_trap_table clears the virtual IDT; before, it fails with -EFAULT
+        (do_set_trap_table in xen/arch/x86/traps.c at 3.0.2-branched and RELEASE-3.0.0)."""
+        return at_least(self.generation, "3.0.2")
+
+    @property
     def has_fast_trap(self) -> bool:
         return "set_fast_trap" in _tables.HYPERCALL[self.generation]
 

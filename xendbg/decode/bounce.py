@@ -81,7 +81,6 @@ UPCALL_MASK_SHIFT = {32: 16, 64: 32}
 # and #SX.  A software `int n` that Xen forwards through the trap table never carries one.
 _EC_OLD = frozenset({10, 11, 12, 13, 14, 17})
 _EC_4_17 = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
-PAGE_FAULT = 14
 
 
 def error_code_vectors(abi: Abi) -> frozenset[int]:
@@ -179,7 +178,7 @@ def decode_bounce_frame(target: Target, abi: Abi, kind: str, stack_pointer: int 
     else:
         error = kind == "trap" and vector in error_code_vectors(abi)
     # 2.0 pushes %cr2 only behind an error code (process_guest_exception_and_events).
-    cr2 = abi.era == ERA_2 and kind == "trap" and vector == PAGE_FAULT and error
+    cr2 = abi.era == ERA_2 and kind == "trap" and vector == arch.PAGE_FAULT and error
     return _Reader(target, abi, kind, address, vector, error, cr2).decode()
 
 
@@ -240,7 +239,7 @@ class _Reader:
             mode, ring = ("user" if cs & 2 else "kernel"), cs & 3
         else:
             mode, ring = ("kernel" if cs & 3 == 0 else "user"), 3
-        if self.kind == "trap" and self.vector == PAGE_FAULT and abi.era == ERA_3:
+        if self.kind == "trap" and self.vector == arch.PAGE_FAULT and abi.era == ERA_3:
             notes.append("the faulting address is in vcpu_info.arch.cr2, not on the stack")
         if self.kind == "event" and abi.era == ERA_2:
             notes.append("Xen 2.0 masks events before delivering one and does not save the old mask")

@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 from xendbg import arch
 from xendbg.abi import DOMIDS, TRAP_FLAG_DPL_MASK, TRAP_FLAG_IF, Abi, _tables, errno_name
-from xendbg.abi.generations import at_least
 from xendbg.abi.hypercalls import ArgSpec
 from xendbg.abi.layouts import MULTICALL_2_0_RESULT_ARG, Layout, unpack
 from xendbg.decode import rules
@@ -153,7 +152,7 @@ def decode_trap_table(target: Target, abi: Abi, address: int,
 def _trap_table(ctx: _Ctx, address: int, limit: int = rules.MAX_TABLE_ENTRIES) -> TrapTable:
     abi = ctx.abi
     if address == 0:
-        if at_least(abi.generation, "4.0"):
+        if abi.null_trap_table_clears:
             ctx.add(Finding("trap-table-null", "info", "a NULL table clears every entry of the virtual IDT"))
         else:
             ctx.add(rules.unreadable("trap table", 0))
@@ -190,7 +189,7 @@ def _trap_table(ctx: _Ctx, address: int, limit: int = rules.MAX_TABLE_ENTRIES) -
                 f"{len(same)} entries from trap_info[{first.index}] ({rules.vector_list([e.vector for e in same])})")
         ctx.add(rules.check_code_selector(abi, selector, what))
     note = ""
-    if any(e.vector == 14 for e in entries):
+    if any(e.vector == arch.PAGE_FAULT for e in entries):
         note = ("#PF: Xen 2.0 pushes the faulting address (CR2) onto the guest frame below the error code"
                 if abi.generation == "2.0" else
                 "#PF: the guest finds the faulting address in its vcpu_info (arch.cr2), not in CR2")

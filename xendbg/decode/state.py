@@ -15,8 +15,8 @@ each decoded call (with its result once known) to `apply`.  Replay follows Xen's
 
 from __future__ import annotations
 
+from xendbg import arch
 from xendbg.abi import Abi
-from xendbg.abi.generations import at_least
 from xendbg.decode import rules
 from xendbg.decode.model import (
     Callbacks,
@@ -28,8 +28,6 @@ from xendbg.decode.model import (
     TrapTable,
 )
 
-PAGE_FAULT = 14
-
 
 def _refused(findings: list[Finding]) -> bool:
     return any(f.severity == "error" for f in findings)
@@ -37,7 +35,7 @@ def _refused(findings: list[Finding]) -> bool:
 
 def _apply_trap_table(state: GuestState, abi: Abi, table: TrapTable) -> str:
     if table.address == 0 and not table.entries:
-        if at_least(abi.generation, "3.0.2"):
+        if abi.null_trap_table_clears:
             state.trap_table.clear()
             state.table = table
             return "trap table cleared (NULL table)"
@@ -86,10 +84,8 @@ def apply(state: GuestState, abi: Abi, call: Hypercall, result: int | None = Non
         return []
     detail = call.detail
     changes: list[str] = []
-    if call.name == "set_trap_table" and isinstance(detail, TrapTable):
+    if call.name == "set_trap_table" and isinstance(detail, TrapTable):  # a NULL table decodes as empty
         changes.append(_apply_trap_table(state, abi, detail))
-    elif call.name == "set_trap_table" and call.args and call.args[0].value == 0:
-        changes.append(_apply_trap_table(state, abi, TrapTable(0, (), True)))
     elif isinstance(detail, Callbacks):
         changes.append(_apply_callbacks(state, abi, detail, call.findings))
     elif isinstance(detail, FastTrap):
@@ -120,7 +116,7 @@ def check_state(state: GuestState, abi: Abi) -> list[Finding]:
         if cb.selector is not None:
             found += rules.check_code_selector(abi, cb.selector, f"{kind} callback")
         found += rules.check_code_address(abi, cb.address, f"{kind} callback")
-    if state.table is not None and PAGE_FAULT not in state.trap_table:
+    if state.table is not None and arch.PAGE_FAULT not in state.trap_table:
         found.append(Finding("no-page-fault-handler", "warning",
                              "the trap table has no page-fault (#PF, vector 14) handler: Xen has nowhere to "
                              "bounce the guest's page faults (Xen 4.17 logs 'Unhandled: vec 14')"))

@@ -84,10 +84,9 @@ def _hypercall_names() -> list[str]:
 
 def _hypercall_name(word: str, abi: Abi) -> str:
     """A hypercall given by name (current or former) or number, as its name in `abi`."""
-    found = None
-    if word.isdigit() or word.lower().startswith("0x"):
+    try:
         found = abi.hypercall(int(word, 0))
-    else:
+    except ValueError:
         found = abi.hypercall_named(word)
     if found is None:
         raise XendbgError(f"Xen {abi.generation} ({abi.width}-bit) has no hypercall {word!r} "
@@ -585,6 +584,7 @@ class XenTraceStop(_XenCommand):
             raise XendbgError("no trace is running (xen trace start)")
         trace.close()
         monitor.MONITOR.trace = None
+        monitor.MONITOR.finished_trace = trace
         try:
             monitor.MONITOR.replan()
         except XendbgError:
@@ -605,7 +605,7 @@ class XenTraceShow(_XenCommand):
         from xendbg.trace import show_lines
 
         flags, words = _options(arg)
-        trace = monitor.MONITOR.trace or _LAST_TRACE.get("trace")
+        trace = monitor.MONITOR.trace or monitor.MONITOR.finished_trace
         if trace is None:
             raise XendbgError("nothing traced yet (xen trace start)")
         count = _number(words[0]) if words else 20
@@ -615,9 +615,6 @@ class XenTraceShow(_XenCommand):
             return
         lines = show_lines(records)
         gdb.write("\n".join(lines[-count:]) + ("\n" if lines else "(no hypercalls traced yet)\n"))
-
-
-_LAST_TRACE: dict[str, object] = {}
 
 
 class XenStats(_XenCommand):

@@ -19,6 +19,7 @@ point a `xen break` is watching, the probe stops the guest and the stop handler 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import gdb  # type: ignore[import-not-found]
 
@@ -32,6 +33,9 @@ from xendbg.gdb import context
 from xendbg.gdb.target import GdbTarget
 from xendbg.trace import Stats, TraceLog
 
+if TYPE_CHECKING:
+    from xendbg.sites import HypercallSites
+
 # The calls that change what the guest has registered (replayed into GuestState).  Guest-side
 # probes also need multicall, whose batch may register; Xen-side handler probes see batched calls
 # at their own handlers, since Xen's do_multicall calls the handlers directly.
@@ -43,10 +47,8 @@ VERSION_CALL = "xen_version"  # its XENVER_version result tells `set xen abi aut
 class _Pending:
     """A call awaiting its return probe."""
 
-    seq: int | None
-    cpu: int
+    seq: int | None  # its trace record, None when only its result matters (xen_version)
     name: str
-    nr: int
     subop: str | None
     width: int
 
@@ -127,13 +129,13 @@ class Monitor:
     states: dict[int, GuestState] = field(default_factory=dict)
     catch: Catch | None = None
     trace: TraceLog | None = None
+    finished_trace: TraceLog | None = None  # the last trace stopped, for `xen trace show`
     stats: Stats = field(default_factory=Stats)
     watches: list[EntryWatch] = field(default_factory=list)
     probes: list[_Probe] = field(default_factory=list)
     returns: dict[int, _ReturnProbe] = field(default_factory=dict)
     pending: dict[tuple[int, int, int], _Pending] = field(default_factory=dict)
     reports: list[tuple[str, object]] = field(default_factory=list)
-    side: str | None = None  # where the probes are: "guest" or "xen"
     plan: str = ""  # one line: where and how xendbg observes hypercalls now
     moves_due: bool = False
 
@@ -160,7 +162,7 @@ class Monitor:
         self._delete_probes()
         wanted = self.wanted()
         if wanted is not None and not wanted:
-            self.side, self.plan = None, "xendbg observes no hypercalls (no catch, trace or break is active)"
+            self.plan = "xendbg observes no hypercalls (no catch, trace or break is active)"
             return self.plan
         requested = self.catch.side if self.catch else "auto"
         xen = context.xen_symbols_loaded()
@@ -197,7 +199,6 @@ class Monitor:
                     self.returns[place] = _ReturnProbe(self, place)
 
     def _plan_xen(self, wanted: frozenset[str] | None) -> None:
-        self.side = "xen"
         abi = context.abi_for_width(64)
         if wanted is not None:
             placed, missing = [], []
@@ -230,29 +231,25 @@ class Monitor:
         self.probes.append(probe)
 
     def _plan_guest(self, sites: list[_Site], wanted: frozenset[str] | None) -> None:
-        self.side = "guest"
         described = []
         for site in sites:
-            kind, address, width, source = site.kind, site.address, site.width, site.label
-            abi = context.abi_for_width(width)
+            abi = context.abi_for_width(site.width)
             names = wanted if wanted is not None else frozenset(h.name for h in abi.hypercalls())
             numbers = sorted(h.nr for n in names if (h := abi.hypercall_named(n)) is not None)
-            if kind == "page":
+            if site.kind == "page":
                 for nr in numbers:
-                    stub = address + nr * arch.HYPERCALL_STUB_SIZE
-                    self.probes.append(_Probe(self, stub, "stub", width, nr=nr))
-                described.append(f"{len(numbers)} stubs of the hypercall page at {address:#x} ({source})")
-            elif site.fixed_nr is not None:  # a stub for one call (xen_iret): only if that call is wanted
-                if site.fixed_nr in numbers:
-                    self.probes.append(_Probe(self, address, "instruction", width))
-                    described.append(f"the hypercall instruction at {address:#x} ({source})")
-            else:
-                probe = _Probe(self, address, "instruction", width)
-                if wanted is not None:
-                    reg = "$eax" if width == 32 else "$rax"
-                    probe.condition = " || ".join(f"{reg} == {n}" for n in numbers)
-                self.probes.append(probe)
-                described.append(f"the hypercall instruction at {address:#x} ({source})")
+                    stub = site.address + nr * arch.HYPERCALL_STUB_SIZE
+                    self.probes.append(_Probe(self, stub, "stub", site.width, nr=nr))
+                described.append(f"{len(numbers)} stubs of the hypercall page at {site.address:#x} ({site.label})")
+                continue
+            if site.fixed_nr is not None and site.fixed_nr not in numbers:
+                continue  # a stub for one unwanted call (xen_iret)
+            probe = _Probe(self, site.address, "instruction", site.width)
+            if wanted is not None and site.fixed_nr is None:  # the number is in a register: filter in gdb
+                reg = "$eax" if site.width == 32 else "$rax"
+                probe.condition = " || ".join(f"{reg} == {n}" for n in numbers)
+            self.probes.append(probe)
+            described.append(f"the hypercall instruction at {site.address:#x} ({site.label})")
         self.plan = "in the guest at " + "; ".join(described)
 
     def _delete_probes(self) -> None:
@@ -300,13 +297,12 @@ class Monitor:
                 return True
             return False
         name = hc.display_name
-        wanted_by_user = (self.catch is not None and self.catch.matches(name)) or (
-            self.trace is not None and (not self.trace.names or name in self.trace.names))
+        traced = self.trace is not None and (not self.trace.names or name in self.trace.names)
         if not (probe.kind == "handler" and hc.name == "multicall"):
             # Xen-side, a batch's calls reach their own handler probes: replay them there, not twice.
             if apply(state, get_abi(hc.generation, hc.width), hc):
                 self.moves_due = self.moves_due or self._entries_moved()
-        if self.trace is not None and wanted_by_user:
+        if self.trace is not None and traced:
             self.stats.count_call(hc)
             seq = self.trace.call(cpu, hc, "xen" if probe.kind in ("handler", "frame") else "guest")
             self._await_return(probe, target, cpu, hc, seq)
@@ -344,7 +340,7 @@ class Monitor:
             # Entered again from the same place before coming back: Xen preempted the call and the
             # guest re-issues it as a continuation (with its arguments advanced).
             self.trace.preempted(cpu, earlier.seq, earlier.name)
-        self.pending[key] = _Pending(seq, cpu, hc.display_name, hc.nr, hc.subop, hc.width)
+        self.pending[key] = _Pending(seq, hc.display_name, hc.subop, hc.width)
 
     def on_return(self, probe: _ReturnProbe) -> bool:
         """Called by gdb where guest-side calls come back; never stops."""
@@ -438,7 +434,7 @@ def _cpu_or_unknown() -> int:
         return -1
 
 
-_SITES_CACHE: dict[tuple[str, float], object] = {}  # (path, mtime) -> HypercallSites
+_SITES_CACHE: dict[tuple[str, float], HypercallSites] = {}  # by (path, mtime)
 
 
 @dataclass(frozen=True)
@@ -456,7 +452,7 @@ def _guest_sites() -> list[_Site]:
     """Every place the guest files gdb has loaded issue hypercalls from."""
     import os
 
-    from xendbg.sites import HypercallSites, find_hypercall_sites
+    from xendbg.sites import find_hypercall_sites
 
     found = []
     for objfile in gdb.objfiles():
@@ -470,7 +466,6 @@ def _guest_sites() -> list[_Site]:
         except (OSError, XendbgError):
             continue
         sites = _SITES_CACHE[key]
-        assert isinstance(sites, HypercallSites)
         if sites.hypercall_page is not None:
             found.append(_Site("page", sites.hypercall_page, sites.width, f"by {sites.page_source}"))
         for site in sites.inline:

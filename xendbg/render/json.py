@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from xendbg.abi import Abi
+from xendbg.decode.bounce import BounceFrame
 from xendbg.decode.model import (
     Callbacks,
     Detail,
@@ -103,7 +104,6 @@ def dumps(obj: Any) -> str:
 
 
 # --- bounce frames ------------------------------------------------------------------------------
-from xendbg.decode.bounce import BounceFrame  # noqa: E402  (kept beside its renderer)
 
 
 def bounce_frame(f: BounceFrame) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text as RichText
 
 from xendbg.abi import Abi
+from xendbg.decode.bounce import BounceFrame
 from xendbg.decode.model import (
     Arg,
     Callbacks,
@@ -178,7 +179,6 @@ def console(stderr: bool = False) -> Console:
 
 
 # --- bounce frames ------------------------------------------------------------------------------
-from xendbg.decode.bounce import BounceFrame  # noqa: E402  (kept beside its renderer)
 
 
 def _selector(value: int, name: str | None) -> str:
