@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xendbg.errors import DecodeError, TargetError, UnknownRegister
+from xendbg.names import TRAP_VECTORS  # x86 exception vectors: mnemonic and name
 from xendbg.target import Target
 
 HYPERCALL_STUB_SIZE = 32  # each hypercall-page stub is 32 bytes: stub N is at page + 32 * N
@@ -346,20 +347,6 @@ def _reg_nr(target: Target, convention: CallingConvention, width: int) -> int:
     except UnknownRegister:
         alt = "rax" if convention.nr_register == "eax" else "eax"
         return _reg(target, alt) & ((1 << width) - 1)
-
-
-# x86 exception vectors (Intel SDM vol. 3, table 6-1): mnemonic and name.
-TRAP_VECTORS: dict[int, tuple[str, str]] = {
-    0: ("#DE", "divide error"), 1: ("#DB", "debug"), 2: ("NMI", "non-maskable interrupt"),
-    3: ("#BP", "breakpoint"), 4: ("#OF", "overflow"), 5: ("#BR", "bound range exceeded"),
-    6: ("#UD", "invalid opcode"), 7: ("#NM", "device not available"), 8: ("#DF", "double fault"),
-    9: ("CSO", "coprocessor segment overrun"), 10: ("#TS", "invalid TSS"),
-    11: ("#NP", "segment not present"), 12: ("#SS", "stack-segment fault"),
-    13: ("#GP", "general protection"), 14: ("#PF", "page fault"), 15: ("--", "reserved (spurious)"),
-    16: ("#MF", "x87 floating-point error"), 17: ("#AC", "alignment check"), 18: ("#MC", "machine check"),
-    19: ("#XM", "SIMD floating-point"), 20: ("#VE", "virtualization exception"),
-    21: ("#CP", "control protection"),
-}
 
 
 PAGE_FAULT = 14  # #PF: the one exception whose faulting address Xen hands over (stack or vcpu_info)

@@ -13,9 +13,7 @@ import re
 
 from xendbg.abi._tables import GENERATION_TAGS
 from xendbg.errors import UsageError
-
-GENERATIONS: tuple[str, ...] = tuple(GENERATION_TAGS)
-NEWEST: str = GENERATIONS[-1]
+from xendbg.names import GENERATIONS, NEWEST  # the names, light enough for gdb start-up
 
 # (first version of the span, generation), newest first.
 _SPANS: tuple[tuple[tuple[int, int, int], str], ...] = (

@@ -7,16 +7,16 @@ import shlex
 import sys
 from collections.abc import Callable
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 import gdb  # type: ignore[import-not-found]
 
-from xendbg import arch
-from xendbg.abi import GENERATIONS, NEWEST, Abi, get_abi
 from xendbg.errors import XendbgError
 from xendbg.gdb.target import GdbTarget
+from xendbg.names import GENERATIONS, NEWEST, TRAP_VECTORS
 
+TYPE_CHECKING = False  # not typing's: importing typing alone costs milliseconds at gdb start-up
 if TYPE_CHECKING:
+    from xendbg.abi import Abi
     from xendbg.decode import Finding, GuestState, Hypercall, TrapTable
 
 
@@ -39,6 +39,13 @@ state_replay = _Lazy("xendbg.decode.state")
 context = _Lazy("xendbg.gdb.context")
 monitor = _Lazy("xendbg.gdb.monitor")
 render_json = _Lazy("xendbg.render.json")
+arch = _Lazy("xendbg.arch")
+_abi = _Lazy("xendbg.abi")
+
+
+def get_abi(version: str = NEWEST, width: int = 64) -> Abi:
+    return _abi.get_abi(version, width)
+
 
 ABI_CHOICES = ["auto", *GENERATIONS]
 CALLBACK_KINDS = ("event", "failsafe", "syscall", "nmi")
@@ -475,7 +482,7 @@ class XenBreakCallback(_XenCommand):
             gdb.write(monitor.MONITOR.add_watch(monitor.EntryWatch("callback", kind)) + "\n")
 
 
-_VECTOR_NAMES = {mnemonic.lstrip("#").lower(): vector for vector, (mnemonic, _) in arch.TRAP_VECTORS.items()
+_VECTOR_NAMES = {mnemonic.lstrip("#").lower(): vector for vector, (mnemonic, _) in TRAP_VECTORS.items()
                  if mnemonic != "--"}
 _VECTOR_NAMES |= {"int80": 0x80, "syscall80": 0x80}
 
