@@ -50,6 +50,9 @@ make_venv() {
         /usr/bin/python3 -m venv .venv
         .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
     fi
+    # Bytecode for what gdb imports, so loading xendbg into gdb does not compile it each time where
+    # PYTHONDONTWRITEBYTECODE is set (gdb compiles a sourced gdbscripts/ file from its text anyway).
+    .venv/bin/python -m compileall -q xendbg
 }
 
 build_fixtures() {
