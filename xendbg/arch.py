@@ -198,8 +198,15 @@ class StubShape:
 # The stubs Xen writes into a guest's hypercall page (pv_ring3_init_hypercall_page and
 # pv_ring1_init_hypercall_page in xen/arch/x86/pv/hypercall.c at RELEASE-4.17.0): 64-bit
 # `push %rcx; push %r11; mov $N,%eax; syscall; pop %r11; pop %rcx; ret`, 32-bit
-# `mov $N,%eax; int $0x82; ret`.  (The iret stub does not return.)
+# `mov $N,%eax; int $0x82; ret`.  The iret stub pushes %rax (%eax) first as well, so its
+# instruction is one byte later; it does not return.
 PAGE_STUB_SHAPE = {64: StubShape(8, 16), 32: StubShape(5, 0)}
+IRET_STUB_SHAPE = {64: StubShape(9, 24), 32: StubShape(6, 4)}
+
+
+def stub_shape(width: int, iret: bool) -> StubShape:
+    """The shape of a hypercall-page stub: the iret stub's, or every other one's."""
+    return (IRET_STUB_SHAPE if iret else PAGE_STUB_SHAPE)[width]
 
 
 def pv_args(target: Target, width: int) -> tuple[int, ...]:

@@ -1,9 +1,17 @@
-"""Names the gdb commands need when they register, before any table or decoder loads.
+"""Names a user types, and how xendbg resolves them for every front end: ABI generations, hypercalls
+(by name, former name or number, across guest widths), interrupt vectors (by number or mnemonic).
 
-`set xen abi` offers the generation names and `xen break trap` completes vector mnemonics the moment
-xendbg is sourced into gdb.  This module imports nothing, so that loading xendbg stays cheap (see
-bench/run.py startup); xendbg.abi and xendbg.arch take these names from here.
+The gdb commands need some of these when they register, before any table or decoder loads: `set xen
+abi` offers the generation names and `xen break trap` completes vector mnemonics the moment xendbg is
+sourced into gdb.  So this module imports nothing at load (see bench/run.py startup); xendbg.abi and
+xendbg.arch take these names from here, and the resolvers import the tables when first called.
 """
+
+from __future__ import annotations
+
+TYPE_CHECKING = False  # not typing's: importing typing alone costs milliseconds at gdb start-up
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # ABI generations, oldest first; the tables in xendbg/abi/_tables.py are keyed by these names
 # (tests/platform/test_loading.py checks that the two agree).
@@ -22,3 +30,72 @@ TRAP_VECTORS: dict[int, tuple[str, str]] = {
     19: ("#XM", "SIMD floating-point"), 20: ("#VE", "virtualization exception"),
     21: ("#CP", "control protection"),
 }
+
+
+# Vector names a user may type (case-insensitive): the exception mnemonics without '#', and int80.
+VECTOR_NAMES: dict[str, int] = {mnemonic.lstrip("#").lower(): vector
+                                for vector, (mnemonic, _) in TRAP_VECTORS.items() if mnemonic != "--"}
+VECTOR_NAMES |= {"int80": 0x80, "syscall80": 0x80}
+
+
+def hypercall_names(generations: tuple[str, ...]) -> list[str]:
+    """Every hypercall name a guest of either width can use in these generations (completion)."""
+    from xendbg.abi import get_abi
+
+    return sorted({h.name for g in generations for width in (32, 64) for h in get_abi(g, width).hypercalls()})
+
+
+def _generations_with(word: str) -> list[str]:
+    from xendbg.abi import get_abi
+
+    return [g for g in GENERATIONS if any(get_abi(g, w).hypercall_named(word) for w in (32, 64))]
+
+
+def resolve_hypercall(word: str, generations: tuple[str, ...], why: str = "") -> str:
+    """A hypercall given by name (current or former) or number, as its name in the first of `generations`
+    (the chosen one, then the others the evidence allows) that has it, for a guest of either width; a
+    one-line UsageError naming the generations that do have it otherwise.  `why` says how the chosen
+    generation was picked ("set by hand", "guessed: ...")."""
+    from xendbg.abi import get_abi
+    from xendbg.errors import UsageError
+
+    chosen = f"Xen {generations[0]}" + (f" ({why})" if why else "")
+    try:
+        nr = int(word, 0)
+    except ValueError:
+        nr = None
+    for generation in generations:
+        for width in (64, 32):
+            abi = get_abi(generation, width)
+            found = abi.hypercall(nr) if nr is not None else abi.hypercall_named(word)
+            if found is not None:
+                return found.name
+    listing = f"`xendbg abi --xen {generations[0]} --width 64` lists them"
+    if nr is not None:
+        raise UsageError(f"{chosen} has no hypercall number {nr} ({listing})")
+    elsewhere = _generations_with(word)
+    if elsewhere:
+        raise UsageError(f"{chosen} has no hypercall {word!r}: only Xen {', '.join(elsewhere)} "
+                         f"{'has' if len(elsewhere) == 1 else 'have'} it (set xen abi {elsewhere[-1]})")
+    raise UsageError(f"no Xen has a hypercall {word!r} ({listing})")
+
+
+def parse_vector(word: str, number: Callable[[str], int]) -> int:
+    """A vector by name (PF, gp, int80; '#' allowed) or by number (`number` evaluates expressions)."""
+    from xendbg.errors import UsageError
+
+    key = word.lower().lstrip("#")
+    if key in VECTOR_NAMES:
+        return VECTOR_NAMES[key]
+    vector = number(word)
+    if not 0 <= vector <= 255:
+        raise UsageError(f"vector {vector} is out of range (0-255)")
+    return vector
+
+
+def complete(candidates: list[str], word: str) -> list[str]:
+    """Candidates starting with `word`, case-insensitively, in the case the user is typing."""
+    lowered = word.lower()
+    upper = bool(word) and word.isupper()
+    matches = [c for c in candidates if c.lower().startswith(lowered)]
+    return sorted({c.upper() if upper else c for c in matches})

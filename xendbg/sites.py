@@ -68,6 +68,7 @@ class HypercallSites:
     hypercall_page: int | None
     page_source: str  # SOURCE_SYMBOL, SOURCE_NOTE, SOURCE_XEN_GUEST or SOURCE_NONE
     inline: tuple[InlineSite, ...]
+    xen_version: tuple[str, str] | None = None  # (text, where) of the Xen version the guest was built for
 
     def describe(self) -> list[str]:
         lines = []
@@ -81,6 +82,7 @@ class HypercallSites:
 
 # Xen's ELF note types are fixed since 3.0.3 (xen/include/public/elfnote.h); the number lives in abi.
 _NOTE_HYPERCALL_PAGE = get_abi(NEWEST, 64).enum("ELFNOTE").values["XEN_ELFNOTE_HYPERCALL_PAGE"]
+_NOTE_XEN_VERSION = get_abi(NEWEST, 64).enum("ELFNOTE").values["XEN_ELFNOTE_XEN_VERSION"]
 _IRET = get_abi(NEWEST, 64).hypercall_named("iret").nr  # __HYPERVISOR_iret, 23 since 3.0.2
 
 # Symbols of inline stubs: Linux's arch/x86/xen/xen-asm.S after XSA-466, and the test guest's
@@ -333,6 +335,31 @@ def _strtoull(text: str) -> int | None:
     return int(digits[:end], base) if end else None
 
 
+def _xen_guest_fields(elf: _Elf) -> dict[str, str]:
+    """The legacy `__xen_guest` string's NAME=VALUE pairs (comma-separated), {} without the section."""
+    section = elf.section_named(b"__xen_guest")
+    if section is None:
+        return {}
+    text = elf.read(section.offset, section.size, "__xen_guest section").split(b"\0", 1)[0]
+    fields: dict[str, str] = {}
+    for item in text.decode("latin-1").split(","):
+        name, _, value = item.partition("=")
+        fields[name] = value  # libelf takes names as written, the last one winning
+    return fields
+
+
+def _xen_version_note(elf: _Elf) -> tuple[str, str] | None:
+    """The Xen version the guest was built for: XEN_ELFNOTE_XEN_VERSION ("xen-3.0"), else the
+    `__xen_guest` XEN_VER ("2.0" in Xen 2.0 guests, "xen-3.0" later), with where it was found."""
+    notes = elf.xen_notes(_NOTE_XEN_VERSION)
+    if notes:
+        return notes[-1].split(b"\0", 1)[0].decode("latin-1"), "Xen ELF note XEN_VERSION"
+    fields = _xen_guest_fields(elf)
+    if "XEN_VER" in fields:
+        return fields["XEN_VER"], "__xen_guest XEN_VER"
+    return None
+
+
 def _xen_guest_page(elf: _Elf) -> int | None:
     """HYPERCALL_PAGE from the legacy `__xen_guest` string, turned into a virtual address.
 
@@ -342,14 +369,7 @@ def _xen_guest_page(elf: _Elf) -> int | None:
     adds VIRT_BASE only when the string has one).  3.0.2 read the number as hex, later Xen with
     strtoull base 0; Linux wrote it with "0x", which both read alike.
     """
-    section = elf.section_named(b"__xen_guest")
-    if section is None:
-        return None
-    text = elf.read(section.offset, section.size, "__xen_guest section").split(b"\0", 1)[0]
-    fields: dict[str, str] = {}
-    for item in text.decode("latin-1").split(","):
-        name, _, value = item.partition("=")
-        fields[name] = value  # libelf takes names as written, the last one winning
+    fields = _xen_guest_fields(elf)
     if "HYPERCALL_PAGE" not in fields:
         return None
     page = _strtoull(fields["HYPERCALL_PAGE"])
@@ -429,4 +449,4 @@ def _find(path: str, data: mmap.mmap) -> HypercallSites:
         found = (_site(elf, stub, symbols[stub], SOURCE_SYMBOL) for stub in _STUB_SYMBOLS if stub in symbols)
         inline = [site for site in found if site is not None]
     return HypercallSites(path, elf.width, symbols is not None, page, page_source,
-                          tuple(sorted(set(inline), key=lambda s: s.entry)))
+                          tuple(sorted(set(inline), key=lambda s: s.entry)), _xen_version_note(elf))

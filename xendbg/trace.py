@@ -15,18 +15,13 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from xendbg.abi import errno_name
+from xendbg.abi import errno_name, result_text
 from xendbg.decode.model import Hypercall, MulticallBatch
 from xendbg.errors import UsageError
 from xendbg.render import json as render_json
 
 TRACE_SCHEMA = 1
 RECENT_RECORDS = 1000  # what `xen trace show` can list without a file
-
-
-def result_text(result: int) -> str:
-    name = errno_name(result)
-    return f"{result} ({name})" if name else (f"{result:#x}" if result > 0xFFFF else str(result))
 
 
 def call_line(hc: Hypercall) -> str:
@@ -69,15 +64,20 @@ class Stats:
 
 
 class TraceLog:
-    """The records of one `xen trace start` .. `xen trace stop`, in memory and optionally in a file."""
+    """The records of one `xen trace start` .. `xen trace stop`, in memory and optionally in a file.
+
+    A file that cannot be written (a full disk, a size limit) ends the file, not the trace's records in
+    memory: `file_error` then says why, once, and the front end stops the trace."""
 
     def __init__(self, path: str | None, names: tuple[str, ...]) -> None:
         self.path = path
         self.names = names
         self.started = time.monotonic()
         self.seq = 0
+        self.calls = 0
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_RECORDS)
         self.written = 0
+        self.file_error: str | None = None
         self._file: IO[str] | None = None
         if path:
             try:
@@ -91,15 +91,33 @@ class TraceLog:
         self.recent.append(record)
         if self._file is not None:
             # One line per record, flushed at once: a dying target must not cost a record.
-            self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
-            self._file.flush()
-            self.written += 1
+            try:
+                self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+                self._file.flush()
+                self.written += 1
+            except OSError as exc:
+                self.file_error = (f"cannot write trace file {self.path}: {exc.strerror or exc} (after "
+                                   f"{self.written} records; every record stays in memory)")
+                self._close_file()
         return record
 
-    def call(self, cpu: int, hc: Hypercall, where: str) -> int:
+    def _close_file(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:
+                pass  # the error that brought us here is already in file_error
+
+    def call(self, cpu: int, hc: Hypercall, where: str, continues: int | None = None) -> int:
+        """A call entering; `continues` is the seq of the preempted call Xen is continuing with it."""
         self.seq += 1
-        self._emit({"event": "call", "seq": self.seq, "cpu": cpu, "where": where, "name": hc.name, "nr": hc.nr,
-                    "line": call_line(hc), "hypercall": render_json.hypercall(hc)})
+        self.calls += 1
+        record = {"event": "call", "seq": self.seq, "cpu": cpu, "where": where, "name": hc.name, "nr": hc.nr,
+                  "line": call_line(hc), "hypercall": render_json.hypercall(hc)}
+        if continues is not None:
+            record["continues"] = continues
+        self._emit(record)
         return self.seq
 
     def result(self, cpu: int, seq: int, name: str, result: int) -> None:
@@ -116,8 +134,16 @@ class TraceLog:
     def close(self) -> None:
         if self._file is not None:
             self._emit({"event": "stop"})
-            self._file.close()
-            self._file = None
+            self._close_file()
+
+    def summary(self) -> str:
+        """'1820 hypercalls traced; 3642 records written to F' (what `xen trace stop` says)."""
+        text = f"{self.calls} hypercall{'s' if self.calls != 1 else ''} traced"
+        if self.path:
+            text += f"; {self.written} records written to {self.path}"
+        if self.file_error:
+            text += f"; {self.file_error}"
+        return text
 
 
 def show_lines(records: list[dict[str, Any]]) -> list[str]:
@@ -129,7 +155,8 @@ def show_lines(records: list[dict[str, Any]]) -> list[str]:
         stamp = f"{r.get('t', 0):10.6f} cpu{r.get('cpu', '?')} "
         if event == "call":
             open_calls[r["seq"]] = len(lines)
-            lines.append(f"{stamp}{r['line']}")
+            resumed = f" <continues #{r['continues']}>" if r.get("continues") is not None else ""
+            lines.append(f"{stamp}{r['line']}{resumed}")
         elif event in ("return", "preempted"):
             tail = " = " + result_text(r["result"]) if event == "return" else " = <preempted: Xen continues it>"
             index = open_calls.pop(r["seq"], None)

@@ -25,7 +25,7 @@ from xendbg.abi.layouts import ERA_2, ERA_3, Layout, layout
 from xendbg.errors import UsageError
 
 __all__ = ["Abi", "Enum", "HypercallDef", "get_abi", "GENERATIONS", "NEWEST", "resolve_generation",
-           "ERRNO", "errno_name", "TRAP_FLAG_DPL_MASK", "TRAP_FLAG_IF", "DOMIDS"]
+           "ERRNO", "errno_name", "result_name", "result_text", "TRAP_FLAG_DPL_MASK", "TRAP_FLAG_IF", "DOMIDS"]
 
 # x86 trap_info flags (xen/include/public/arch-x86/xen.h, RELEASE-4.17.0: TI_GET_DPL, TI_GET_IF;
 # the same bits in RELEASE-2.0.0 arch-x86_32.h): bits 0-1 are the gate's DPL, bit 2 says "clear the
@@ -46,6 +46,18 @@ for _name, _value in ERRNO.items():
 def errno_name(value: int) -> str | None:
     """Name of a negative Xen return value (-22 -> 'EINVAL'), None if it is not an errno."""
     return _ERRNO_NAMES.get(-value) if value < 0 else None
+
+
+def result_name(value: int) -> str | None:
+    """'OK' for a result that is not an error (0, a count, a version), else the errno name or None."""
+    return "OK" if value >= 0 else errno_name(value)
+
+
+def result_text(value: int) -> str:
+    """A hypercall result as xendbg prints it everywhere: '-38 (ENOSYS)', '0', '0x20011' (large values
+    are versions, addresses or counts, clearer in hex)."""
+    name = errno_name(value)
+    return f"{value} ({name})" if name else (f"{value:#x}" if value > 0xFFFF else str(value))
 
 
 # Flat segment selectors Xen provides to PV guests (xen/include/public/arch-x86_32.h and

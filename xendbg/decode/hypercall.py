@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from xendbg import arch
-from xendbg.abi import DOMIDS, TRAP_FLAG_DPL_MASK, TRAP_FLAG_IF, Abi, _tables, errno_name
+from xendbg.abi import DOMIDS, TRAP_FLAG_DPL_MASK, TRAP_FLAG_IF, Abi, _tables, result_name
 from xendbg.abi.hypercalls import ArgSpec
 from xendbg.abi.layouts import MULTICALL_2_0_RESULT_ARG, Layout, unpack
 from xendbg.decode import rules
@@ -312,7 +312,7 @@ def _multicall(ctx: _Ctx, address: int, count: int, results: bool) -> MulticallB
         result = _signed(result_raw, abi.width) if results else None
         result_text = None
         if result is not None:
-            result_text = errno_name(result) or ("OK" if result == 0 else None)
+            result_text = result_name(result)
         entries.append(MulticallEntry(index, entry_address, call, result, result_text))
     return MulticallBatch(address, count, tuple(entries), truncated=count > shown)
 
@@ -375,8 +375,10 @@ def _vcpu_op(ctx: _Ctx, args: list[Arg]) -> Detail:
         ctx.add(rules.check_code_selector(abi, int(regs["cs"]), f"vCPU {args[1].value} initial CS"))
         if abi.width == 32:
             for kind in ("event", "failsafe"):
-                ctx.add(rules.check_code_selector(abi, int(ctxt[f"{kind}_callback_cs"]) & 0xFFFF,  # type: ignore[arg-type]
-                                                  f"vCPU {args[1].value} {kind} callback"))
+                selector = int(ctxt[f"{kind}_callback_cs"]) & 0xFFFF  # type: ignore[arg-type]
+                if selector == 0 and not int(ctxt[f"{kind}_callback_eip"]):  # type: ignore[arg-type]
+                    continue  # no callback given: nothing for Xen to check
+                ctx.add(rules.check_code_selector(abi, selector, f"vCPU {args[1].value} {kind} callback"))
         return StructFields("vcpu_guest_context", pointer, tuple(fields))
     if cmd == "VCPUOP_set_singleshot_timer":
         return _struct_at(ctx, "vcpu_set_singleshot_timer", pointer)

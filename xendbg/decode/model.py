@@ -21,6 +21,18 @@ class Finding:
     rule: str
     severity: str
     message: str
+    # What the finding is about, so each command shows its own: "trap_table", "callbacks", "fast_trap",
+    # "abi", "state", or "" for the call itself.
+    subject: str = ""
+
+
+@dataclass(frozen=True)
+class AbiUsed:
+    """Which ABI a report was decoded with, and why (shown in its header)."""
+
+    generation: str
+    width: int
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -139,6 +151,7 @@ class Hypercall:
     detail: Detail = None
     findings: tuple[Finding, ...] = ()
     site: str = ""
+    abi_reason: str = ""  # why this generation (set by hand, from xen_version, guessed, ...)
 
     @property
     def display_name(self) -> str:
@@ -161,6 +174,7 @@ class GuestState:
     fast_trap: FastTrap | None = None
     table: TrapTable | None = None  # the last trap table the guest handed Xen, as decoded
     history: list[str] = field(default_factory=list)  # one line per registering call applied
+    width: int | None = None  # the guest width of the calls applied (the rules depend on it)
 
     @property
     def seen_anything(self) -> bool:

@@ -15,6 +15,8 @@ each decoded call (with its result once known) to `apply`.  Replay follows Xen's
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from xendbg import arch
 from xendbg.abi import Abi
 from xendbg.decode import rules
@@ -97,38 +99,44 @@ def apply(state: GuestState, abi: Abi, call: Hypercall, result: int | None = Non
             changes += [f"multicall entry {entry.index}: {c}" for c in apply(state, abi, entry.call)]
     if changes:
         state.history.append(f"{call.display_name}: {'; '.join(changes)}")
+        state.width = call.width
     return changes
 
 
 def check_state(state: GuestState, abi: Abi) -> list[Finding]:
-    """Xen's rules over everything the guest has registered (as far as xendbg has seen)."""
+    """Xen's rules over everything the guest has registered (as far as xendbg has seen); each finding's
+    subject says what it is about (trap_table, callbacks, fast_trap, state)."""
     if not state.seen_anything:
         return [Finding("state-unknown", "info", "xendbg has seen no registration from this vCPU yet "
-                        "(it sees the hypercalls made while xen catch, xen trace or xen break is active)")]
-    found: list[Finding] = []
+                        "(it sees the hypercalls made while xen catch, xen trace or xen break is active)",
+                        subject="state")]
+    traps: list[Finding] = []
     by_selector: dict[int, list[int]] = {}
     for vector, entry in sorted(state.trap_table.items()):
         by_selector.setdefault(entry.cs, []).append(vector)
-        found += rules.check_code_address(abi, entry.address, f"trap table entry for vector {vector:#x}")
+        traps += rules.check_code_address(abi, entry.address, f"trap table entry for vector {vector:#x}")
     for selector, vectors in by_selector.items():  # one finding per selector, not per vector
-        found += rules.check_code_selector(abi, selector, f"trap table entries for {rules.vector_list(vectors)}")
-    for kind, cb in state.callbacks.items():
-        if cb.selector is not None:
-            found += rules.check_code_selector(abi, cb.selector, f"{kind} callback")
-        found += rules.check_code_address(abi, cb.address, f"{kind} callback")
+        traps += rules.check_code_selector(abi, selector, f"trap table entries for {rules.vector_list(vectors)}")
     if state.table is not None and arch.PAGE_FAULT not in state.trap_table:
-        found.append(Finding("no-page-fault-handler", "warning",
+        traps.append(Finding("no-page-fault-handler", "warning",
                              "the trap table has no page-fault (#PF, vector 14) handler: Xen has nowhere to "
                              "bounce the guest's page faults (Xen 4.17 logs 'Unhandled: vec 14')"))
+    callbacks: list[Finding] = []
+    for kind, cb in state.callbacks.items():
+        if cb.selector is not None:
+            callbacks += rules.check_code_selector(abi, cb.selector, f"{kind} callback")
+        callbacks += rules.check_code_address(abi, cb.address, f"{kind} callback")
     if "event" not in state.callbacks and state.callbacks:
-        found.append(Finding("no-event-callback", "warning",
-                             "no event callback registered: Xen cannot deliver event-channel upcalls"))
-    fast = state.fast_trap
-    if fast is not None and fast.handler is not None:
-        current = state.trap_table.get(fast.vector)
-        if current is not None and current.address != fast.handler.address:
-            found.append(Finding("fast-trap-stale", "warning",
-                                 f"the fast-trap gate for vector {fast.vector:#x} still enters "
-                                 f"{fast.handler.address:#x}; the trap table now says {current.address:#x}: "
-                                 f"Xen 2.0 copies the handler at set_fast_trap time, so call it again"))
-    return found
+        callbacks.append(Finding("no-event-callback", "warning",
+                                 "no event callback registered: Xen cannot deliver event-channel upcalls"))
+    fast: list[Finding] = []
+    gate = state.fast_trap
+    if gate is not None and gate.handler is not None:
+        current = state.trap_table.get(gate.vector)
+        if current is not None and current.address != gate.handler.address:
+            fast.append(Finding("fast-trap-stale", "warning",
+                                f"the fast-trap gate for vector {gate.vector:#x} still enters "
+                                f"{gate.handler.address:#x}; the trap table now says {current.address:#x}: "
+                                f"Xen 2.0 copies the handler at set_fast_trap time, so call it again"))
+    return ([replace(f, subject="trap_table") for f in traps] + [replace(f, subject="callbacks") for f in callbacks]
+            + [replace(f, subject="fast_trap") for f in fast])

@@ -1,28 +1,33 @@
-"""The `xen` commands and `set xen ...` parameters.  Only xendbg/gdb/ imports gdb."""
+"""The `xen` commands and `set xen ...` parameters.  Only xendbg/gdb/ imports gdb.
+
+Loading registers the commands without importing the decoders, renderers, tables or the monitor: each
+is imported on first use (start-up stays fast; see bench/run.py startup).  Every command takes exactly
+the words and options its usage line gives, and says so in one line otherwise.
+"""
 
 from __future__ import annotations
 
 import importlib
 import shlex
 import sys
-from collections.abc import Callable
 from types import ModuleType
 
 import gdb  # type: ignore[import-not-found]
 
+from xendbg import names
 from xendbg.errors import XendbgError
 from xendbg.gdb.target import GdbTarget
-from xendbg.names import GENERATIONS, NEWEST, TRAP_VECTORS
+from xendbg.names import GENERATIONS, NEWEST
 
 TYPE_CHECKING = False  # not typing's: importing typing alone costs milliseconds at gdb start-up
 if TYPE_CHECKING:
     from xendbg.abi import Abi
-    from xendbg.decode import Finding, GuestState, Hypercall, TrapTable
+    from xendbg.decode import GuestState, Hypercall
+    from xendbg.decode.model import AbiUsed
 
 
 class _Lazy(ModuleType):
-    """A module imported on first use: loading xendbg into gdb registers the commands without
-    importing the decoders, renderers and the monitor (startup stays fast; see bench/)."""
+    """A module imported on first use."""
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
@@ -35,84 +40,58 @@ class _Lazy(ModuleType):
 
 
 decode = _Lazy("xendbg.decode")
-state_replay = _Lazy("xendbg.decode.state")
+report = _Lazy("xendbg.report")
 context = _Lazy("xendbg.gdb.context")
 monitor = _Lazy("xendbg.gdb.monitor")
+observe = _Lazy("xendbg.observe")
 render_json = _Lazy("xendbg.render.json")
 arch = _Lazy("xendbg.arch")
-_abi = _Lazy("xendbg.abi")
-
-
-def get_abi(version: str = NEWEST, width: int = 64) -> Abi:
-    return _abi.get_abi(version, width)
-
 
 ABI_CHOICES = ["auto", *GENERATIONS]
 CALLBACK_KINDS = ("event", "failsafe", "syscall", "nmi")
-
-
-def _options(arg: str, known: tuple[str, ...] = ("--json",), valued: tuple[str, ...] = ()
-             ) -> tuple[dict[str, str], list[str]]:
-    """--flags (and `--name VALUE` options) and the remaining words."""
-    try:
-        words = shlex.split(arg)
-    except ValueError as exc:
-        raise XendbgError(f"cannot parse the arguments: {exc}") from None
-    flags: dict[str, str] = {}
-    rest: list[str] = []
-    it = iter(words)
-    for word in it:
-        if not word.startswith("--"):
-            rest.append(word)
-        elif word in valued:
-            value = next(it, None)
-            if value is None:
-                raise XendbgError(f"{word} needs a value")
-            flags[word] = value
-        elif word in known:
-            flags[word] = ""
-        else:
-            raise XendbgError(f"unknown option {word} (known: {', '.join(known + valued)})")
-    return flags, rest
+MAX_COUNT = (1 << 32) - 1  # nr_calls is 32 bits wide
 
 
 def _number(text: str) -> int:
+    """A gdb expression's value; a symbol without debug info (`xen_int82`) gives its address."""
     try:
         return int(gdb.parse_and_eval(text))
     except gdb.error as exc:
-        raise XendbgError(f"not a number or expression: {text!r}: {exc}") from None
+        try:
+            return int(gdb.parse_and_eval(f"(unsigned long)&'{text}'"))
+        except gdb.error:
+            raise XendbgError(f"not a number, expression or symbol: {text!r}: {exc}") from None
 
 
-def _hypercall_names() -> list[str]:
-    names = {h.name for width in (32, 64) for h in get_abi(NEWEST, width).hypercalls()}
-    names |= {h.name for h in get_abi("2.0", 32).hypercalls()}
-    return sorted(names)
+def _address(text: str, width: int) -> int:
+    """An address: unsigned, reduced to the guest's width (gdb's `$rdi` may come out negative)."""
+    return _number(text) & ((1 << width) - 1)
 
 
-def _hypercall_name(word: str, abi: Abi) -> str:
-    """A hypercall given by name (current or former) or number, as its name in `abi`."""
-    try:
-        found = abi.hypercall(int(word, 0))
-    except ValueError:
-        found = abi.hypercall_named(word)
-    if found is None:
-        raise XendbgError(f"Xen {abi.generation} ({abi.width}-bit) has no hypercall {word!r} "
-                          f"(`xendbg abi {abi.generation}` lists them)")
-    return found.name
+def _count(text: str, what: str = "COUNT") -> int:
+    value = _number(text)
+    if not 0 <= value <= MAX_COUNT:
+        raise XendbgError(f"{what} {value} is out of range (0 to {MAX_COUNT})")
+    return value
 
 
-def _complete_words(candidates: list[str], word: str) -> list[str]:
-    return [c for c in candidates if c.startswith(word)]
+def _token(text: str) -> str:
+    """The word being completed (gdb's own `word` stops at '-')."""
+    return "" if not text or text[-1].isspace() else text.split()[-1]
 
 
 class _XenCommand(gdb.Command):
-    """Base: one-line gdb errors instead of tracebacks, and completion from `completions`."""
+    """Base: argument checking, one-line gdb errors instead of tracebacks, and completion."""
 
-    completions: tuple[str, ...] | Callable[[], list[str]] = ()
+    usage = ""
+    flags: tuple[str, ...] = ()  # options without a value
+    valued: tuple[str, ...] = ()  # options with a value
+    nargs = (0, 0)  # how many words besides the options
 
     def invoke(self, arg: str, from_tty: bool) -> None:
         try:
-            self.run(arg)
+            flags, words = self._parse(arg)
+            self.run(flags, words)
         except XendbgError as exc:
             raise gdb.GdbError(str(exc)) from None
         except gdb.GdbError:
@@ -120,33 +99,84 @@ class _XenCommand(gdb.Command):
         except gdb.error as exc:
             raise gdb.GdbError(f"xendbg: {exc}") from None
 
-    def run(self, arg: str) -> None:
+    def _parse(self, arg: str) -> tuple[dict[str, str], list[str]]:
+        try:
+            words = shlex.split(arg)
+        except ValueError as exc:
+            raise XendbgError(f"cannot parse the arguments: {exc} (usage: {self.usage})") from None
+        flags: dict[str, str] = {}
+        rest: list[str] = []
+        it = iter(words)
+        for word in it:
+            if not word.startswith("--"):
+                rest.append(word)
+            elif word in self.valued:
+                value = next(it, None)
+                if value is None:
+                    raise XendbgError(f"{word} needs a value (usage: {self.usage})")
+                flags[word] = value
+            elif word in self.flags:
+                flags[word] = ""
+            else:
+                raise XendbgError(f"unknown option {word} (usage: {self.usage})")
+        low, high = self.nargs
+        if not low <= len(rest) <= high:
+            extra = f"unexpected {' '.join(rest[high:])!r}" if len(rest) > high else "missing arguments"
+            raise XendbgError(f"{extra} (usage: {self.usage})")
+        return flags, rest
+
+    def run(self, flags: dict[str, str], words: list[str]) -> None:
         raise NotImplementedError
 
+    def words(self) -> list[str]:
+        """What completes where a word (not an option) is typed."""
+        return []
+
     def complete(self, text: str, word: str | None) -> list[str] | int:
-        candidates = self.completions() if callable(self.completions) else list(self.completions)
-        if not candidates:
+        token = _token(text)
+        candidates = list(self.flags + self.valued) if token.startswith("-") else self.words()
+        matches = names.complete(candidates, token)
+        if not matches:
             return gdb.COMPLETE_NONE
-        return _complete_words(candidates, word or "")
+        cut = len(token) - len(word or "")
+        return [m[cut:] for m in matches]
 
 
 def _registered(cpu: int) -> GuestState:
-    return monitor.MONITOR.state(cpu)
+    return context.SESSION.state(cpu)
 
 
-def _pending_here(target: GdbTarget) -> Hypercall:
-    """The pending hypercall, replayed into the registered state as Xen will apply it."""
-    cpu = context.cpu_index()
-    hc = context.decode_here(target, state=_registered(cpu))
-    state_replay.apply(_registered(cpu), get_abi(hc.generation, hc.width), hc)
-    return hc
+def _pending(target: GdbTarget) -> Hypercall:
+    """The pending hypercall: decoding only reads; what it registers counts once Xen has run it."""
+    return context.decode_here(target)
 
 
 def _try_pending(target: GdbTarget) -> Hypercall | None:
     try:
-        return context.decode_here(target, state=_registered(context.cpu_index()))
+        return _pending(target)
     except XendbgError:
         return None
+
+
+def _state_abi(target: GdbTarget, state: GuestState) -> tuple[Abi, AbiUsed]:
+    """The ABI to judge registered state with: the width of the calls that registered it, else the
+    vCPU's, else 64."""
+    if context.guest_width(target) is not None:
+        abi, why = context.current_abi(target)  # the vCPU's code selector is evidence too
+        if state.width in (None, abi.width):
+            return abi, context.used(abi, why)
+    abi, why = context.abi_for(state.width or 64)
+    return abi, context.used(abi, why)
+
+
+def _hypercall_words() -> list[str]:
+    """Hypercall names to complete: those of every generation the evidence allows."""
+    return names.hypercall_names(context.choice().candidates)
+
+
+def _resolve(word: str) -> str:
+    choice = context.choice()
+    return names.resolve_hypercall(word, choice.candidates, choice.reason)
 
 
 class XenPrefix(gdb.Command):
@@ -161,6 +191,11 @@ Every decoding command takes --json (the schema is in docs/json-schema.md)."""
     def __init__(self) -> None:
         super().__init__("xen", gdb.COMMAND_DATA, gdb.COMPLETE_COMMAND, prefix=True)
 
+    def invoke(self, arg: str, from_tty: bool) -> None:
+        if arg.strip():
+            raise gdb.GdbError(f"unknown xen command {arg.split()[0]!r}: 'help xen' lists them")
+        gdb.write(self.__doc__ + "\n")
+
 
 class XenHypercall(_XenCommand):
     """Decode the hypercall the selected vCPU is about to make: xen hypercall [--json]
@@ -168,16 +203,16 @@ class XenHypercall(_XenCommand):
 Works when stopped at the hypercall instruction (int $0x82, syscall, vmcall), in a stub leading
 to it (a hypercall-page stub, Linux's xen_hypercall_pv), and, with Xen's symbols loaded
 (xen-syms), inside Xen at the first instruction of a handler (do_multicall, compat_vcpu_op, ...)
-or of pv_hypercall."""
+or of pv_hypercall.  The header says which Xen ABI decoded it and why (set xen abi)."""
 
-    completions = ("--json",)
+    usage = "xen hypercall [--json]"
+    flags = ("--json",)
 
     def __init__(self, name: str = "xen hypercall") -> None:
         super().__init__(name, gdb.COMMAND_DATA)
 
-    def run(self, arg: str) -> None:
-        flags, _ = _options(arg)
-        hc = _pending_here(GdbTarget())
+    def run(self, flags: dict[str, str], words: list[str]) -> None:
+        hc = _pending(GdbTarget())
         if "--json" in flags:
             context.write_json(render_json.hypercall(hc))
         else:
@@ -187,45 +222,38 @@ or of pv_hypercall."""
 class XenMulticall(_XenCommand):
     """Show a multicall batch: xen multicall [ADDR COUNT] [--results] [--json]
 
-Without ADDR COUNT: the batch of the pending multicall.  --results: the batch has run, show the
-results Xen wrote."""
+Without ADDR COUNT: the batch of the pending multicall.  ADDR is any gdb expression or symbol;
+COUNT is at most 2^32-1 (nr_calls), and xendbg decodes the first 256 entries.  --results: the batch
+has run, show the results Xen wrote."""
 
-    completions = ("--results", "--json")
+    usage = "xen multicall [ADDR COUNT] [--results] [--json]"
+    flags = ("--results", "--json")
+    nargs = (0, 2)
 
     def __init__(self) -> None:
         super().__init__("xen multicall", gdb.COMMAND_DATA)
 
-    def run(self, arg: str) -> None:
-        flags, words = _options(arg, ("--json", "--results"))
+    def run(self, flags: dict[str, str], words: list[str]) -> None:
         target = GdbTarget()
+        if len(words) == 1:
+            raise XendbgError(f"give both ADDR and COUNT (usage: {self.usage})")
         if words:
-            if len(words) != 2:
-                raise XendbgError("usage: xen multicall [ADDR COUNT] [--results] [--json]")
-            abi = context.current_abi(target)
-            address, count = _number(words[0]), _number(words[1])
+            abi, why = context.current_abi(target)
+            address, count = _address(words[0], abi.width), _count(words[1])
         else:
-            hc = _pending_here(target)
+            hc = _pending(target)
             if hc.name != "multicall":
                 raise XendbgError(f"the pending hypercall is {hc.display_name}, not multicall: give ADDR COUNT")
-            abi = get_abi(hc.generation, hc.width)
+            abi, why = context.abi_of(hc)
             address, count = hc.args[0].value, hc.args[1].value
         batch, found = decode.decode_multicall(target, abi, address, count, results="--results" in flags,
-                                        state=_registered(context.cpu_index()))
+                                               state=_registered(context.cpu_index()))
+        used = context.used(abi, why)
+        extra = (why.finding(),) if why.finding() else ()
         if "--json" in flags:
-            context.write_json(render_json.multicall_report(batch, found))
+            context.write_json(render_json.multicall_report(batch, found + extra, used))
         else:
-            context.write(context.text().multicall_report(batch, found))
-
-
-def _registered_table(state: GuestState, abi: Abi) -> tuple[TrapTable, tuple[Finding, ...]]:
-    """The virtual IDT as the guest's registrations left it (entries merged by vector)."""
-    entries = tuple(sorted(state.trap_table.values(), key=lambda e: e.vector))
-    last = state.table.address if state.table else 0
-    table = decode.TrapTable(last, entries, True, note=f"registered: {len(entries)} vectors, merged from every "
-                      f"set_trap_table xendbg saw (the last one's array at {last:#x})")
-    found = [f for f in state_replay.check_state(state, abi)
-             if "trap table" in f.message or f.rule == "no-page-fault-handler"]
-    return table, tuple(found)
+            context.write(context.text().multicall_report(batch, found + extra, used))
 
 
 class XenTraps(_XenCommand):
@@ -234,37 +262,41 @@ class XenTraps(_XenCommand):
 Without ADDR: the table of the pending set_trap_table, else (or with --registered) the virtual IDT
 the guest has registered, as far as xendbg has seen."""
 
-    completions = ("--registered", "--json")
+    usage = "xen traps [ADDR] [--registered] [--json]"
+    flags = ("--registered", "--json")
+    nargs = (0, 1)
 
     def __init__(self) -> None:
         super().__init__("xen traps", gdb.COMMAND_DATA)
 
-    def run(self, arg: str) -> None:
-        flags, words = _options(arg, ("--json", "--registered"))
+    def run(self, flags: dict[str, str], words: list[str]) -> None:
         target = GdbTarget()
+        if words and "--registered" in flags:
+            raise XendbgError("give ADDR or --registered, not both")
         if words:
-            table, found = decode.decode_trap_table(target, context.current_abi(target), _number(" ".join(words)))
+            abi, why = context.current_abi(target)
+            table, found = decode.decode_trap_table(target, abi, _address(words[0], abi.width))
+            used = context.used(abi, why)
+            found += (why.finding(),) if why.finding() else ()
         else:
             hc = None if "--registered" in flags else _try_pending(target)
             if hc is not None and hc.name == "set_trap_table" and hc.args[0].value:
-                table, found = decode.decode_trap_table(target, get_abi(hc.generation, hc.width), hc.args[0].value)
+                abi, why = context.abi_of(hc)
+                table, found = decode.decode_trap_table(target, abi, hc.args[0].value)
+                used = context.used(abi, why)
+                found += (why.finding(),) if why.finding() else ()
             else:
                 state = _registered(context.cpu_index())
                 if not state.trap_table:
                     pending = f"the pending hypercall is {hc.display_name}; " if hc else ""
                     raise XendbgError(f"{pending}xendbg has seen no trap table registered on this vCPU yet: "
                                       f"give ADDR, or let it watch (xen catch hypercall set_trap_table)")
-                table, found = _registered_table(state, _state_abi(target))
+                abi, used = _state_abi(target, state)
+                table, found = report.registered_trap_table(state, abi)
         if "--json" in flags:
-            context.write_json(render_json.trap_table_report(table, found))
+            context.write_json(render_json.trap_table_report(table, found, used))
         else:
-            context.write(context.text().trap_table_report(table, found))
-
-
-def _state_abi(target: GdbTarget) -> Abi:
-    """The ABI to judge registered state with: the guest's width if it is in the guest, else 64."""
-    width = context.guest_width(target)
-    return context.abi_for_width(width or 64)
+            context.write(context.text().trap_table_report(table, found, used))
 
 
 class XenCallbacks(_XenCommand):
@@ -274,13 +306,13 @@ At a pending set_callbacks or callback_op: what it registers.  Elsewhere (or wit
 what the guest has registered (event, failsafe, syscall, NMI callbacks with selectors and the RPL
 verdict, and the fast trap), as far as xendbg has seen."""
 
-    completions = ("--registered", "--json")
+    usage = "xen callbacks [--registered] [--json]"
+    flags = ("--registered", "--json")
 
     def __init__(self) -> None:
         super().__init__("xen callbacks", gdb.COMMAND_DATA)
 
-    def run(self, arg: str) -> None:
-        flags, _ = _options(arg, ("--json", "--registered"))
+    def run(self, flags: dict[str, str], words: list[str]) -> None:
         target = GdbTarget()
         hc = None if "--registered" in flags else _try_pending(target)
         text = context.text()
@@ -295,17 +327,12 @@ verdict, and the fast trap), as far as xendbg has seen."""
             pending = f"the pending hypercall is {hc.display_name}; " if hc else ""
             raise XendbgError(f"{pending}xendbg has seen no callback registration on this vCPU yet (it sees the "
                               f"hypercalls made while xen catch, xen trace or xen break is active)")
-        registered = decode.Callbacks("registered", tuple(state.callbacks.values()))
-        found = [f for f in state_replay.check_state(state, _state_abi(target)) if "callback" in f.message]
-        fast = state.fast_trap
+        abi, used = _state_abi(target, state)
+        registered, fast, found = report.registered_callbacks(state, abi)
         if "--json" in flags:
-            context.write_json({"schema": render_json.SCHEMA_VERSION, "callbacks": render_json.detail(registered),
-                        "fast_trap": render_json.detail(fast), "findings": [render_json.finding(f) for f in found]})
-            return
-        parts = [text.callbacks(registered)]
-        if fast is not None:
-            parts.append(text.detail(fast))
-        context.write(text.Group(*parts, text.findings(found)))
+            context.write_json(render_json.callbacks_report(registered, fast, found, used))
+        else:
+            context.write(text.callbacks_report(registered, fast, found, used))
 
 
 class XenCheck(_XenCommand):
@@ -314,64 +341,75 @@ class XenCheck(_XenCommand):
 Findings by severity: error (Xen refuses it, or the guest will misbehave), warning (accepted but
 suspicious), info (Xen silently fixes it up)."""
 
-    completions = ("--json",)
+    usage = "xen check [--json]"
+    flags = ("--json",)
 
     def __init__(self) -> None:
         super().__init__("xen check", gdb.COMMAND_DATA)
 
-    def run(self, arg: str) -> None:
-        flags, _ = _options(arg)
+    def run(self, flags: dict[str, str], words: list[str]) -> None:
         target = GdbTarget()
         hc = _try_pending(target)
-        found = list(hc.all_findings()) if hc else []
-        found += state_replay.check_state(_registered(context.cpu_index()), _state_abi(target))
-        found.sort(key=lambda f: decode.model.SEVERITIES.index(f.severity))
+        state = _registered(context.cpu_index())
+        abi, _ = _state_abi(target, state)
+        found = report.check(hc, state, abi)
         if "--json" in flags:
-            context.write_json({"schema": render_json.SCHEMA_VERSION, "pending": hc.display_name if hc else None,
-                        "findings": [render_json.finding(f) for f in found]})
-            return
-        text = context.text()
-        head = f"pending hypercall: {hc.display_name}" if hc else "no pending hypercall"
-        counts = ", ".join(f"{sum(f.severity == s for f in found)} {s}" for s in decode.model.SEVERITIES)
-        context.write(text.Group(text.RichText(f"{head}; {counts}"), text.findings(found)))
+            context.write_json(render_json.check_report(hc, found))
+        else:
+            context.write(context.text().check_report(hc, found))
 
 
 class XenVcpus(_XenCommand):
-    """List the vCPUs (gdb threads) with their mode and pending hypercall: xen vcpus
+    """List the vCPUs (gdb threads) with their mode and pending hypercall: xen vcpus [--json]
 
 Under a real Xen, gdb's threads are QEMU's CPUs: the guest's vCPUs run on them, and a CPU "in Xen"
 is running the hypervisor."""
 
+    usage = "xen vcpus [--json]"
+    flags = ("--json",)
+
     def __init__(self) -> None:
         super().__init__("xen vcpus", gdb.COMMAND_DATA)
 
-    def run(self, arg: str) -> None:
+    def run(self, flags: dict[str, str], words: list[str]) -> None:
         inferior = gdb.selected_inferior()
+        threads = sorted(inferior.threads(), key=lambda t: t.num) if inferior.pid else []
+        if not threads:
+            raise XendbgError("no target: connect gdb to the guest first (target remote HOST:PORT)")
         selected = gdb.selected_thread()
         rows = []
         try:
-            for thread in sorted(inferior.threads(), key=lambda t: t.num):
+            for thread in threads:
                 thread.switch()
                 target = GdbTarget()
                 mode = arch.cpu_mode(target.read_register("cs") & 0xFFFF)
                 pending = _try_pending(target)
-                state = monitor.MONITOR.states.get(thread.num - 1)
-                seen = f"{len(state.trap_table)} traps, {len(state.callbacks)} callbacks" if state else ""
-                rows.append((str(thread.num - 1), str(thread.num), mode.description,
-                             pending.display_name if pending else "", seen))
+                state = context.SESSION.states.get(thread.num - 1)
+                rows.append({"vcpu": thread.num - 1, "thread": thread.num, "mode": mode.description,
+                             "width": mode.width, "pc": target.read_register("pc"),
+                             "pending": pending.display_name if pending else None,
+                             "registered_traps": len(state.trap_table) if state else 0,
+                             "registered_callbacks": len(state.callbacks) if state else 0})
         finally:
-            if selected is not None:
+            if selected is not None and selected.is_valid():
                 selected.switch()
-        listing = context.text().table("vCPU", "thread", "mode", "pending hypercall", "registered (seen)")
-        for row in rows:
-            listing.add_row(*row)
+        if "--json" in flags:
+            context.write_json({"schema": render_json.SCHEMA_VERSION, "vcpus": rows})
+            return
+        listing = context.text().table("vCPU", "thread", "mode", "pc", "pending hypercall", "registered (seen)")
+        for r in rows:
+            seen = (f"{r['registered_traps']} traps, {r['registered_callbacks']} callbacks"
+                    if r["registered_traps"] or r["registered_callbacks"] else "")
+            listing.add_row(str(r["vcpu"]), str(r["thread"]), r["mode"], f"{r['pc']:#x}", r["pending"] or "", seen)
         context.write(listing)
 
 
-class XenCatch(gdb.Command):
-    """Stop at hypercalls: xen catch hypercall [--guest|--xen] [NAME|NR ...]; xen catch delete; xen catch
+class XenCatch(_XenCommand):
+    """Stop at hypercalls: xen catch hypercall [--guest|--xen] [NAME|NR ...]; xen catch delete [NAME ...]
 
 Without a subcommand: what is being caught, and where."""
+
+    usage = "xen catch"
 
     def __init__(self) -> None:
         super().__init__("xen catch", gdb.COMMAND_BREAKPOINTS, prefix=True)
@@ -379,73 +417,100 @@ Without a subcommand: what is being caught, and where."""
     def invoke(self, arg: str, from_tty: bool) -> None:
         if arg.strip():
             raise gdb.GdbError(f"unknown xen catch subcommand {arg.split()[0]!r} (hypercall, delete)")
-        if monitor.MONITOR.catch is None:
+        loaded = sys.modules.get("xendbg.gdb.monitor")
+        catch = loaded.MONITOR.catch if loaded is not None else None
+        if catch is None:
             gdb.write("xendbg catches no hypercalls\n")
             return
-        names = ", ".join(sorted(monitor.MONITOR.catch.names)) or "every hypercall"
-        gdb.write(f"catching {names}; observing {monitor.MONITOR.plan}\n")
+        what = ", ".join(sorted(catch.names)) or "every hypercall"
+        gdb.write(f"catching {what}; observing {loaded.MONITOR.plan}\n")
 
 
 class XenCatchHypercall(_XenCommand):
-    """Stop only at these hypercalls (all when none given), decoded: xen catch hypercall [--guest|--xen] [NAME|NR ...]
+    """Stop at these hypercalls, decoded: xen catch hypercall [--guest|--xen] [NAME|NR ...]
 
-Guest side, xendbg watches where the loaded guest issues hypercalls (its hypercall page, Linux's
-xen_hypercall_pv, an int $0x82).  With Xen's symbols loaded (xen-syms) a named hypercall is caught
-at its Xen handler instead (do_multicall, ...), which costs no stop for the other hypercalls.
---guest / --xen force the side.  `xen catch delete` ends it."""
+Each command adds to what is caught; without names, every hypercall is caught.  Guest side, xendbg
+watches where the loaded guest issues hypercalls (its hypercall page, Linux's xen_hypercall_pv, an
+int $0x82).  With Xen's symbols loaded (xen-syms) a named hypercall is caught at its Xen handler
+instead (do_multicall, ...), which costs no stop for the other hypercalls.  --guest / --xen force
+the side.  `xen catch delete` ends it."""
 
-    completions = staticmethod(_hypercall_names)
+    usage = "xen catch hypercall [--guest|--xen] [NAME|NR ...]"
+    flags = ("--guest", "--xen")
+    nargs = (0, 1000)
 
     def __init__(self) -> None:
         super().__init__("xen catch hypercall", gdb.COMMAND_BREAKPOINTS)
 
-    def run(self, arg: str) -> None:
-        flags, words = _options(arg, ("--guest", "--xen"))
+    def words(self) -> list[str]:
+        return _hypercall_words()
+
+    def run(self, flags: dict[str, str], words: list[str]) -> None:
         if "--guest" in flags and "--xen" in flags:
             raise XendbgError("--guest and --xen exclude each other")
         side = "guest" if "--guest" in flags else "xen" if "--xen" in flags else "auto"
-        names = frozenset(_any_width_name(w) for w in words)
+        added = frozenset(_resolve(w) for w in words)
         previous = monitor.MONITOR.catch
-        monitor.MONITOR.catch = monitor.Catch(names, side)
+        if previous is None or not added or not previous.names:
+            caught = added if previous is None or added or previous.names else frozenset()
+        else:
+            caught = previous.names | added
+        if previous is not None and not added:
+            caught = frozenset()  # every hypercall
+        monitor.MONITOR.catch = observe.Catch(caught, side if side != "auto" or previous is None else previous.side)
         try:
             plan = monitor.MONITOR.replan()
         except XendbgError:
             monitor.MONITOR.catch = previous
             monitor.MONITOR.replan()
             raise
-        what = ", ".join(sorted(names)) or "every hypercall"
+        what = ", ".join(sorted(caught)) or "every hypercall"
         gdb.write(f"xendbg: catching {what}, observing {plan}\n")
 
 
-def _any_width_name(word: str) -> str:
-    errors = []
-    for width in (64, 32):
-        try:
-            return _hypercall_name(word, context.abi_for_width(width))
-        except XendbgError as exc:
-            errors.append(str(exc))
-    raise XendbgError(errors[0])
-
-
 class XenCatchDelete(_XenCommand):
-    """Stop catching hypercalls: xen catch delete"""
+    """Stop catching hypercalls: xen catch delete [NAME|NR ...]  (all of them without names)"""
+
+    usage = "xen catch delete [NAME|NR ...]"
+    nargs = (0, 1000)
 
     def __init__(self) -> None:
         super().__init__("xen catch delete", gdb.COMMAND_BREAKPOINTS)
 
-    def run(self, arg: str) -> None:
-        monitor.MONITOR.catch = None
+    def words(self) -> list[str]:
+        catch = monitor.MONITOR.catch
+        return sorted(catch.names) if catch else []
+
+    def run(self, flags: dict[str, str], words: list[str]) -> None:
+        catch = monitor.MONITOR.catch
+        if catch is None:
+            raise XendbgError("xendbg catches no hypercalls")
+        if not words:
+            monitor.MONITOR.catch = None
+            monitor.MONITOR.replan()
+            gdb.write("xendbg: no longer catching hypercalls\n")
+            return
+        removed = {_resolve(w) for w in words}
+        unknown = removed - catch.names
+        if unknown:
+            caught = ", ".join(sorted(catch.names)) or "every hypercall"
+            raise XendbgError(f"not caught: {', '.join(sorted(unknown))} (catching {caught})")
+        left = catch.names - removed
+        monitor.MONITOR.catch = observe.Catch(left, catch.side) if left else None
         monitor.MONITOR.replan()
-        gdb.write("xendbg: no longer catching hypercalls\n")
+        gdb.write(f"xendbg: catching {', '.join(sorted(left))}\n" if left else
+                  "xendbg: no longer catching hypercalls\n")
 
 
-class XenBreak(gdb.Command):
+class XenBreak(_XenCommand):
     """Break on guest entry points, followed when the guest registers new ones:
   xen break callback [event|failsafe|syscall|nmi|all]
   xen break trap VECTOR          (a number, or a name such as PF, GP, int80)
   xen break fasttrap             (Xen 2.0's set_fast_trap gate)
   xen break delete
 On a hit xendbg says which entry point and vCPU, and decodes the frame Xen pushed."""
+
+    usage = "xen break [callback|trap|fasttrap|delete]"
 
     def __init__(self) -> None:
         super().__init__("xen break", gdb.COMMAND_BREAKPOINTS, prefix=True)
@@ -454,10 +519,13 @@ On a hit xendbg says which entry point and vCPU, and decodes the frame Xen pushe
         if arg.strip():
             raise gdb.GdbError(f"unknown xen break subcommand {arg.split()[0]!r} "
                                f"(callback, trap, fasttrap, delete)")
-        if not monitor.MONITOR.watches:
+        loaded = sys.modules.get("xendbg.gdb.monitor")
+        if loaded is None or not loaded.MONITOR.watches:
             gdb.write("no xen break entry points\n")
-        for watch in monitor.MONITOR.watches:
-            where = (f"breakpoint {watch.breakpoint.number} at {watch.address:#x}" if watch.breakpoint
+            return
+        for watch in loaded.MONITOR.watches:
+            breakpoint = loaded.MONITOR.entry_breakpoints.get(watch.address)
+            where = (f"breakpoint {breakpoint.number} at {watch.address:#x}" if breakpoint is not None
                      else "not registered yet")
             gdb.write(f"{watch.describe()}: {where}\n")
 
@@ -465,13 +533,16 @@ On a hit xendbg says which entry point and vCPU, and decodes the frame Xen pushe
 class XenBreakCallback(_XenCommand):
     """Break on entry to a guest callback: xen break callback [event|failsafe|syscall|nmi|all]"""
 
-    completions = (*CALLBACK_KINDS, "all")
+    usage = "xen break callback [event|failsafe|syscall|nmi|all]"
+    nargs = (0, len(CALLBACK_KINDS))
 
     def __init__(self) -> None:
         super().__init__("xen break callback", gdb.COMMAND_BREAKPOINTS)
 
-    def run(self, arg: str) -> None:
-        _, words = _options(arg, ())
+    def words(self) -> list[str]:
+        return [*CALLBACK_KINDS, "all"]
+
+    def run(self, flags: dict[str, str], words: list[str]) -> None:
         kinds = words or ["event"]
         if kinds == ["all"]:
             kinds = list(CALLBACK_KINDS)
@@ -479,22 +550,7 @@ class XenBreakCallback(_XenCommand):
             if kind not in CALLBACK_KINDS:
                 raise XendbgError(f"unknown callback {kind!r} (event, failsafe, syscall, nmi, all)")
         for kind in kinds:
-            gdb.write(monitor.MONITOR.add_watch(monitor.EntryWatch("callback", kind)) + "\n")
-
-
-_VECTOR_NAMES = {mnemonic.lstrip("#").lower(): vector for vector, (mnemonic, _) in TRAP_VECTORS.items()
-                 if mnemonic != "--"}
-_VECTOR_NAMES |= {"int80": 0x80, "syscall80": 0x80}
-
-
-def _vector(word: str) -> int:
-    key = word.lower().lstrip("#")
-    if key in _VECTOR_NAMES:
-        return _VECTOR_NAMES[key]
-    vector = _number(word)
-    if not 0 <= vector <= 255:
-        raise XendbgError(f"vector {vector} is out of range (0-255)")
-    return vector
+            gdb.write(monitor.MONITOR.add_watch(observe.EntryWatch("callback", kind)) + "\n")
 
 
 class XenBreakTrap(_XenCommand):
@@ -502,48 +558,68 @@ class XenBreakTrap(_XenCommand):
 
 VECTOR is a number (14, 0x80) or a name (PF, GP, UD, BP, int80, ...)."""
 
-    completions = (*sorted(_VECTOR_NAMES),)
+    usage = "xen break trap VECTOR"
+    nargs = (1, 1)
 
     def __init__(self) -> None:
         super().__init__("xen break trap", gdb.COMMAND_BREAKPOINTS)
 
-    def run(self, arg: str) -> None:
-        _, words = _options(arg, ())
-        if len(words) != 1:
-            raise XendbgError("usage: xen break trap VECTOR")
-        vector = _vector(words[0])
-        gdb.write(monitor.MONITOR.add_watch(monitor.EntryWatch("trap", f"{vector:#x}", vector)) + "\n")
+    def words(self) -> list[str]:
+        return sorted(names.VECTOR_NAMES)
+
+    def run(self, flags: dict[str, str], words: list[str]) -> None:
+        vector = names.parse_vector(words[0], _number)
+        gdb.write(monitor.MONITOR.add_watch(observe.EntryWatch("trap", f"{vector:#x}", vector)) + "\n")
 
 
 class XenBreakFasttrap(_XenCommand):
     """Break on entry to the fast trap (Xen 2.0's set_fast_trap): xen break fasttrap"""
 
+    usage = "xen break fasttrap"
+
     def __init__(self) -> None:
         super().__init__("xen break fasttrap", gdb.COMMAND_BREAKPOINTS)
 
-    def run(self, arg: str) -> None:
-        if context.generation() != "2.0":
-            raise XendbgError(f"set_fast_trap exists only in Xen 2.0 (decoding as {context.generation()}: "
-                              f"set xen abi 2.0); from 3.0 int $0x80 gets a direct gate through the trap "
-                              f"table: use xen break trap 0x80")
-        gdb.write(monitor.MONITOR.add_watch(monitor.EntryWatch("fasttrap", "", 0x80)) + "\n")
+    def run(self, flags: dict[str, str], words: list[str]) -> None:
+        choice = context.choice()
+        if "2.0" not in choice.candidates:
+            raise XendbgError(f"set_fast_trap exists only in Xen 2.0 (decoding as Xen {choice.generation}, "
+                              f"{choice.reason}: set xen abi 2.0); from 3.0 int $0x80 gets a direct gate "
+                              f"through the trap table: use xen break trap 0x80")
+        gdb.write(monitor.MONITOR.add_watch(observe.EntryWatch("fasttrap", "", 0x80)) + "\n")
 
 
 class XenBreakDelete(_XenCommand):
     """Delete every xen break entry-point breakpoint: xen break delete"""
 
+    usage = "xen break delete"
+
     def __init__(self) -> None:
         super().__init__("xen break delete", gdb.COMMAND_BREAKPOINTS)
 
-    def run(self, arg: str) -> None:
+    def run(self, flags: dict[str, str], words: list[str]) -> None:
         gdb.write(f"xendbg: deleted {monitor.MONITOR.remove_watches()} entry-point breakpoints\n")
 
 
 class XenTrace(gdb.Command):
-    """Log hypercalls strace-style: xen trace start [--file F.jsonl] [NAME ...]; xen trace stop; xen trace show"""
+    """Log hypercalls strace-style:
+  xen trace start [--file F.jsonl] [NAME|NR ...]
+  xen trace stop
+  xen trace show [N] [--json]
+Without a subcommand: whether a trace is running."""
 
     def __init__(self) -> None:
         super().__init__("xen trace", gdb.COMMAND_RUNNING, prefix=True)
+
+    def invoke(self, arg: str, from_tty: bool) -> None:
+        if arg.strip():
+            raise gdb.GdbError(f"unknown xen trace subcommand {arg.split()[0]!r} (start, stop, show)")
+        loaded = sys.modules.get("xendbg.gdb.monitor")
+        trace = loaded.MONITOR.trace if loaded is not None else None
+        if trace is None:
+            gdb.write("no trace is running (xen trace start)\n")
+            return
+        gdb.write(f"tracing {', '.join(trace.names) or 'every hypercall'}: {trace.summary()}\n")
 
 
 class XenTraceStart(_XenCommand):
@@ -551,22 +627,27 @@ class XenTraceStart(_XenCommand):
 
 Each call is logged with its decoded arguments and, when it comes back, its result (errno name).
 With --file every record is appended to F as one JSON line and flushed at once: if the target dies,
-the file holds every record up to its last hypercall.  The guest does not stop; `xen trace show`
+the file holds every record up to its last hypercall; if the file cannot be written, the trace
+stops with one line and keeps its records in memory.  The guest does not stop; `xen trace show`
 lists the records, `xen stats` counts them."""
 
-    completions = staticmethod(_hypercall_names)
+    usage = "xen trace start [--file F.jsonl] [NAME|NR ...]"
+    valued = ("--file",)
+    nargs = (0, 1000)
 
     def __init__(self) -> None:
         super().__init__("xen trace start", gdb.COMMAND_RUNNING)
 
-    def run(self, arg: str) -> None:
+    def words(self) -> list[str]:
+        return _hypercall_words()
+
+    def run(self, flags: dict[str, str], words: list[str]) -> None:
         from xendbg.trace import Stats, TraceLog
 
-        flags, words = _options(arg, (), ("--file",))
         if monitor.MONITOR.trace is not None:
             raise XendbgError("a trace is already running: xen trace stop first")
-        names = tuple(sorted({_any_width_name(w) for w in words}))
-        monitor.MONITOR.trace = TraceLog(flags.get("--file"), names)
+        traced = tuple(sorted({_resolve(w) for w in words}))
+        monitor.MONITOR.trace = TraceLog(flags.get("--file"), traced)
         monitor.MONITOR.stats = Stats()
         try:
             plan = monitor.MONITOR.replan()
@@ -576,46 +657,43 @@ lists the records, `xen stats` counts them."""
             monitor.MONITOR.replan()
             raise
         target = f" to {flags['--file']}" if "--file" in flags else ""
-        gdb.write(f"xendbg: tracing {', '.join(names) or 'every hypercall'}{target}, observing {plan}\n")
+        gdb.write(f"xendbg: tracing {', '.join(traced) or 'every hypercall'}{target}, observing {plan}\n")
 
 
 class XenTraceStop(_XenCommand):
     """Stop tracing: xen trace stop"""
 
+    usage = "xen trace stop"
+
     def __init__(self) -> None:
         super().__init__("xen trace stop", gdb.COMMAND_RUNNING)
 
-    def run(self, arg: str) -> None:
-        trace = monitor.MONITOR.trace
+    def run(self, flags: dict[str, str], words: list[str]) -> None:
+        trace = monitor.MONITOR.stop_trace()
         if trace is None:
             raise XendbgError("no trace is running (xen trace start)")
-        trace.close()
-        monitor.MONITOR.trace = None
-        monitor.MONITOR.finished_trace = trace
-        try:
-            monitor.MONITOR.replan()
-        except XendbgError:
-            pass  # the target may be gone: the trace is closed either way
-        where = f"; {trace.written} records in {trace.path}" if trace.path else ""
-        gdb.write(f"xendbg: trace stopped after {trace.seq} records{where}\n")
+        gdb.write(f"xendbg: trace stopped: {trace.summary()}\n")
 
 
 class XenTraceShow(_XenCommand):
-    """Show the last traced hypercalls: xen trace show [N] [--json]  (default 20)"""
+    """Show the last traced hypercalls: xen trace show [N] [--json]  (N >= 1, default 20)"""
 
-    completions = ("--json",)
+    usage = "xen trace show [N] [--json]"
+    flags = ("--json",)
+    nargs = (0, 1)
 
     def __init__(self) -> None:
         super().__init__("xen trace show", gdb.COMMAND_RUNNING)
 
-    def run(self, arg: str) -> None:
+    def run(self, flags: dict[str, str], words: list[str]) -> None:
         from xendbg.trace import show_lines
 
-        flags, words = _options(arg)
         trace = monitor.MONITOR.trace or monitor.MONITOR.finished_trace
         if trace is None:
             raise XendbgError("nothing traced yet (xen trace start)")
         count = _number(words[0]) if words else 20
+        if count < 1:
+            raise XendbgError(f"N must be 1 or more, not {count} (usage: {self.usage})")
         records = [r for r in trace.recent if r["event"] not in ("start", "stop")]
         if "--json" in flags:
             context.write_json(records[-count:])
@@ -627,15 +705,15 @@ class XenTraceShow(_XenCommand):
 class XenStats(_XenCommand):
     """Count traced hypercalls, failures and sub-operations, like strace -c: xen stats [--json] [--reset]"""
 
-    completions = ("--json", "--reset")
+    usage = "xen stats [--json] [--reset]"
+    flags = ("--json", "--reset")
 
     def __init__(self) -> None:
         super().__init__("xen stats", gdb.COMMAND_STATUS)
 
-    def run(self, arg: str) -> None:
+    def run(self, flags: dict[str, str], words: list[str]) -> None:
         from xendbg.trace import Stats
 
-        flags, _ = _options(arg, ("--json", "--reset"))
         rows = monitor.MONITOR.stats.rows()
         if "--reset" in flags:
             monitor.MONITOR.stats = Stats()
@@ -654,8 +732,28 @@ class XenStats(_XenCommand):
         context.write(listing)
 
 
+class XenSettings(gdb.Command):
+    """Settings of xendbg, the Xen PV guest debugger:
+  abi     the Xen ABI generation to decode with (auto: from the evidence, see 'show xen abi')
+  width   the guest width (auto: from the code selector)
+  color   whether xendbg colours its output"""
+
+    def __init__(self, verb: str) -> None:
+        self.__doc__ = f"{verb.capitalize()} xendbg's settings.\n" + (XenSettings.__doc__ or "").split("\n", 1)[1]
+        self.verb = verb
+        super().__init__(f"{verb} xen", gdb.COMMAND_DATA, prefix=True)
+
+    def invoke(self, arg: str, from_tty: bool) -> None:
+        if self.verb == "show":
+            for name in ("abi", "width", "color"):
+                gdb.execute(f"show xen {name}")
+            return
+        gdb.write("set xen abi auto|2.0|..., set xen width auto|32|64, set xen color on|off "
+                  "('help set xen' explains them)\n")
+
+
 class XenParameter(gdb.Parameter):
-    """One `set xen NAME` setting, mirrored into context.SETTINGS when the user sets it."""
+    """One `set xen NAME` setting, mirrored into the session's settings when the user sets it."""
 
     def __init__(self, name: str, what: str, kind: int, choices: list[str] | None, default: object) -> None:
         self.__doc__ = f"{what[0].upper()}{what[1:]}."
@@ -673,7 +771,12 @@ class XenParameter(gdb.Parameter):
 
     def get_show_string(self, svalue: str) -> str:
         if self._attribute == "abi" and svalue == "auto":
-            return f"{self._what}: auto (now {context.generation()})"
+            try:
+                cs = GdbTarget().read_register("cs") & 0xFFFF
+            except XendbgError:
+                cs = None
+            choice = context.choice(cs if cs is not None and cs & 3 else None)
+            return f"{self._what}: auto (now Xen {choice.generation}: {choice.reason})"
         return f"{self._what}: {svalue}"
 
 
@@ -685,8 +788,8 @@ def _on_stop(event: object) -> None:
 
 
 def register() -> None:
-    gdb.Command("set xen", gdb.COMMAND_DATA, prefix=True)
-    gdb.Command("show xen", gdb.COMMAND_DATA, prefix=True)
+    XenSettings("set")
+    XenSettings("show")
     XenPrefix()
     XenHypercall()
     XenHypercall("xen hc")
@@ -708,8 +811,9 @@ def register() -> None:
     XenTraceStop()
     XenTraceShow()
     XenStats()
-    XenParameter("abi", "the Xen ABI generation xendbg decodes with (auto: the version the guest was told, "
-                 f"else {NEWEST}, the newest)", gdb.PARAM_ENUM, ABI_CHOICES, "auto")
+    XenParameter("abi", f"the Xen ABI generation xendbg decodes with (auto: from the evidence, in this order: a "
+                 f"xen_version result seen, Xen's own image, the guest's Xen ELF note, its code selector, its "
+                 f"hypercall page; else {NEWEST}, the newest, with a warning)", gdb.PARAM_ENUM, ABI_CHOICES, "auto")
     XenParameter("width", "the guest width xendbg assumes (auto: from the code selector)",
                  gdb.PARAM_ENUM, ["auto", "32", "64"], "auto")
     XenParameter("color", "whether xendbg colours its output (never when gdb's style is off)",

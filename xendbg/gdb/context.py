@@ -1,32 +1,28 @@
-"""What every `xen` command needs from gdb: settings, the ABI of the selected vCPU, symbols, output."""
+"""What every `xen` command needs from gdb: the session (settings, ABI evidence, registered state),
+gdb's symbols, the loaded guest files, and output.  The policy itself lives in xendbg/session.py."""
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import gdb  # type: ignore[import-not-found]
 
 from xendbg import arch
-from xendbg.abi import NEWEST, Abi, get_abi
-from xendbg.abi.generations import resolve_generation
-from xendbg.decode import GuestState, Hypercall, decode_in_xen, decode_pending
+from xendbg.abi import Abi
+from xendbg.decode import Hypercall
+from xendbg.decode.model import AbiUsed
 from xendbg.errors import TargetGone, XendbgError
 from xendbg.gdb.target import GdbTarget
+from xendbg.session import AbiChoice, Session, xen_image_version
 
 if TYPE_CHECKING:
     from types import ModuleType
 
+    from xendbg.sites import HypercallSites
 
-class Settings:
-    abi = "auto"
-    width = "auto"
-    color = True
-    # The Xen version the guest was told (a xen_version(XENVER_version) result xendbg saw): `abi auto`
-    # decodes with that generation once known, else the newest.
-    reported_version: str | None = None
-
-
-SETTINGS = Settings()
+SESSION = Session()
+SETTINGS = SESSION.settings
 
 
 def text() -> ModuleType:
@@ -49,67 +45,141 @@ def write_json(obj: object) -> None:
     gdb.write(render_json.dumps(obj) + "\n")
 
 
-def generation() -> str:
-    if SETTINGS.abi != "auto":
-        return SETTINGS.abi
-    if SETTINGS.reported_version:
-        return resolve_generation(SETTINGS.reported_version)
-    return NEWEST
+class GdbSymbols:
+    """The session's Symbols protocol over gdb's symbol tables (minimal symbols are enough)."""
+
+    def symbol_at(self, address: int) -> tuple[str, int] | None:
+        try:
+            out = gdb.execute(f"info symbol {address:#x}", to_string=True).strip()
+        except gdb.error:
+            return None
+        if out.startswith("No symbol"):
+            return None
+        name = out.split(" in section ")[0]
+        if " + " in name:
+            base, offset = name.split(" + ", 1)
+            return base, int(offset)
+        return name, 0
+
+    def address_of(self, name: str) -> int | None:
+        try:
+            return int(gdb.parse_and_eval(f"(unsigned long)&'{name}'")) & ((1 << 64) - 1)
+        except gdb.error:
+            return None
 
 
-def abi_for_width(width: int) -> Abi:
-    return get_abi(generation(), int(SETTINGS.width) if SETTINGS.width != "auto" else width)
-
-
-def guest_width(target: GdbTarget) -> int | None:
-    """The guest width of the selected vCPU (None when it is in Xen, ring 0)."""
-    if SETTINGS.width != "auto":
-        return int(SETTINGS.width)
-    return arch.cpu_mode(target.read_register("cs") & 0xFFFF).width
-
-
-def current_abi(target: GdbTarget) -> Abi:
-    """The ABI for the selected vCPU: `set xen width/abi`, else the guest's CS."""
-    width = guest_width(target)
-    if width is None:
-        raise XendbgError(f"the selected vCPU is in Xen ({where(target)}), not in the guest "
-                          f"(set xen width 32|64 to decode its registers anyway)")
-    return abi_for_width(width)
-
-
-def symbol_at(address: int) -> tuple[str, int] | None:
-    """(function, offset) for an address from gdb's symbols (minimal symbols are enough)."""
-    try:
-        out = gdb.execute(f"info symbol {address:#x}", to_string=True).strip()
-    except gdb.error:
-        return None
-    if out.startswith("No symbol"):
-        return None
-    name = out.split(" in section ")[0]
-    if " + " in name:
-        base, offset = name.split(" + ", 1)
-        return base, int(offset)
-    return name, 0
-
-
-def address_of(symbol: str) -> int | None:
-    """The address of a (minimal) symbol, or None when gdb has no such symbol."""
-    try:
-        return int(gdb.parse_and_eval(f"(unsigned long)&'{symbol}'")) & ((1 << 64) - 1)
-    except gdb.error:
-        return None
-
-
-def where(target: GdbTarget) -> str:
-    pc = target.read_register("pc")
-    sym = symbol_at(pc)
-    if sym is None:
-        return f"at {pc:#x}"
-    return f"at {pc:#x} <{sym[0]}+{sym[1]}>" if sym[1] else f"at {pc:#x} <{sym[0]}>"
+SYMBOLS = GdbSymbols()
+symbol_at = SYMBOLS.symbol_at
+address_of = SYMBOLS.address_of
 
 
 def xen_symbols_loaded() -> bool:
     return address_of(arch.XEN_HYPERCALL_ENTRY) is not None
+
+
+# --- the guest files gdb loaded, and what they say about the Xen version ------------------------------
+
+_SITES_CACHE: dict[tuple[str, float], HypercallSites | None] = {}  # by (path, mtime); None: not a guest
+_evidence_for: tuple[str, ...] | None = None  # the objfiles the file-based evidence was gathered from
+
+
+def loaded_sites() -> list[HypercallSites]:
+    """What sites.py finds in each file gdb loaded (a vmlinux takes ~0.1 s to scan: once per file)."""
+    from xendbg.sites import find_hypercall_sites
+
+    found = []
+    for objfile in gdb.objfiles():
+        path = objfile.filename
+        if not path:
+            continue
+        try:
+            key = (path, os.stat(path).st_mtime)
+        except OSError:
+            continue
+        if key not in _SITES_CACHE:
+            try:
+                _SITES_CACHE[key] = find_hypercall_sites(path)
+            except XendbgError:
+                _SITES_CACHE[key] = None
+        sites = _SITES_CACHE[key]
+        if sites is not None:
+            found.append(sites)
+    return found
+
+
+def _refresh_evidence() -> None:
+    """Re-read the file-based evidence (Xen's image, guest notes, hypercall page) when gdb's files change."""
+    global _evidence_for
+    files = tuple(o.filename or "" for o in gdb.objfiles())
+    if files == _evidence_for:
+        return
+    _evidence_for = files
+    evidence = SESSION.evidence
+    evidence.xen_image = xen_image_version(GdbTarget(), SYMBOLS)
+    evidence.guest_note = evidence.hypercall_page = None
+    for sites in loaded_sites():
+        name = os.path.basename(sites.path)
+        if sites.xen_version is not None and evidence.guest_note is None:
+            evidence.guest_note = (sites.xen_version[0], f"{sites.xen_version[1]} ({name})")
+        if sites.hypercall_page is not None and evidence.hypercall_page is None:
+            evidence.hypercall_page = f"{sites.hypercall_page:#x} ({name})"
+
+
+def choice(code_selector: int | None = None) -> AbiChoice:
+    _refresh_evidence()
+    return SESSION.choice(code_selector)
+
+
+def generation() -> str:
+    return choice().generation
+
+
+def abi_for_width(width: int) -> Abi:
+    _refresh_evidence()
+    return SESSION.abi_for_width(width)
+
+
+def abi_for(width: int, code_selector: int | None = None) -> tuple[Abi, AbiChoice]:
+    _refresh_evidence()
+    return SESSION.abi(width, code_selector)
+
+
+def candidate_abis(width: int) -> list[Abi]:
+    """Every ABI the evidence allows for a guest of `width` bits, the chosen one first."""
+    _refresh_evidence()
+    return SESSION.candidate_abis(width)
+
+
+def guest_width(target: GdbTarget) -> int | None:
+    return SESSION.guest_width(target)
+
+
+def current_abi(target: GdbTarget) -> tuple[Abi, AbiChoice]:
+    """The ABI for the selected vCPU and why: `set xen width/abi`, else the guest's CS and the evidence."""
+    _refresh_evidence()
+    return SESSION.current_abi(target, where(target))
+
+
+def used(abi: Abi, why: AbiChoice) -> AbiUsed:
+    return AbiUsed(abi.generation, abi.width, why.reason)
+
+
+def abi_of(hc: Hypercall) -> tuple[Abi, AbiChoice]:
+    """The ABI a decoded hypercall was decoded with, so that what follows from it (its batch, its
+    table) is decoded alike."""
+    from xendbg.abi import get_abi
+
+    _refresh_evidence()
+    choice = SESSION.choice()
+    if choice.generation != hc.generation:  # the evidence changed since: say what decoded it
+        choice = AbiChoice(hc.generation, hc.abi_reason, None, (hc.generation,))
+    return get_abi(hc.generation, hc.width), choice
+
+
+def where(target: GdbTarget) -> str:
+    from xendbg.session import where as where_in
+
+    return where_in(target, SYMBOLS)
 
 
 def cpu_index() -> int:
@@ -122,15 +192,7 @@ def cpu_index() -> int:
     return thread.num - 1
 
 
-def decode_here(target: GdbTarget, state: GuestState | None = None) -> Hypercall:
+def decode_here(target: GdbTarget) -> Hypercall:
     """The hypercall the selected vCPU is about to make, or (inside Xen, with xen-syms) is serving."""
-    if guest_width(target) is None:
-        pc = target.read_register("pc")
-        sym = symbol_at(pc)
-        if sym is not None and sym[1] == 0 and (sym[0] in arch.XEN_FRAME_ENTRIES or arch.handler_hypercall(sym[0])):
-            return decode_in_xen(target, sym[0], abi_for_width, state=state)
-        hint = "" if xen_symbols_loaded() else "; load Xen's symbols (xen-syms) to decode inside Xen"
-        raise XendbgError(f"no pending hypercall: the selected vCPU is in Xen {where(target)}, not at the "
-                          f"entry of a hypercall handler (do_NAME, compat_NAME) or of "
-                          f"{arch.XEN_HYPERCALL_ENTRY}{hint}")
-    return decode_pending(target, current_abi(target), state=state)
+    _refresh_evidence()
+    return SESSION.decode_here(target, SYMBOLS, cpu_index())

@@ -1,143 +1,104 @@
-"""xendbg watching a running guest: where it observes hypercalls, what the guest registered, and the
-`xen catch`, `xen trace`, `xen stats` and `xen break` machinery built on that.
+"""xendbg watching a running guest through gdb: the probes the plan of xendbg/observe.py asks for, as
+internal gdb breakpoints, and the `xen catch`, `xen trace`, `xen stats` and `xen break` machinery.
 
-Hypercalls are observed by *probes*, internal gdb breakpoints whose `stop()` decodes the call and
-returns False unless the user asked to stop there, so gdb resumes without a visible stop:
-- guest side: at a hypercall instruction the guest issues its calls from (Linux's
-  `xen_hypercall_pv`, our 32-bit guest's `xen_int82`; the number is in a register, so a gdb
-  condition filters by number before Python runs), or at the entry of a hypercall-page stub (one
-  probe per wanted number);
-- Xen side (Xen's symbols loaded): at a handler's first instruction (`do_multicall`,
-  `compat_vcpu_op`, ...), or at `pv_hypercall`, which every PV hypercall passes.
-A call's result is read by a return probe where the call comes back (after the instruction, or at
-the return address of a function-entry probe), matched by vCPU and stack pointer.
+A probe's `stop()` decodes the call and returns False unless the user asked to stop there, so gdb
+resumes without a visible stop.  What a hit means (a new call, the same call reported twice, Xen's
+continuation of a preempted call) and where calls come back is decided in observe.py; this module only
+reads gdb.
 
-gdb forbids adding or deleting breakpoints inside `stop()`: when a registration moves an entry
-point a `xen break` is watching, the probe stops the guest and the stop handler moves the breakpoint.
+What the guest registered changes only when a call has completed: at its return probe, with Xen's
+result (a refused call changes nothing).  Xen-side handler probes see no return, so there a call is
+replayed when it enters, by Xen's own acceptance rules.
+
+gdb forbids adding or deleting breakpoints inside `stop()`: when a registration moves an entry point a
+`xen break` is watching, or a trace file fails, the probe stops the guest and the stop handler acts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import gdb  # type: ignore[import-not-found]
 
-from xendbg import arch
-from xendbg.abi import get_abi
+from xendbg import arch, observe
+from xendbg.abi import Abi, get_abi
 from xendbg.abi.layouts import ERA_3, layout
-from xendbg.decode import GuestState, Hypercall, decode_call, decode_in_xen, decode_pending
+from xendbg.decode import Hypercall, decode_call, decode_in_xen, decode_multicall, decode_pending
+from xendbg.decode.model import MulticallBatch
 from xendbg.decode.state import apply
 from xendbg.errors import TargetGone, XendbgError
 from xendbg.gdb import context
 from xendbg.gdb.target import GdbTarget
+from xendbg.observe import Catch, EntryWatch, PendingCall, ProbeSpec
+from xendbg.session import AbiChoice, annotate
 from xendbg.trace import Stats, TraceLog
 
-if TYPE_CHECKING:
-    from xendbg.sites import HypercallSites
-
-# The calls that change what the guest has registered (replayed into GuestState).  Guest-side
-# probes also need multicall, whose batch may register; Xen-side handler probes see batched calls
-# at their own handlers, since Xen's do_multicall calls the handlers directly.
-REGISTERING = ("set_trap_table", "set_callbacks", "callback_op", "set_fast_trap")
-VERSION_CALL = "xen_version"  # its XENVER_version result tells `set xen abi auto` which Xen this is
-
-
-@dataclass
-class _Pending:
-    """A call awaiting its return probe."""
-
-    seq: int | None  # its trace record, None when only its result matters (xen_version)
-    name: str
-    subop: str | None
-    width: int
-
-
-@dataclass
-class EntryWatch:
-    """One `xen break`: a guest entry point, followed across re-registrations."""
-
-    kind: str  # "callback", "trap", "fasttrap"
-    which: str  # callback kind ("event", ...), vector as text, or "" for the fast trap
-    vector: int | None = None
-    address: int | None = None
-    breakpoint: gdb.Breakpoint | None = None
-
-    def describe(self) -> str:
-        if self.kind == "callback":
-            return f"the {self.which} callback"
-        if self.kind == "trap":
-            return f"the trap handler for vector {self.vector:#x} ({arch.vector_name(self.vector or 0)})"
-        return "the fast trap"
+_WAITING = "_xendbg_waiting"  # gdb convenience variable: calls awaiting their return (a return probe's condition)
 
 
 class _Probe(gdb.Breakpoint):
-    """An internal breakpoint where a hypercall is observed; see the module docstring."""
+    """An internal breakpoint where a hypercall is observed (a ProbeSpec placed)."""
 
-    def __init__(self, monitor: Monitor, address: int, kind: str, width: int = 64, *, nr: int | None = None,
-                 function: str | None = None) -> None:
-        super().__init__(f"*{address:#x}", gdb.BP_BREAKPOINT, internal=True)
+    def __init__(self, monitor: Monitor, spec: ProbeSpec) -> None:
+        super().__init__(f"*{spec.address:#x}", gdb.BP_BREAKPOINT, internal=True)
         self.silent = True
         self.monitor = monitor
-        self.address = address
-        self.kind = kind  # "instruction", "stub", "handler", "frame"
-        self.width = width  # of the guest, for guest-side probes
-        self.nr = nr  # a stub's hypercall number
-        self.function = function  # a Xen-side probe's function
+        self.spec = spec
+        if spec.numbers:
+            if spec.kind == "frame":  # the guest's RAX in the frame pv_hypercall gets in RDI
+                number = f"*(unsigned long *)($rdi + {_FRAME_RAX})"
+            else:
+                number = "$eax" if spec.width == 32 else "$rax"
+            self.condition = " || ".join(f"{number} == {n}" for n in spec.numbers)
 
     def stop(self) -> bool:
-        return self.monitor.on_probe(self)
+        return self.monitor.on_probe(self.spec)
 
 
 class _ReturnProbe(gdb.Breakpoint):
-    """Where guest-side calls come back (the instruction after `syscall` / `int $0x82`)."""
+    """Where guest-side calls come back (the instruction after `syscall` / `int $0x82`).  Its condition
+    keeps Python out of the way while no call is awaited."""
 
     def __init__(self, monitor: Monitor, address: int) -> None:
         super().__init__(f"*{address:#x}", gdb.BP_BREAKPOINT, internal=True)
         self.silent = True
         self.monitor = monitor
         self.address = address
+        self.condition = f"${_WAITING} > 0"
 
     def stop(self) -> bool:
-        return self.monitor.on_return(self)
+        return self.monitor.on_return(self.address)
 
 
 class _EntryBreakpoint(gdb.Breakpoint):
-    """A user-visible breakpoint on a guest entry point (`xen break`)."""
+    """A user-visible breakpoint on a guest entry point (`xen break`); one per address, however many
+    watches (vectors sharing a handler, say) lead there."""
 
-    def __init__(self, monitor: Monitor, watch: EntryWatch, address: int) -> None:
+    def __init__(self, monitor: Monitor, address: int) -> None:
         super().__init__(f"*{address:#x}", gdb.BP_BREAKPOINT)
         self.monitor = monitor
-        self.watch = watch
+        self.address = address
 
     def stop(self) -> bool:
-        self.monitor.reports.append(("entry", self.watch))
+        self.monitor.reports.append(("entry", self.address))
         return True
 
 
 @dataclass
-class Catch:
-    names: frozenset[str] = frozenset()  # empty: every hypercall
-    side: str = "auto"  # "auto", "guest", "xen"
-
-    def matches(self, name: str) -> bool:
-        return not self.names or name in self.names
-
-
-@dataclass
 class Monitor:
-    states: dict[int, GuestState] = field(default_factory=dict)
     catch: Catch | None = None
     trace: TraceLog | None = None
     finished_trace: TraceLog | None = None  # the last trace stopped, for `xen trace show`
     stats: Stats = field(default_factory=Stats)
     watches: list[EntryWatch] = field(default_factory=list)
+    entry_breakpoints: dict[int, _EntryBreakpoint] = field(default_factory=dict)
     probes: list[_Probe] = field(default_factory=list)
     returns: dict[int, _ReturnProbe] = field(default_factory=dict)
-    pending: dict[tuple[int, int, int], _Pending] = field(default_factory=dict)
+    calls: observe.CallTracker = field(default_factory=observe.CallTracker)
     reports: list[tuple[str, object]] = field(default_factory=list)
     plan: str = ""  # one line: where and how xendbg observes hypercalls now
     moves_due: bool = False
+    trace_failed: bool = False  # the trace file failed: stop the trace at the next stop
 
     # --- what to observe, and where ---------------------------------------------------------------
 
@@ -147,15 +108,8 @@ class Monitor:
 
     def wanted(self) -> frozenset[str] | None:
         """The hypercall names the probes must see (None: all of them)."""
-        if not self.active:
-            return frozenset()
-        names: set[str] = set(REGISTERING) | {VERSION_CALL}
-        for wanted in ([self.catch.names] if self.catch else []) + ([frozenset(self.trace.names)]
-                                                                     if self.trace else []):
-            if not wanted:
-                return None
-            names |= wanted
-        return frozenset(names)
+        names = ([self.catch.names] if self.catch else []) + ([frozenset(self.trace.names)] if self.trace else [])
+        return observe.wanted_calls(names, self.active)
 
     def replan(self) -> str:
         """Recreate the probes for what is wanted now; returns the one-line plan."""
@@ -169,125 +123,72 @@ class Monitor:
         if requested == "xen" and not xen:
             raise XendbgError("Xen's symbols are not loaded: add-symbol-file xen-syms (from "
                               "xen-hypervisor-*-dbg) to catch inside Xen")
-        sites = _guest_sites() if requested != "xen" else []
+        sites = observe.guest_sites(context.loaded_sites()) if requested != "xen" else []
         if requested == "guest" and not sites:
             raise XendbgError(_NO_SITES)
         use_xen = requested == "xen" or (requested == "auto" and xen and (wanted is not None or not sites))
         if use_xen:
-            self._plan_xen(wanted)
+            plan = observe.plan_xen(wanted, context.candidate_abis(64), context.address_of)
         elif sites:
-            self._plan_guest(sites, wanted)
+            plan = observe.plan_guest(sites, wanted, context.candidate_abis)
         else:
             raise XendbgError(_NO_SITES + " (or load Xen's symbols, xen-syms, to observe inside Xen)")
-        if self.trace is not None:
-            self._place_return_probes(sites or _guest_sites(), wanted)
+        self.probes = [_Probe(self, spec) for spec in plan.probes]
+        # Results (and so completed registrations and the xen_version answer) are read where calls come
+        # back to the guest; placed now, since stop() may not add breakpoints.
+        returns = plan.returns if not use_xen else observe.plan_guest(sites, wanted, context.candidate_abis).returns
+        for place in returns:
+            if place not in self.returns:
+                self.returns[place] = _ReturnProbe(self, place)
+        self.plan = plan.description
         return self.plan
-
-    def _place_return_probes(self, sites: list[_Site], wanted: frozenset[str] | None) -> None:
-        """Results are read where calls come back to the guest (placed now: not allowed in stop())."""
-        for site in sites:
-            abi = context.abi_for_width(site.width)
-            iret = abi.hypercall_named("iret")
-            if site.kind == "page":
-                shape = arch.PAGE_STUB_SHAPE[site.width]
-                places = [site.address + h.nr * arch.HYPERCALL_STUB_SIZE + shape.return_offset
-                          for h in abi.hypercalls() if (wanted is None or h.name in wanted) and h is not iret]
-            else:  # iret never comes back
-                places = [] if iret is not None and site.fixed_nr == iret.nr else [site.address + 2]
-            for place in places:
-                if place not in self.returns:
-                    self.returns[place] = _ReturnProbe(self, place)
-
-    def _plan_xen(self, wanted: frozenset[str] | None) -> None:
-        abi = context.abi_for_width(64)
-        if wanted is not None:
-            placed, missing = [], []
-            for name in sorted(wanted):
-                found = False
-                for width in (64, 32):
-                    function = arch.handler_symbol(name, width)
-                    address = context.address_of(function)
-                    if address is not None:
-                        self.probes.append(_Probe(self, address, "handler", function=function))
-                        found = True
-                if found:
-                    placed.append(name)
-                elif abi.hypercall_named(name) is not None:
-                    missing.append(name)
-            if missing:  # no handler symbol of its own: filter at pv_hypercall by number instead
-                self._frame_probe([abi.hypercall_named(n).nr for n in missing])  # type: ignore[union-attr]
-            self.plan = (f"in Xen at the handlers of {', '.join(placed)}"
-                         + (f", and at {arch.XEN_HYPERCALL_ENTRY} for {', '.join(missing)}" if missing else ""))
-        else:
-            self._frame_probe(None)
-            self.plan = f"in Xen at {arch.XEN_HYPERCALL_ENTRY} (every PV hypercall)"
-
-    def _frame_probe(self, numbers: list[int] | None) -> None:
-        address = context.address_of(arch.XEN_HYPERCALL_ENTRY)
-        probe = _Probe(self, address or 0, "frame", function=arch.XEN_HYPERCALL_ENTRY)
-        if numbers:
-            rax = f"*(unsigned long *)($rdi + {_FRAME_RAX})"  # the guest's RAX in the frame at RDI
-            probe.condition = " || ".join(f"{rax} == {n}" for n in numbers)
-        self.probes.append(probe)
-
-    def _plan_guest(self, sites: list[_Site], wanted: frozenset[str] | None) -> None:
-        described = []
-        for site in sites:
-            abi = context.abi_for_width(site.width)
-            names = wanted if wanted is not None else frozenset(h.name for h in abi.hypercalls())
-            numbers = sorted(h.nr for n in names if (h := abi.hypercall_named(n)) is not None)
-            if site.kind == "page":
-                for nr in numbers:
-                    stub = site.address + nr * arch.HYPERCALL_STUB_SIZE
-                    self.probes.append(_Probe(self, stub, "stub", site.width, nr=nr))
-                described.append(f"{len(numbers)} stubs of the hypercall page at {site.address:#x} ({site.label})")
-                continue
-            if site.fixed_nr is not None and site.fixed_nr not in numbers:
-                continue  # a stub for one unwanted call (xen_iret)
-            probe = _Probe(self, site.address, "instruction", site.width)
-            if wanted is not None and site.fixed_nr is None:  # the number is in a register: filter in gdb
-                reg = "$eax" if site.width == 32 else "$rax"
-                probe.condition = " || ".join(f"{reg} == {n}" for n in numbers)
-            self.probes.append(probe)
-            described.append(f"the hypercall instruction at {site.address:#x} ({site.label})")
-        self.plan = "in the guest at " + "; ".join(described)
 
     def _delete_probes(self) -> None:
         for probe in self.probes:
             if probe.is_valid():
                 probe.delete()
         self.probes = []
-        if self.trace is None:
-            for probe in self.returns.values():
-                if probe.is_valid():
-                    probe.delete()
-            self.returns.clear()
-            self.pending.clear()
+        for ret in self.returns.values():
+            if ret.is_valid():
+                ret.delete()
+        self.returns.clear()
+        self.calls.clear()
+        self._publish_waiting()
+
+    def _publish_waiting(self) -> None:
+        gdb.set_convenience_variable(_WAITING, len(self.calls.pending))
 
     # --- a probe was hit --------------------------------------------------------------------------
 
-    def state(self, cpu: int) -> GuestState:
-        return self.states.setdefault(cpu, GuestState())
+    def _decode_at(self, spec: ProbeSpec, target: GdbTarget, cpu: int) -> tuple[Hypercall, Abi]:
+        state = context.SESSION.state(cpu)
+        if spec.kind in ("handler", "frame"):
+            chosen: list[tuple[Abi, AbiChoice]] = []
 
-    def _decode_at(self, probe: _Probe, target: GdbTarget, state: GuestState) -> Hypercall:
-        if probe.kind in ("handler", "frame"):
-            return decode_in_xen(target, probe.function or "", context.abi_for_width, state=state)
-        abi = context.abi_for_width(probe.width)
-        if probe.kind == "stub":
-            return decode_call(target, abi, probe.nr or 0, arch.pv_args(target, probe.width), state=state,
-                               site=f"at the hypercall-page stub for hypercall {probe.nr}")
-        # The probe is on the instruction itself: no need to read the code at PC again.
-        return decode_pending(target, abi, state=state, code_at_pc=_INSTRUCTION_BYTES[probe.width])
+            def pick(width: int) -> Abi:
+                chosen.append(context.abi_for(width))
+                return chosen[-1][0]
 
-    def on_probe(self, probe: _Probe) -> bool:
+            hc = decode_in_xen(target, spec.function or "", pick, state=state)
+            abi, why = chosen[-1]
+        else:
+            abi, why = context.abi_for(spec.width, target.read_register("cs") & 0xFFFF)
+            if spec.kind == "stub":
+                hc = decode_call(target, abi, spec.nr or 0, arch.pv_args(target, spec.width), state=state,
+                                 site=f"at the hypercall-page stub for hypercall {spec.nr}")
+            else:  # on the instruction itself: no need to read the code at PC again
+                hc = decode_pending(target, abi, state=state, code_at_pc=_INSTRUCTION_BYTES[spec.width])
+        return annotate(hc, why), abi
+
+    def on_probe(self, spec: ProbeSpec) -> bool:
         """Called by gdb at each probe hit; True makes gdb stop and show it."""
         try:
             cpu = context.cpu_index()
             target = GdbTarget()
-            state = self.state(cpu)
-            hc = self._decode_at(probe, target, state)
+            hc, abi = self._decode_at(spec, target, cpu)
+            key = self._return_key(spec, target, cpu)
         except (XendbgError, gdb.error) as exc:
-            where = f"probe at {probe.address:#x}"
+            where = f"probe at {spec.address:#x}"
             if self.trace is not None:  # logged, not lost: the record says what could not be read
                 self.trace.error(_cpu_or_unknown(), where, str(exc))
             if isinstance(exc, (TargetGone, gdb.error)):
@@ -295,35 +196,46 @@ class Monitor:
             if self.catch is not None:
                 self.reports.append(("error", f"xendbg: cannot decode the hypercall at the {where}: {exc}"))
                 return True
-            return False
+            return self._trace_file_stop()
+        pending = PendingCall(hc, abi, registers=self._registers(spec, target, hc))
+        entered = self.calls.enter(key, pending) if key is not None else observe.Entered("new")
+        if entered.kind == "repeat":
+            return False  # the same call reported again: it was already counted and shown
+        continues = None
+        if entered.kind == "continuation" and entered.earlier is not None:
+            earlier = entered.earlier
+            self._apply(cpu, observe.completed_part(earlier.call, hc, abi), abi)
+            continues = earlier.seq
+            if earlier.seq is not None and self.trace is not None:
+                self.trace.preempted(cpu, earlier.seq, earlier.call.display_name)
         name = hc.display_name
-        traced = self.trace is not None and (not self.trace.names or name in self.trace.names)
-        if not (probe.kind == "handler" and hc.name == "multicall"):
-            # Xen-side, a batch's calls reach their own handler probes: replay them there, not twice.
-            if apply(state, get_abi(hc.generation, hc.width), hc):
-                self.moves_due = self.moves_due or self._entries_moved()
-        if self.trace is not None and traced:
+        if self.trace is not None and (not self.trace.names or name in self.trace.names):
             self.stats.count_call(hc)
-            seq = self.trace.call(cpu, hc, "xen" if probe.kind in ("handler", "frame") else "guest")
-            self._await_return(probe, target, cpu, hc, seq)
-        elif hc.name == VERSION_CALL and hc.subop == "XENVER_version":
-            self._await_return(probe, target, cpu, hc, None)
+            pending.seq = self.trace.call(cpu, hc, "xen" if spec.kind in ("handler", "frame") else "guest",
+                                          continues)
+        if key is None:  # a Xen handler: no return to wait for; Xen's rules decide what it accepts
+            if not (spec.kind == "handler" and hc.name == "multicall"):  # its entries reach their handlers
+                self._apply(cpu, hc, abi)
+        self._publish_waiting()
         stop = self.catch is not None and self.catch.matches(name)
         if stop:
-            self.reports.append(("catch", (cpu, hc)))
+            self.reports.append(("catch", (cpu, hc, entered.kind == "continuation")))
         if self.moves_due and not stop:
             self.reports.append(("moved", None))
             stop = True
-        return stop
+        return stop or self._trace_file_stop()
 
-    def _return_key(self, probe: _Probe, target: GdbTarget, cpu: int) -> tuple[int, int, int] | None:
+    def _registers(self, spec: ProbeSpec, target: GdbTarget, hc: Hypercall) -> tuple[int, ...]:
+        """What identifies a guest-side hit (a repeat report has the same); Xen-side hits are never repeats."""
+        if spec.kind in ("handler", "frame"):
+            return ()
+        return (target.read_register("pc"), target.read_register("sp"), hc.nr, *(a.value for a in hc.args))
+
+    def _return_key(self, spec: ProbeSpec, target: GdbTarget, cpu: int) -> tuple[int, int, int] | None:
         """(vCPU, where the call comes back to the guest, the guest's stack pointer then)."""
-        if probe.kind == "instruction":
-            return cpu, probe.address + 2, target.read_register("sp")
-        if probe.kind == "stub":
-            shape = arch.PAGE_STUB_SHAPE[probe.width]
-            return cpu, probe.address + shape.return_offset, target.read_register("sp") - shape.pushed
-        if probe.kind == "frame":
+        if spec.kind in ("instruction", "stub"):  # the probe is on the instruction: it returns 2 bytes on
+            return cpu, spec.address + 2, target.read_register("sp")
+        if spec.kind == "frame":
             frame = target.read_register("rdi")
             data = target.read_memory(frame + _FRAME_RIP, _FRAME_RSP + 8 - _FRAME_RIP)
             rip = int.from_bytes(data[:8], "little")
@@ -331,90 +243,130 @@ class Monitor:
             return cpu, rip, rsp
         return None  # a handler: called from Xen's dispatcher or a multicall; no guest frame at hand
 
-    def _await_return(self, probe: _Probe, target: GdbTarget, cpu: int, hc: Hypercall, seq: int | None) -> None:
-        key = self._return_key(probe, target, cpu)
-        if key is None or key[1] not in self.returns:
-            return
-        earlier = self.pending.pop(key, None)
-        if earlier is not None and earlier.seq is not None and self.trace is not None:
-            # Entered again from the same place before coming back: Xen preempted the call and the
-            # guest re-issues it as a continuation (with its arguments advanced).
-            self.trace.preempted(cpu, earlier.seq, earlier.name)
-        self.pending[key] = _Pending(seq, hc.display_name, hc.subop, hc.width)
+    def _apply(self, cpu: int, hc: Hypercall, abi: Abi, result: int | None = None) -> None:
+        if apply(context.SESSION.state(cpu), get_abi(hc.generation, hc.width), hc, result):
+            self.moves_due = self.moves_due or self._entries_moved()
 
-    def on_return(self, probe: _ReturnProbe) -> bool:
-        """Called by gdb where guest-side calls come back; never stops."""
+    def on_return(self, address: int) -> bool:
+        """Called by gdb where guest-side calls come back; stops only to report a failed trace file."""
         try:
             cpu = context.cpu_index()
             target = GdbTarget()
-            call = self.pending.pop((cpu, probe.address, target.read_register("sp")), None)
+            call = self.calls.returned((cpu, address, target.read_register("sp")))
             if call is None:
                 return False
-            result = arch.read_result(target, call.width)
-            if call.name == VERSION_CALL and call.subop == "XENVER_version" and result > 0:
-                context.SETTINGS.reported_version = f"{result >> 16}.{result & 0xFFFF}"
+            self._publish_waiting()
+            hc = call.call
+            result = arch.read_result(target, hc.width)
+            if observe.is_version_query(hc):
+                context.SESSION.saw_version(result, f"returned on cpu {cpu}")
+            if isinstance(hc.detail, MulticallBatch) and hc.detail.entries:
+                # The batch has run: its entries' results say which registrations Xen accepted.
+                batch, _ = decode_multicall(target, call.abi, hc.detail.address, hc.detail.count,
+                                            state=context.SESSION.state(cpu))
+                hc = _replace_detail(hc, batch)
+            self._apply(cpu, hc, call.abi, result)
             if call.seq is not None and self.trace is not None:
-                self.trace.result(cpu, call.seq, call.name, result)
-                self.stats.count_result(call.name, result)
+                self.trace.result(cpu, call.seq, hc.display_name, result)
+                self.stats.count_result(hc.display_name, result)
         except (XendbgError, gdb.error) as exc:
             if self.trace is not None:
-                self.trace.error(_cpu_or_unknown(), f"return probe at {probe.address:#x}", str(exc))
-            return isinstance(exc, (TargetGone, gdb.error))  # as in on_probe
-        return False
+                self.trace.error(_cpu_or_unknown(), f"return probe at {address:#x}", str(exc))
+            return isinstance(exc, (TargetGone, gdb.error)) or self._trace_file_stop()  # as in on_probe
+        if self.moves_due:
+            self.reports.append(("moved", None))
+            return True
+        return self._trace_file_stop()
+
+    def _trace_file_stop(self) -> bool:
+        """True (stop the guest) once when the trace file failed, so that the stop handler ends the trace."""
+        if self.trace is None or self.trace.file_error is None or self.trace_failed:
+            return False
+        self.trace_failed = True
+        self.reports.append(("trace-failed", None))
+        return True
+
+    def stop_trace(self) -> TraceLog | None:
+        """End the trace (its records stay for `xen trace show`); None when none was running."""
+        trace = self.trace
+        if trace is None:
+            return None
+        trace.close()
+        self.trace, self.finished_trace, self.trace_failed = None, trace, False
+        try:
+            self.replan()
+        except XendbgError:
+            pass  # the target may be gone: the trace is closed either way
+        return trace
 
     # --- entry points followed across registrations ------------------------------------------------
 
-    def _entry_address(self, watch: EntryWatch) -> int | None:
-        """Where `watch` points now: the most recent registration on any vCPU (Linux registers the
-        same handlers on each)."""
-        found = None
-        for state in self.states.values():
-            if watch.kind == "callback" and watch.which in state.callbacks:
-                found = state.callbacks[watch.which].address or found
-            elif watch.kind == "trap" and watch.vector in state.trap_table:
-                found = state.trap_table[watch.vector].address or found
-            elif watch.kind == "fasttrap" and state.fast_trap and state.fast_trap.handler:
-                found = state.fast_trap.handler.address
-        return found
-
     def _entries_moved(self) -> bool:
-        return any(self._entry_address(w) != w.address for w in self.watches)
+        states = context.SESSION.states.values()
+        return any(w.current_address(states) != w.address for w in self.watches)
 
     def move_entries(self) -> list[str]:
-        """Put each `xen break` breakpoint where its entry point now is (outside stop())."""
+        """Put the `xen break` breakpoints where their entry points now are (outside stop())."""
         notes = []
+        states = list(context.SESSION.states.values())
         for watch in self.watches:
-            address = self._entry_address(watch)
-            if address == watch.address:
-                continue
-            if watch.breakpoint is not None and watch.breakpoint.is_valid():
-                watch.breakpoint.delete()
-            watch.breakpoint = _EntryBreakpoint(self, watch, address) if address else None
-            watch.address = address
-            if watch.breakpoint is not None:
-                notes.append(f"xendbg: breakpoint {watch.breakpoint.number} now on {watch.describe()} "
-                             f"at {address:#x}")
+            address = watch.current_address(states)
+            if address != watch.address:
+                watch.address = address
+                if address:
+                    notes.append(f"xendbg: breakpoint {self._entry_breakpoint(address).number} now on "
+                                 f"{watch.describe()} at {address:#x}")
+        for address in [a for a in self.entry_breakpoints if all(w.address != a for w in self.watches)]:
+            breakpoint = self.entry_breakpoints.pop(address)
+            if breakpoint.is_valid():
+                breakpoint.delete()
         self.moves_due = False
         return notes
 
+    def _entry_breakpoint(self, address: int) -> _EntryBreakpoint:
+        breakpoint = self.entry_breakpoints.get(address)
+        if breakpoint is None or not breakpoint.is_valid():
+            breakpoint = self.entry_breakpoints[address] = _EntryBreakpoint(self, address)
+        return breakpoint
+
+    def watches_at(self, address: int) -> list[EntryWatch]:
+        return [w for w in self.watches if w.address == address]
+
     def add_watch(self, watch: EntryWatch) -> str:
+        for existing in self.watches:
+            if existing.same_as(watch):
+                where = f" (breakpoint {self.entry_breakpoints[existing.address].number})" if (
+                    existing.address in self.entry_breakpoints) else ""
+                return f"xendbg already breaks on {watch.describe()}{where}"
         self.watches.append(watch)
-        self.replan()
+        try:
+            self.replan()
+        except XendbgError:
+            self.watches.remove(watch)  # no phantom watch: the break is not set
+            self.replan()
+            raise
         self.move_entries()
-        if watch.breakpoint is not None:
-            return (f"Breakpoint {watch.breakpoint.number} on {watch.describe()} at {watch.address:#x}; "
-                    f"it follows re-registrations")
+        if watch.address:
+            return (f"Breakpoint {self.entry_breakpoints[watch.address].number} on {watch.describe()} at "
+                    f"{watch.address:#x}; it follows re-registrations")
         return (f"xendbg has not seen the guest register {watch.describe()} yet: the breakpoint is set "
                 f"when it does (observing {self.plan})")
 
     def remove_watches(self) -> int:
         count = len(self.watches)
-        for watch in self.watches:
-            if watch.breakpoint is not None and watch.breakpoint.is_valid():
-                watch.breakpoint.delete()
         self.watches.clear()
+        for breakpoint in self.entry_breakpoints.values():
+            if breakpoint.is_valid():
+                breakpoint.delete()
+        self.entry_breakpoints.clear()
         self.replan()
         return count
+
+
+def _replace_detail(hc: Hypercall, batch: MulticallBatch) -> Hypercall:
+    from dataclasses import replace
+
+    return replace(hc, detail=batch)
 
 
 _INSTRUCTION_BYTES = {32: b"\xcd\x82", 64: b"\x0f\x05"}  # int $0x82, syscall
@@ -434,80 +386,69 @@ def _cpu_or_unknown() -> int:
         return -1
 
 
-_SITES_CACHE: dict[tuple[str, float], HypercallSites] = {}  # by (path, mtime)
-
-
-@dataclass(frozen=True)
-class _Site:
-    """A place the loaded guest issues hypercalls from."""
-
-    kind: str  # "page" (a hypercall page: one stub per number) or "instruction"
-    address: int
-    width: int
-    label: str  # how xendbg found it, for the user
-    fixed_nr: int | None = None  # a stub that only ever makes this hypercall (Linux's xen_iret)
-
-
-def _guest_sites() -> list[_Site]:
-    """Every place the guest files gdb has loaded issue hypercalls from."""
-    import os
-
-    from xendbg.sites import find_hypercall_sites
-
-    found = []
-    for objfile in gdb.objfiles():
-        path = objfile.filename
-        if not path:
-            continue
-        try:
-            key = (path, os.stat(path).st_mtime)
-            if key not in _SITES_CACHE:  # a vmlinux takes ~0.1 s to scan: once per file
-                _SITES_CACHE[key] = find_hypercall_sites(path)
-        except (OSError, XendbgError):
-            continue
-        sites = _SITES_CACHE[key]
-        if sites.hypercall_page is not None:
-            found.append(_Site("page", sites.hypercall_page, sites.width, f"by {sites.page_source}"))
-        for site in sites.inline:
-            found.append(_Site("instruction", site.instruction, sites.width, f"{site.name}, by {site.source}",
-                               site.nr))
-    return found
-
-
 MONITOR = Monitor()
 
 
 def on_stop(event: object) -> None:
-    """Print what the probes and entry breakpoints saved for the user, and move entry breakpoints."""
+    """Print what the probes and entry breakpoints saved for the user, move entry breakpoints, and end
+    a trace whose file failed."""
     reports, MONITOR.reports = MONITOR.reports, []
-    notes = MONITOR.move_entries() if MONITOR.moves_due or any(k == "moved" for k, _ in reports) else []
+    kinds = {kind for kind, _ in reports}
+    notes = MONITOR.move_entries() if MONITOR.moves_due or "moved" in kinds else []
     try:
         for kind, payload in reports:
             if kind == "catch":
-                cpu, hc = payload  # type: ignore[misc]
-                gdb.write(f"xendbg: cpu {cpu} caught hypercall {hc.display_name} ({hc.site})\n")
+                cpu, hc, continuation = payload  # type: ignore[misc]
+                what = ", Xen's continuation of the preempted call" if continuation else ""
+                gdb.write(f"xendbg: cpu {cpu} caught hypercall {hc.display_name} ({hc.site}{what})\n")
                 context.write(context.text().hypercall(hc))
             elif kind == "entry":
                 _report_entry(payload)  # type: ignore[arg-type]
             elif kind == "error":
                 gdb.write(f"{payload}\n")
+        if "trace-failed" in kinds and MONITOR.trace is not None:
+            error = MONITOR.trace.file_error
+            trace = MONITOR.stop_trace()
+            gdb.write(f"xendbg: trace stopped: {error}; {trace.calls if trace else 0} hypercalls in memory "
+                      f"(xen trace show)\n")
         for note in notes:
             gdb.write(note + "\n")
-        if any(k == "moved" for k, _ in reports):
+        if "moved" in kinds:
             gdb.write("xendbg: stopped so that gdb could move the breakpoint; continue to go on\n")
     except (XendbgError, gdb.error) as exc:
         gdb.write(f"xendbg: {exc}\n")
 
 
-def _report_entry(watch: EntryWatch) -> None:
+# Vectors whose exception pushes an error code (Intel SDM vol. 3, 6.13): the bounce frame has the slot.
+_ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
+
+
+def _report_entry(address: int) -> None:
     from xendbg.decode.bounce import decode_bounce_frame
 
+    watches = MONITOR.watches_at(address)
+    if not watches:
+        return
     target = GdbTarget()
     cpu = context.cpu_index()
-    abi = context.current_abi(target)
-    gdb.write(f"xendbg: cpu {cpu} entered {watch.describe()} at {watch.address:#x}\n")
+    abi, _ = context.current_abi(target)
+    watch = watches[0]
+    vector = watch.vector if watch.kind != "callback" else None
+    if watch.kind == "trap":
+        vectors = observe.vectors_entering(address, context.SESSION.states.values())
+        if len(vectors) > 1:
+            listed = ", ".join(f"{v:#x} ({arch.vector_name(v)})" for v in vectors)
+            shapes = {v in _ERROR_CODE_VECTORS for v in vectors}
+            how = ("the frame has the same shape for all of them: xendbg cannot tell which one fired"
+                   if len(shapes) == 1 else "their frames differ (error code or not): xendbg cannot tell which "
+                   f"fired and reads the frame as vector {vector:#x}'s")
+            gdb.write(f"xendbg: cpu {cpu} entered the trap handler at {address:#x}, registered for vectors "
+                      f"{listed}; {how}\n")
+        else:
+            gdb.write(f"xendbg: cpu {cpu} entered {watch.describe()} at {address:#x}\n")
+    else:
+        gdb.write(f"xendbg: cpu {cpu} entered {', '.join(w.describe() for w in watches)} at {address:#x}\n")
     # Xen bounces NMIs like events (create_bounce_frame with TBF_INTERRUPT); syscall has its own kind.
     kind = watch.kind if watch.kind != "callback" else {"nmi": "event"}.get(watch.which, watch.which)
-    frame = decode_bounce_frame(target, abi, kind, target.read_register("sp"),
-                                vector=watch.vector if watch.kind != "callback" else None)
+    frame = decode_bounce_frame(target, abi, kind, target.read_register("sp"), vector=vector)
     context.write(context.text().bounce_frame(frame))

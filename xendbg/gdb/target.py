@@ -10,7 +10,9 @@ from xendbg.errors import TargetGone, UnknownRegister, UnreadableMemory
 class GdbTarget:
     """Registers and memory of gdb's selected thread (one QEMU gdbstub thread per vCPU).
 
-    Registers are cached for one stop: decoders ask for the same few several times.
+    Registers are the vCPU's own (the newest frame), whatever frame `up` or `frame N` selected: a
+    hypercall is made by the vCPU, not by a caller's frame.  They are cached for one stop: decoders
+    ask for the same few several times.
     """
 
     def __init__(self) -> None:
@@ -18,7 +20,7 @@ class GdbTarget:
 
     def _frame(self):  # noqa: ANN202 - gdb.Frame
         try:
-            return gdb.selected_frame()
+            return gdb.newest_frame()
         except gdb.error as exc:
             raise TargetGone(f"no stopped target to read: {exc}") from None
 

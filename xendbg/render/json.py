@@ -11,6 +11,7 @@ from typing import Any
 from xendbg.abi import Abi
 from xendbg.decode.bounce import BounceFrame
 from xendbg.decode.model import (
+    AbiUsed,
     Callbacks,
     Detail,
     FastTrap,
@@ -28,7 +29,7 @@ SCHEMA_VERSION = 1
 
 
 def finding(f: Finding) -> dict[str, Any]:
-    return {"rule": f.rule, "severity": f.severity, "message": f.message}
+    return {"rule": f.rule, "severity": f.severity, "message": f.message, "subject": f.subject or "call"}
 
 
 def trap_entry(e: TrapEntry) -> dict[str, Any]:
@@ -75,19 +76,38 @@ def multicall(b: MulticallBatch) -> dict[str, Any]:
                          "findings": [finding(f) for f in e.call.findings]} for e in b.entries]}
 
 
-def trap_table_report(t: TrapTable, found: tuple[Finding, ...]) -> dict[str, Any]:
+def _abi_keys(abi: AbiUsed | None) -> dict[str, Any]:
+    if abi is None:
+        return {}
+    return {"xen": abi.generation, "xen_source": abi.reason, "width": abi.width}
+
+
+def trap_table_report(t: TrapTable, found: tuple[Finding, ...], abi: AbiUsed | None = None) -> dict[str, Any]:
     """`xen traps` / `xendbg traps`: the table and the findings about it."""
-    return trap_table(t) | {"findings": [finding(f) for f in found]}
+    return trap_table(t) | {"findings": [finding(f) for f in found]} | _abi_keys(abi)
 
 
-def multicall_report(b: MulticallBatch, found: tuple[Finding, ...]) -> dict[str, Any]:
+def multicall_report(b: MulticallBatch, found: tuple[Finding, ...], abi: AbiUsed | None = None) -> dict[str, Any]:
     """`xen multicall` / `xendbg multicall`: the batch and the batch's own findings (entries carry theirs)."""
-    return multicall(b) | {"findings": [finding(f) for f in found]}
+    return multicall(b) | {"findings": [finding(f) for f in found]} | _abi_keys(abi)
+
+
+def callbacks_report(c: Callbacks, fast: FastTrap | None, found: tuple[Finding, ...],
+                     abi: AbiUsed | None = None) -> dict[str, Any]:
+    """`xen callbacks --registered`: what the guest registered (docs/json-schema.md)."""
+    return {"schema": SCHEMA_VERSION, "callbacks": detail(c), "fast_trap": detail(fast),
+            "findings": [finding(f) for f in found]} | _abi_keys(abi)
+
+
+def check_report(pending: Hypercall | None, found: list[Finding]) -> dict[str, Any]:
+    return {"schema": SCHEMA_VERSION, "pending": pending.display_name if pending else None,
+            "findings": [finding(f) for f in found]}
 
 
 def hypercall(hc: Hypercall) -> dict[str, Any]:
     """A decoded hypercall; `findings` holds its own and its batched calls' findings."""
-    return {"schema": SCHEMA_VERSION, "xen": hc.generation, "width": hc.width, "site": hc.site,
+    return {"schema": SCHEMA_VERSION, "xen": hc.generation, "xen_source": hc.abi_reason, "width": hc.width,
+            "site": hc.site,
             "nr": hc.nr, "name": hc.name, "former_names": list(hc.former_names), "subop": hc.subop,
             "args": [{"name": a.name, "kind": a.kind, "value": a.value, "text": a.text} for a in hc.args],
             "detail": detail(hc.detail), "findings": [finding(f) for f in hc.all_findings()]}

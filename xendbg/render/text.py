@@ -13,9 +13,11 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text as RichText
 
-from xendbg.abi import Abi
+from xendbg.abi import Abi, result_text
 from xendbg.decode.bounce import BounceFrame
 from xendbg.decode.model import (
+    SEVERITIES,
+    AbiUsed,
     Arg,
     Callbacks,
     Detail,
@@ -92,7 +94,7 @@ def multicall(b: MulticallBatch) -> RenderableType:
     for e in b.entries:
         call = e.call
         args = ", ".join(f"{a.name}={a.text or hexv(a.value)}" for a in call.args)
-        result = "" if e.result is None else f"{e.result}" + (f" ({e.result_text})" if e.result_text else "")
+        result = "" if e.result is None else result_text(e.result)
         rows.add_row(str(e.index), str(call.nr), call.display_name, args, result)
     parts: list[RenderableType] = [RichText(title, style="bold"), rows]
     for e in b.entries:
@@ -129,6 +131,11 @@ def detail(d: Detail) -> RenderableType:
     return RichText("")
 
 
+def abi_label(generation: str, reason: str = "") -> str:
+    """'Xen 2.0 ABI (from the guest's CS 0x0819)': which generation decoded this, and why."""
+    return f"Xen {generation} ABI" + (f" ({reason})" if reason else "")
+
+
 def hypercall(hc: Hypercall) -> RenderableType:
     head = RichText()
     head.append(hc.display_name, style="bold")
@@ -137,8 +144,8 @@ def hypercall(hc: Hypercall) -> RenderableType:
     head.append(f"  nr {hc.nr}")
     if hc.subop:
         head.append(f"  {hc.subop}", style="bold magenta")
-    head.append(f"  [Xen {hc.generation} ABI, {hc.width}-bit PV" + (f", {hc.site}" if hc.site else "") + "]",
-                style="dim")
+    head.append(f"  [{abi_label(hc.generation, hc.abi_reason)}, {hc.width}-bit PV"
+                + (f", {hc.site}" if hc.site else "") + "]", style="dim")
     parts: list[RenderableType] = [head]
     if hc.args:
         parts.append(args_table(hc.args))
@@ -148,12 +155,33 @@ def hypercall(hc: Hypercall) -> RenderableType:
     return Group(*parts)
 
 
-def trap_table_report(t: TrapTable, found: Iterable[Finding]) -> RenderableType:
-    return Group(trap_table(t), findings(found))
+def _abi_head(abi: AbiUsed | None) -> list[RenderableType]:
+    if abi is None:
+        return []
+    return [RichText(f"[{abi_label(abi.generation, abi.reason)}, {abi.width}-bit PV]", style="dim")]
 
 
-def multicall_report(b: MulticallBatch, found: tuple[Finding, ...]) -> RenderableType:
-    return Group(multicall(b), findings(found + b.entry_findings()))
+def trap_table_report(t: TrapTable, found: Iterable[Finding], abi: AbiUsed | None = None) -> RenderableType:
+    return Group(*_abi_head(abi), trap_table(t), findings(found))
+
+
+def multicall_report(b: MulticallBatch, found: tuple[Finding, ...], abi: AbiUsed | None = None) -> RenderableType:
+    return Group(*_abi_head(abi), multicall(b), findings(found + b.entry_findings()))
+
+
+def callbacks_report(c: Callbacks, fast: FastTrap | None, found: Iterable[Finding],
+                     abi: AbiUsed | None = None) -> RenderableType:
+    """Registered callbacks, the fast trap (Xen 2.0), and the findings about them."""
+    parts: list[RenderableType] = [*_abi_head(abi), callbacks(c)]
+    if fast is not None:
+        parts.append(detail(fast))
+    return Group(*parts, findings(found))
+
+
+def check_report(pending: Hypercall | None, found: list[Finding]) -> RenderableType:
+    head = f"pending hypercall: {pending.display_name}" if pending else "no pending hypercall"
+    counts = ", ".join(f"{sum(f.severity == s for f in found)} {s}" for s in SEVERITIES)
+    return Group(RichText(f"{head}; {counts}"), findings(found))
 
 
 def abi_listing(abi: Abi) -> RenderableType:

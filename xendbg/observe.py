@@ -1,0 +1,305 @@
+"""Watching a running guest, front-end independent: where to observe hypercalls for a catch, a trace or an
+entry breakpoint (a plan of probes), which calls a probe hit starts, continues or repeats, and where
+a followed entry point is now.  A front end turns the plan into its own breakpoints (gdb.Breakpoint in
+xendbg/gdb/monitor.py) and feeds the hits back.
+
+Probes are of four kinds:
+- "instruction": on a hypercall instruction the guest issues calls from (Linux's `xen_hypercall_pv`,
+  the 32-bit test guest's `xen_int82`); the number is in a register, so the front end can filter by
+  number before decoding (`numbers`);
+- "stub": on the hypercall instruction inside one hypercall-page stub (one probe per wanted number).
+  Not at the stub's entry: Xen continues a preempted call by rewinding the guest to the instruction
+  itself, and only a probe there sees the continuation;
+- "handler": at a Xen handler's first instruction (`do_multicall`, `compat_vcpu_op`), Xen's symbols needed;
+- "frame": at `pv_hypercall`, which every 64-bit PV hypercall passes, reading the guest's saved frame.
+A call's result is read where it comes back to the guest (`return_places`), matched to its call by
+(CPU, return address, stack pointer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from xendbg import arch
+from xendbg.abi import Abi
+from xendbg.decode.model import GuestState, Hypercall, MulticallBatch, TrapTable
+from xendbg.sites import HypercallSites
+
+# The calls that change what the guest has registered (replayed into GuestState).  Guest-side probes
+# also need multicall, whose batch may register; Xen-side handler probes see batched calls at their own
+# handlers, since Xen's do_multicall calls the handlers directly.
+REGISTERING = ("set_trap_table", "set_callbacks", "callback_op", "set_fast_trap")
+VERSION_CALL = "xen_version"  # its XENVER_version result tells `set xen abi auto` which Xen this is
+
+def is_version_query(hc: Hypercall) -> bool:
+    """xen_version(XENVER_version): command 0 in every generation (Xen 2.0's only command)."""
+    return hc.name == VERSION_CALL and bool(hc.args) and hc.args[0].value == 0
+
+
+# mmu_update and mmuext_op mark a continuation in bit 31 of their count (MMU_UPDATE_PREEMPTED,
+# xen/include/public/xen.h since RELEASE-3.0.0).
+PREEMPTED_COUNT_BIT = 1 << 31
+
+
+@dataclass
+class Catch:
+    names: frozenset[str] = frozenset()  # empty: every hypercall
+    side: str = "auto"  # "auto", "guest", "xen"
+
+    def matches(self, name: str) -> bool:
+        return not self.names or name in self.names
+
+
+def wanted_calls(catch_names: Iterable[frozenset[str]], active: bool) -> frozenset[str] | None:
+    """The hypercall names the probes must see: what is caught or traced (an empty set: all, None), plus
+    the calls that register and xen_version; nothing when no catch, trace or break is active."""
+    if not active:
+        return frozenset()
+    names: set[str] = set(REGISTERING) | {VERSION_CALL}
+    for wanted in catch_names:
+        if not wanted:
+            return None
+        names |= wanted
+    return frozenset(names)
+
+
+@dataclass(frozen=True)
+class GuestSite:
+    """A place the loaded guest issues hypercalls from."""
+
+    kind: str  # "page" (a hypercall page: one stub per number) or "instruction"
+    address: int
+    width: int
+    label: str  # how xendbg found it, for the user
+    fixed_nr: int | None = None  # a stub that only ever makes this hypercall (Linux's xen_iret)
+
+
+def guest_sites(found: Iterable[HypercallSites]) -> list[GuestSite]:
+    """Every place the scanned guest files issue hypercalls from."""
+    sites = []
+    for each in found:
+        if each.hypercall_page is not None:
+            sites.append(GuestSite("page", each.hypercall_page, each.width, f"by {each.page_source}"))
+        for site in each.inline:
+            sites.append(GuestSite("instruction", site.instruction, each.width, f"{site.name}, by {site.source}",
+                                   site.nr))
+    return sites
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """One probe to place."""
+
+    kind: str  # "instruction", "stub", "handler", "frame"
+    address: int
+    width: int = 64  # of the guest, for guest-side probes
+    nr: int | None = None  # a stub's hypercall number
+    function: str | None = None  # a Xen-side probe's function
+    numbers: tuple[int, ...] | None = None  # only these hypercall numbers (None: all)
+
+
+@dataclass
+class Plan:
+    probes: list[ProbeSpec] = field(default_factory=list)
+    returns: list[int] = field(default_factory=list)  # where guest-side calls come back
+    description: str = ""
+
+
+def _numbers(abis: list[Abi], names: frozenset[str] | None) -> tuple[int, ...]:
+    """The numbers of these hypercalls in any of `abis` (all of theirs for None)."""
+    return tuple(sorted({h.nr for abi in abis for h in abi.hypercalls() if names is None or h.name in names}
+                        | {h.nr for abi in abis for n in names or () if (h := abi.hypercall_named(n)) is not None}))
+
+
+def plan_guest(sites: list[GuestSite], wanted: frozenset[str] | None,
+               abis_for_width: Callable[[int], list[Abi]]) -> Plan:
+    """Probes on the guest's own hypercall sites, and return probes where each call comes back.
+    `abis_for_width` gives every ABI the evidence allows: before the guest has run, xendbg may not know
+    its Xen yet, so a wanted name is watched under each of its numbers and told apart when decoded."""
+    plan = Plan()
+    described = []
+    for site in sites:
+        abis = abis_for_width(site.width)
+        numbers = _numbers(abis, wanted)
+        irets = set(_numbers(abis, frozenset({"iret"})))
+        if site.kind == "page":
+            for nr in numbers:
+                is_iret = nr in irets
+                shape = arch.stub_shape(site.width, is_iret)
+                stub = site.address + nr * arch.HYPERCALL_STUB_SIZE
+                plan.probes.append(ProbeSpec("stub", stub + shape.instruction_offset, site.width, nr=nr))
+                if not is_iret:  # iret never comes back
+                    plan.returns.append(stub + shape.return_offset)
+            described.append(f"{len(numbers)} stubs of the hypercall page at {site.address:#x} ({site.label})")
+            continue
+        if site.fixed_nr is not None and site.fixed_nr not in numbers:
+            continue  # a stub for one unwanted call (xen_iret)
+        filtered = numbers if wanted is not None and site.fixed_nr is None else None
+        plan.probes.append(ProbeSpec("instruction", site.address, site.width, numbers=filtered))
+        if site.fixed_nr not in irets:
+            plan.returns.append(site.address + 2)  # `syscall` and `int $0x82` are 2 bytes
+        described.append(f"the hypercall instruction at {site.address:#x} ({site.label})")
+    plan.description = "in the guest at " + "; ".join(described)
+    return plan
+
+
+def plan_xen(wanted: frozenset[str] | None, abis: list[Abi], address_of: Callable[[str], int | None]) -> Plan:
+    """Probes inside Xen: at the handlers of the wanted calls, else at the hypercall entry."""
+    plan = Plan()
+    entry = address_of(arch.XEN_HYPERCALL_ENTRY) or 0
+    if wanted is None:
+        plan.probes.append(ProbeSpec("frame", entry, function=arch.XEN_HYPERCALL_ENTRY))
+        plan.description = f"in Xen at {arch.XEN_HYPERCALL_ENTRY} (every PV hypercall)"
+        return plan
+    placed, missing = [], []
+    for name in sorted(wanted):
+        found = False
+        for width in (64, 32):
+            function = arch.handler_symbol(name, width)
+            address = address_of(function)
+            if address is not None:
+                plan.probes.append(ProbeSpec("handler", address, function=function))
+                found = True
+        if found:
+            placed.append(name)
+        elif any(abi.hypercall_named(name) is not None for abi in abis):
+            missing.append(name)
+    if missing:  # no handler symbol of its own: filter at the hypercall entry by number instead
+        numbers = _numbers(abis, frozenset(missing))
+        plan.probes.append(ProbeSpec("frame", entry, function=arch.XEN_HYPERCALL_ENTRY, numbers=numbers))
+    plan.description = (f"in Xen at the handlers of {', '.join(placed)}"
+                        + (f", and at {arch.XEN_HYPERCALL_ENTRY} for {', '.join(missing)}" if missing else ""))
+    return plan
+
+
+# --- which call a probe hit is ----------------------------------------------------------------------------
+
+
+def _args(hc: Hypercall) -> tuple[int, ...]:
+    return tuple(a.value for a in hc.args)
+
+
+def is_continuation(earlier: Hypercall, now: Hypercall, abi: Abi) -> bool:
+    """Whether `now` is Xen continuing `earlier` after preempting it: the guest re-enters the same
+    hypercall with its arguments advanced (hypercall_create_continuation, RELEASE-4.17.0
+    xen/arch/x86/hypercall.c; multicall.c, traps.c and mm.c build the advanced arguments)."""
+    if earlier.nr != now.nr or earlier.name is None:
+        return False
+    before, after = _args(earlier), _args(now)
+    if earlier.name == "multicall":
+        size = abi.layout("multicall_entry").size
+        done = (after[0] - before[0]) // size if after[0] > before[0] else 0
+        return 0 < done < before[1] and after[0] == before[0] + done * size and after[1] == before[1] - done
+    if earlier.name == "set_trap_table":
+        size = abi.layout("trap_info").size
+        return after[0] > before[0] and (after[0] - before[0]) % size == 0
+    if earlier.name in ("mmu_update", "mmuext_op"):
+        return bool(after[1] & PREEMPTED_COUNT_BIT)
+    return False
+
+
+def completed_part(earlier: Hypercall, now: Hypercall, abi: Abi) -> Hypercall:
+    """What of `earlier` Xen had completed when it preempted it, `now` being the continuation: the
+    batch entries or trap-table entries before the continuation's starting point."""
+    detail = earlier.detail
+    skipped = _args(now)[0] - _args(earlier)[0]
+    if isinstance(detail, MulticallBatch):
+        kept = tuple(e for e in detail.entries if e.address < detail.address + skipped)
+        return _with_detail(earlier, MulticallBatch(detail.address, len(kept), kept))
+    if isinstance(detail, TrapTable):
+        count = skipped // abi.layout("trap_info").size
+        return _with_detail(earlier, TrapTable(detail.address, detail.entries[:count], True, detail.note))
+    return earlier
+
+
+def _with_detail(hc: Hypercall, detail: MulticallBatch | TrapTable) -> Hypercall:
+    from dataclasses import replace
+
+    return replace(hc, detail=detail)
+
+
+@dataclass
+class PendingCall:
+    """A call seen entering, awaiting its return."""
+
+    call: Hypercall
+    abi: Abi
+    seq: int | None = None  # its trace record, when traced
+    registers: tuple[int, ...] = ()  # what the probe saw: a repeat with the same values is the same call
+
+
+@dataclass(frozen=True)
+class Entered:
+    """What a probe hit means: a new call, the same call reported again, or a continuation."""
+
+    kind: str  # "new", "repeat", "continuation"
+    earlier: PendingCall | None = None
+
+
+class CallTracker:
+    """Calls entered and not yet returned, by (CPU, return address, stack pointer)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[tuple[int, int, int], PendingCall] = {}
+
+    def enter(self, key: tuple[int, int, int], call: PendingCall) -> Entered:
+        """Record a call entering at `key`.  The same key again before a return is either the probe
+        reporting the same call twice (identical registers: the instruction never ran, e.g. an
+        interrupt came first and the breakpoint hit again), or Xen's continuation of a preempted call."""
+        earlier = self.pending.get(key)
+        if earlier is not None and earlier.registers == call.registers:
+            return Entered("repeat", earlier)
+        self.pending[key] = call
+        if earlier is None:
+            return Entered("new")
+        if is_continuation(earlier.call, call.call, call.abi):
+            return Entered("continuation", earlier)
+        return Entered("new", earlier)  # the earlier call never came back here (a vCPU reset, ...)
+
+    def returned(self, key: tuple[int, int, int]) -> PendingCall | None:
+        return self.pending.pop(key, None)
+
+    def clear(self) -> None:
+        self.pending.clear()
+
+
+# --- entry points followed across registrations ------------------------------------------------------
+
+
+@dataclass
+class EntryWatch:
+    """One `xen break`: a guest entry point, followed across re-registrations."""
+
+    kind: str  # "callback", "trap", "fasttrap"
+    which: str  # callback kind ("event", ...), vector as text, or "" for the fast trap
+    vector: int | None = None
+    address: int | None = None
+
+    def describe(self) -> str:
+        if self.kind == "callback":
+            return f"the {self.which} callback"
+        if self.kind == "trap":
+            return f"the trap handler for vector {self.vector:#x} ({arch.vector_name(self.vector or 0)})"
+        return "the fast trap"
+
+    def same_as(self, other: EntryWatch) -> bool:
+        return (self.kind, self.which, self.vector) == (other.kind, other.which, other.vector)
+
+    def current_address(self, states: Iterable[GuestState]) -> int | None:
+        """Where this entry point is now: the most recent registration on any vCPU (Linux registers the
+        same handlers on each)."""
+        found = None
+        for state in states:
+            if self.kind == "callback" and self.which in state.callbacks:
+                found = state.callbacks[self.which].address or found
+            elif self.kind == "trap" and self.vector in state.trap_table:
+                found = state.trap_table[self.vector].address or found
+            elif self.kind == "fasttrap" and state.fast_trap and state.fast_trap.handler:
+                found = state.fast_trap.handler.address
+        return found
+
+
+def vectors_entering(address: int, states: Iterable[GuestState]) -> list[int]:
+    """Every vector whose registered handler is `address` (several vectors may share one handler)."""
+    return sorted({v for state in states for v, e in state.trap_table.items() if e.address == address})
