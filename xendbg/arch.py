@@ -342,6 +342,11 @@ def read_code(target: Target, pc: int) -> bytes:
     return b""
 
 
+def mov_eax_immediate(code: bytes) -> int | None:
+    """N when `code` starts with `mov $N, %eax` (b8 imm32), as Xen's xen_major_version() does."""
+    return int.from_bytes(code[1:5], "little") if len(code) >= 5 and code[0] == 0xB8 else None
+
+
 def read_result(target: Target, width: int) -> int:
     """A hypercall's return value, as the guest sees it back in EAX/RAX (signed)."""
     raw = _reg_nr(target, pv_convention(width), width)

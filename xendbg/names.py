@@ -70,14 +70,14 @@ def resolve_hypercall(word: str, generations: tuple[str, ...], why: str = "") ->
             found = abi.hypercall(nr) if nr is not None else abi.hypercall_named(word)
             if found is not None:
                 return found.name
-    listing = f"`xendbg abi --xen {generations[0]} --width 64` lists them"
+    listing = f"`xendbg abi --xen {generations[0]}` lists them; add --width 32 for 32-bit guests"
     if nr is not None:
         raise UsageError(f"{chosen} has no hypercall number {nr} ({listing})")
     elsewhere = _generations_with(word)
     if elsewhere:
         raise UsageError(f"{chosen} has no hypercall {word!r}: only Xen {', '.join(elsewhere)} "
                          f"{'has' if len(elsewhere) == 1 else 'have'} it (set xen abi {elsewhere[-1]})")
-    raise UsageError(f"no Xen has a hypercall {word!r} ({listing})")
+    raise UsageError(f"{chosen} has no hypercall {word!r}, and no other Xen has one ({listing})")
 
 
 def parse_vector(word: str, number: Callable[[str], int]) -> int:

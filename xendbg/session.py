@@ -19,6 +19,7 @@ says it guessed and which `set xen abi` settles it.  Conflicting evidence gets a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -175,21 +176,20 @@ def choose_generation(setting: str, evidence: Evidence, code_selector: int | Non
                      f"{NEWEST}: {settle}", newest_first)
 
 
-def xen_image_version(target: Target, symbols: Symbols) -> str | None:
+XEN_VERSION_FUNCTIONS = ("xen_major_version", "xen_minor_version")
+
+
+def xen_image_version(read_code: Callable[[str], bytes | None]) -> str | None:
     """Xen's version from its own image: `xen_major_version` and `xen_minor_version` are each a
-    `mov $N, %eax` followed by a return (xen/common/version.c, RELEASE-4.17.0)."""
+    `mov $N, %eax` followed by a return (xen/common/version.c, RELEASE-4.17.0).  `read_code` gives the
+    first bytes of a function by name (from xen-syms, or Xen's memory), None when it cannot."""
     numbers = []
-    for name in ("xen_major_version", "xen_minor_version"):
-        address = symbols.address_of(name)
-        if address is None:
+    for name in XEN_VERSION_FUNCTIONS:
+        code = read_code(name)
+        number = arch.mov_eax_immediate(code) if code else None
+        if number is None:
             return None
-        try:
-            code = target.read_memory(address, 5)
-        except XendbgError:
-            return None
-        if code[0] != 0xB8:  # mov $imm32, %eax
-            return None
-        numbers.append(int.from_bytes(code[1:5], "little"))
+        numbers.append(number)
     return f"{numbers[0]}.{numbers[1]}"
 
 

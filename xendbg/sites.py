@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from xendbg.abi import NEWEST, get_abi
 from xendbg.arch import find_hypercall_site
 from xendbg.errors import DecodeError
+from xendbg.session import XEN_VERSION_FUNCTIONS, xen_image_version
 
 SOURCE_SYMBOL = "symbol"
 SOURCE_NOTE = "note"
@@ -69,6 +70,7 @@ class HypercallSites:
     page_source: str  # SOURCE_SYMBOL, SOURCE_NOTE, SOURCE_XEN_GUEST or SOURCE_NONE
     inline: tuple[InlineSite, ...]
     xen_version: tuple[str, str] | None = None  # (text, where) of the Xen version the guest was built for
+    xen_image_version: str | None = None  # when the file is Xen itself (xen-syms): its version, "4.17"
 
     def describe(self) -> list[str]:
         lines = []
@@ -441,12 +443,15 @@ def find_hypercall_sites(path: str | os.PathLike[str]) -> HypercallSites:
 
 def _find(path: str, data: mmap.mmap) -> HypercallSites:
     elf = _Elf(path, data)
-    symbols = elf.symbols(("hypercall_page", *_STUB_SYMBOLS))
+    symbols = elf.symbols(("hypercall_page", *_STUB_SYMBOLS, *XEN_VERSION_FUNCTIONS))
+    image = xen_image_version(lambda name: elf.code_at(symbols[name]) if symbols and name in symbols else None)
     page, page_source = _page(elf, symbols)
-    if symbols is None:
+    if image is not None:
+        inline = []  # Xen's own code: no guest hypercall site
+    elif symbols is None:
         inline = _signature_sites(elf)
     else:
         found = (_site(elf, stub, symbols[stub], SOURCE_SYMBOL) for stub in _STUB_SYMBOLS if stub in symbols)
         inline = [site for site in found if site is not None]
     return HypercallSites(path, elf.width, symbols is not None, page, page_source,
-                          tuple(sorted(set(inline), key=lambda s: s.entry)), _xen_version_note(elf))
+                          tuple(sorted(set(inline), key=lambda s: s.entry)), _xen_version_note(elf), image)

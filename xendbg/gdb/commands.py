@@ -451,13 +451,14 @@ the side.  `xen catch delete` ends it."""
         side = "guest" if "--guest" in flags else "xen" if "--xen" in flags else "auto"
         added = frozenset(_resolve(w) for w in words)
         previous = monitor.MONITOR.catch
-        if previous is None or not added or not previous.names:
-            caught = added if previous is None or added or previous.names else frozenset()
+        # Catches add up; no names, or an earlier catch of everything, means every hypercall.
+        if previous is None:
+            caught = added
+        elif not previous.names or not added:
+            caught = frozenset()
         else:
             caught = previous.names | added
-        if previous is not None and not added:
-            caught = frozenset()  # every hypercall
-        monitor.MONITOR.catch = observe.Catch(caught, side if side != "auto" or previous is None else previous.side)
+        monitor.MONITOR.catch = observe.Catch(caught, side)  # the side asked last applies to every name
         try:
             plan = monitor.MONITOR.replan()
         except XendbgError:

@@ -14,7 +14,7 @@ from xendbg.decode import Hypercall
 from xendbg.decode.model import AbiUsed
 from xendbg.errors import TargetGone, XendbgError
 from xendbg.gdb.target import GdbTarget
-from xendbg.session import AbiChoice, Session, xen_image_version
+from xendbg.session import AbiChoice, Session
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -115,9 +115,11 @@ def _refresh_evidence() -> None:
         return
     _evidence_for = files
     evidence = SESSION.evidence
-    evidence.xen_image = xen_image_version(GdbTarget(), SYMBOLS)
-    evidence.guest_note = evidence.hypercall_page = None
+    evidence.xen_image = evidence.guest_note = evidence.hypercall_page = None
     for sites in loaded_sites():
+        if sites.xen_image_version is not None:
+            evidence.xen_image = sites.xen_image_version
+            continue
         name = os.path.basename(sites.path)
         if sites.xen_version is not None and evidence.guest_note is None:
             evidence.guest_note = (sites.xen_version[0], f"{sites.xen_version[1]} ({name})")

@@ -152,7 +152,10 @@ class Monitor:
             if ret.is_valid():
                 ret.delete()
         self.returns.clear()
-        self.calls.clear()
+        if not self.active:
+            self.calls.clear()
+        for _, place, _ in self.calls.pending:  # calls under way still come back
+            self.returns[place] = _ReturnProbe(self, place)
         self._publish_waiting()
 
     def _publish_waiting(self) -> None:
