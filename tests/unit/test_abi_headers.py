@@ -12,13 +12,14 @@ import importlib.util
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from xendbg.abi import _tables, get_abi
+from xendbg.abi import _layouts, _tables, get_abi
 from xendbg.abi.hypercalls import FORMER_NAMES
-from xendbg.abi.layouts import ERA_3, LAYOUTS
+from xendbg.abi.layouts import GENERATION_LAYOUTS, Layout, field_size
 
 HEADERS = Path("/usr/include/xen")
 GENERATION = "4.17"  # the libxen-dev version Debian 12 ships
@@ -158,13 +159,14 @@ def test_abi_object_agrees_with_tables():
     assert {h.name: h.nr for h in abi.hypercalls()}["multicall"] == _tables.HYPERCALL[GENERATION]["multicall"]
 
 
-# xendbg layout name -> C type in the headers.
+
+# xendbg layout name -> C type in the headers (written independently of tools/gen_abi_layouts.py).
 C_TYPES = {"trap_info": "struct trap_info", "multicall_entry": "struct multicall_entry",
            "mmu_update": "struct mmu_update", "mmuext_op": "struct mmuext_op",
            "callback_register": "struct callback_register", "callback_unregister": "struct callback_unregister",
            "cpu_user_regs": "struct cpu_user_regs", "vcpu_guest_context": "struct vcpu_guest_context",
            "start_info": "struct start_info", "sched_shutdown": "struct sched_shutdown",
-           "evtchn_op": "struct evtchn_op", "evtchn_port": "struct evtchn_send",
+           "evtchn_op": "struct evtchn_op", "evtchn_port": "struct evtchn_send", "evtchn_close": "struct evtchn_close",
            "evtchn_bind_virq": "struct evtchn_bind_virq", "evtchn_alloc_unbound": "struct evtchn_alloc_unbound",
            "evtchn_bind_ipi": "struct evtchn_bind_ipi", "evtchn_bind_interdomain": "struct evtchn_bind_interdomain",
            "vcpu_set_singleshot_timer": "struct vcpu_set_singleshot_timer",
@@ -175,19 +177,22 @@ C_FIELDS = {("callback_register", "cs", 32): "address.cs", ("callback_register",
             ("start_info", "console_evtchn", 0): "console.domU.evtchn"}
 
 
+def _layouts_of(generation: str, width: int) -> dict[str, Layout]:
+    return {name: lay for (name, w, gen), lay in GENERATION_LAYOUTS.items() if gen == generation and w == width}
+
+
 def _layout_probe(width: int, tmp_path: Path) -> dict[str, int]:
     lines = ["#include <stddef.h>", "#include <stdint.h>"]
     lines += [f"#include <xen/{h}>" for h in ("xen.h", "event_channel.h", "sched.h", "vcpu.h", "callback.h")]
     lines += ['#define EMIT(key, value) asm volatile(".ascii \\"@@" key "=%c0@@\\"" :: "i"((long long)(value)));',
               "void probe(void) {"]
-    for (name, w, era), lay in LAYOUTS.items():
-        if w != width or era != ERA_3 or name not in C_TYPES:
-            continue
+    for name, lay in _layouts_of(GENERATION, width).items():
         ctype = C_TYPES[name]
         lines.append(f'EMIT("size.{name}", sizeof({ctype}))')
         for f in lay.fields:
             member = C_FIELDS.get((name, f.name, width)) or C_FIELDS.get((name, f.name, 0)) or f.name
             lines.append(f'EMIT("off.{name}.{f.name}", offsetof({ctype}, {member}))')
+            lines.append(f'EMIT("bytes.{name}.{f.name}", sizeof((({ctype} *)0)->{member}))')
     lines.append("}")
     source = tmp_path / f"layouts{width}.c"
     source.write_text("\n".join(lines))
@@ -196,14 +201,51 @@ def _layout_probe(width: int, tmp_path: Path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("width", [32, 64])
-def test_layouts_match_headers(width, tmp_path):
+def test_generated_layouts_match_libxen_dev(width, tmp_path):
+    """Every field of every 4.17 layout: offset and size in bytes, against the installed headers."""
+    ours = _layouts_of(GENERATION, width)
+    assert set(ours) == set(C_TYPES), "every layout xendbg has for 4.17 is checked"
     values = _layout_probe(width, tmp_path)
     checked = 0
-    for (name, w, era), lay in LAYOUTS.items():
-        if w != width or era != ERA_3 or name not in C_TYPES:
-            continue
+    for name, lay in ours.items():
         assert values[f"size.{name}"] == lay.size, f"sizeof {name} ({width}-bit)"
         for f in lay.fields:
             assert values[f"off.{name}.{f.name}"] == f.offset, f"offsetof {name}.{f.name} ({width}-bit)"
+            size = f.count if f.kind == "bytes" else f.count * field_size(f.kind, width, GENERATION)
+            assert values[f"bytes.{name}.{f.name}"] == size, f"sizeof {name}.{f.name} ({width}-bit)"
             checked += 1
-    assert checked > 80
+    assert checked > 85
+
+
+def _layout_generator():
+    tools = str(ROOT / "tools")
+    sys.path.insert(0, tools)  # the generator imports its sibling gen_abi_tables
+    try:
+        spec = importlib.util.spec_from_file_location("gen_abi_layouts", ROOT / "tools" / "gen_abi_layouts.py")
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(tools)
+    return module
+
+
+def _as_probed(generation: str) -> dict[tuple[str, int], tuple[int, tuple[tuple[str, int, str, int], ...]]]:
+    return {(name, w): (lay.size, tuple((f.name, f.offset, f.kind, f.count) for f in lay.fields))
+            for (name, w, gen), lay in GENERATION_LAYOUTS.items() if gen == generation}
+
+
+@pytest.mark.parametrize("width", [32, 64])
+def test_generator_on_libxen_dev_gives_the_4_17_layouts(width, tmp_path):
+    """The generator itself, run on Debian's 4.17 headers, reproduces the committed 4.17 layouts."""
+    probed = _layout_generator().probe_layouts(HEADERS, width, tmp_path)
+    assert probed == {k: v for k, v in _as_probed(GENERATION).items() if k[1] == width}
+
+
+def test_committed_module_is_what_the_generator_renders():
+    generator = _layout_generator()
+    assert _layouts.SOURCE_TAGS == _tables.GENERATION_TAGS == generator.GENERATIONS
+    text = generator.render(_layouts.SOURCE_TAGS, {gen: _as_probed(gen) for gen in _layouts.SOURCE_TAGS})
+    assert text == (ROOT / "xendbg" / "abi" / "_layouts.py").read_text()
+    assert set(generator.STRUCTS) == {name for name, _, _ in GENERATION_LAYOUTS}

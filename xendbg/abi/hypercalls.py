@@ -9,7 +9,7 @@ xen/common/*.c).
 An argument kind says how to show and follow the value:
   int, uint, ulong   plain numbers (int is shown signed)
   ptr                a guest pointer xendbg does not follow
-  ptr:STRUCT         a guest pointer to STRUCT (a name in layouts.LAYOUTS), decoded
+  ptr:STRUCT         a guest pointer to STRUCT (a layout in layouts.py), decoded
   cmd:FAMILY         a sub-operation number, named from the enum FAMILY
   flags:FAMILY       a flag word, named bit by bit from FAMILY
   sel                a code or stack segment selector (its RPL is checked)
