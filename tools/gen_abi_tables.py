@@ -52,6 +52,8 @@ FAMILIES: dict[str, tuple[str, set[str]]] = {
     "ELFNOTE": (r"XEN_ELFNOTE_\w+", {"XEN_ELFNOTE_MAX"}),
 }
 
+HYPERVISOR_HEADERS = ("xen/arch/x86/include/asm/hypercall.h", "xen/include/asm-x86/hypercall.h")
+
 DEFINE = re.compile(r"^\s*#\s*define\s+(\w+)\s+(.+?)\s*(?:/\*.*)?$")
 ERRNO = re.compile(r"XEN_ERRNO\(\s*(\w+)\s*,\s*(\d+)\s*\)")
 
@@ -64,13 +66,23 @@ def headers(git_dir: str, tag: str) -> str:
     wanted = [n for n in names if n.endswith(".h") and "/io/" not in n and "/hvm/" not in n
               and "arch-ia64" not in n and "arch-arm" not in n and "arch-ppc" not in n
               and "arch-riscv" not in n]
-    return "\n".join(
+    text = "\n".join(
         subprocess.run(["git", "-C", git_dir, "show", f"{tag}:{n}"], check=True,
                        capture_output=True, text=True).stdout for n in wanted)
+    # x86 hypercall numbers the hypervisor names outside the public headers (paging_domctl_cont,
+    # arch_1, since 4.5): only its __HYPERVISOR_name lines are taken.
+    for private in HYPERVISOR_HEADERS:
+        shown = subprocess.run(["git", "-C", git_dir, "show", f"{tag}:{private}"],
+                               capture_output=True, text=True)
+        if shown.returncode == 0:
+            text += "\n" + "\n".join(line for line in shown.stdout.splitlines()
+                                      if re.match(r"\s*#\s*define\s+__HYPERVISOR_[a-z]", line))
+    return text
 
 
 def evaluate(expr: str, known: dict[str, int]) -> int | None:
-    expr = re.sub(r"(\d+)[uUlL]+\b", r"\1", expr.strip())
+    expr = re.sub(r"\b0[xX]([0-9a-fA-F]+)[uUlL]*\b", lambda m: str(int(m.group(1), 16)), expr.strip())
+    expr = re.sub(r"(\d+)[uUlL]+\b", r"\1", expr)
     expr = re.sub(r"xen_mk_\w+\(([^)]*)\)", r"(\1)", expr)
     if not re.fullmatch(r"[\w\s()<>|+\-x]+", expr):
         return None
@@ -114,12 +126,19 @@ def current_interface_lines(text: str) -> list[str]:
 def read_tag(git_dir: str, tag: str) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
     text = headers(git_dir, tag)
     known: dict[str, int] = {}
-    for line in current_interface_lines(text):
-        m = DEFINE.match(line)
-        if m and "(" not in m.group(1):
-            value = evaluate(m.group(2), known)
-            if value is not None and m.group(1) not in known:
-                known[m.group(1)] = value
+    pending = [(m.group(1), m.group(2)) for m in map(DEFINE.match, current_interface_lines(text))
+               if m and "(" not in m.group(1)]
+    # Repeat until nothing new resolves: a header may name a number defined in a later header
+    # (arch-x86/xen-mca.h: __HYPERVISOR_mca is __HYPERVISOR_arch_0, from xen.h).
+    progress = True
+    while progress:
+        progress = False
+        for name, expr in pending:
+            if name not in known:
+                value = evaluate(expr, known)
+                if value is not None:
+                    known[name] = value
+                    progress = True
     families: dict[str, dict[str, int]] = {}
     for family, (pattern, skip) in FAMILIES.items():
         rx = re.compile(pattern)
@@ -131,6 +150,13 @@ def read_tag(git_dir: str, tag: str) -> tuple[dict[str, dict[str, int]], dict[st
     families["HYPERCALL"] = {k.removeprefix("__HYPERVISOR_"): v for k, v in families["HYPERCALL"].items()}
     errnos = {name: int(value) for name, value in ERRNO.findall(text)}
     return families, errnos
+
+
+def _order(item: tuple[str, int]) -> tuple[int, bool]:
+    """By value; a hypercall's own name (mca) before the generic arch_N slot it occupies, because
+    the first name given a number is its primary name."""
+    name, value = item
+    return value, bool(re.fullmatch(r"arch_\d+", name))
 
 
 def main() -> None:
@@ -156,7 +182,7 @@ def main() -> None:
             if previous is not None and previous[1] == values:
                 out.append(f"{family}[{gen!r}] = {family}[{previous[0]!r}]")
             else:
-                body = ", ".join(f"{k!r}: {v}" for k, v in sorted(values.items(), key=lambda kv: kv[1]))
+                body = ", ".join(f"{k!r}: {v}" for k, v in sorted(values.items(), key=_order))
                 out.append(f"{family}[{gen!r}] = {{{body}}}  # {GENERATIONS[gen]}")
             previous = (gen, values)
         out.append("")

@@ -68,10 +68,13 @@ class CpuMode:
     description: str
 
 
-# 64-bit code selectors of a PV guest: FLAT_RING3_CS64 (0xe033 from 3.0, 0x082b in 2.0's x86_64).
-_PV64_CS = {0xE033, 0x082B}
-# The compat (32-bit) user code selector of a 64-bit PV guest, FLAT_RING3_CS32 (0xe023).
-_PV64_CS32 = {0xE023, 0x0823}
+# 64-bit code selector of a PV guest: FLAT_RING3_CS64, 0xe033 from RELEASE-3.0.0 (arch-x86_64.h; later
+# arch-x86/xen-x86_64.h).  Xen 2.0 ran no 64-bit PV guests (its x86_64 entry.S is empty at
+# RELEASE-2.0.0), so 0x082b is only ever 2.0's 32-bit FLAT_RING3_CS (arch-x86_32.h): ring-3 user code
+# of a 32-bit guest.  The selectors of 2.0's unused arch-x86_64.h are left out for the same reason.
+_PV64_CS = frozenset({0xE033})
+# The compat (32-bit) user code selector of a 64-bit PV guest, FLAT_RING3_CS32 (0xe023, same tags).
+_PV64_CS32 = frozenset({0xE023})
 
 
 def cpu_mode(cs: int, *, long_mode: bool | None = None) -> CpuMode:

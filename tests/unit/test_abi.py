@@ -53,6 +53,25 @@ def test_width_specific_hypercalls_and_signatures():
     assert [a.name for a in get_abi("2.0", 32).hypercall(6).args] == ["op"]
 
 
+@pytest.mark.parametrize("width", [32, 64])
+def test_x86_arch_slots(width):
+    # arch-x86/xen-mca.h: __HYPERVISOR_mca is __HYPERVISOR_arch_0 (48); 49 (arch_1) is the hypervisor's
+    # paging_domctl_cont from 4.5 (xen/arch/x86/include/asm/hypercall.h, RELEASE-4.17.0).
+    abi = get_abi("4.17", width)
+    assert abi.hypercall_named("mca").nr == 48 and abi.hypercall(48).name == "mca"
+    assert "arch_0" in abi.hypercall(48).former_names
+    assert abi.hypercall_named("paging_domctl_cont").nr == 49 and abi.hypercall_named("arch_1").nr == 49
+    assert get_abi("4.0", width).hypercall(48).name == "mca" and get_abi("4.0", width).hypercall(49).name == "arch_1"
+    assert get_abi("3.0.3", width).hypercall_named("mca") is None
+
+
+@pytest.mark.parametrize("generation", [g for g in GENERATIONS if g != "2.0"])
+def test_set_segment_base_is_64_bit_only(generation):
+    assert get_abi(generation, 32).hypercall_named("set_segment_base") is None
+    assert get_abi(generation, 32).hypercall(25) is None
+    assert get_abi(generation, 64).hypercall(25).name == "set_segment_base"
+
+
 def test_selector_policy_per_generation():
     assert get_abi("2.0", 32).rejects_bad_selectors and get_abi("3.0", 64).rejects_bad_selectors
     assert not get_abi("3.0.2", 32).rejects_bad_selectors

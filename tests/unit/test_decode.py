@@ -257,8 +257,8 @@ def test_vcpu_op_initialise_decodes_context():
     ("4.17", 29, (2, 0x9000), "SHUTDOWN_crash"),  # new form: pointer to sched_shutdown
 ])
 def test_sched_op_shutdown_forms(version, nr, args, reason):
-    abi = get_abi(version, 32)
-    hc = pending(version, 32, nr, *args, memory=[(0x9000, pack(abi, "sched_shutdown", reason=3))])
+    # struct sched_shutdown arrived in 3.0.2 (sched.h); older forms never read it.
+    hc = pending(version, 32, nr, *args, memory=[(0x9000, pack(get_abi("4.17", 32), "sched_shutdown", reason=3))])
     assert hc.subop.startswith("SCHEDOP_shutdown")
     assert dict(hc.detail.fields)["reason"] == reason
 

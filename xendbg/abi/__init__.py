@@ -3,7 +3,7 @@
 Every Xen number, name and layout xendbg uses is reachable from here:
   _tables.py      numbers generated from Xen's public headers at each generation's tag
   hypercalls.py   argument names and kinds of each hypercall
-  layouts.py      struct layouts per width and era
+  layouts.py      struct layouts per generation and width (from _layouts.py, generated)
   generations.py  which Xen versions belong to which generation
 """
 
@@ -21,7 +21,7 @@ from xendbg.abi.hypercalls import (
     WIDTH_ONLY,
     ArgSpec,
 )
-from xendbg.abi.layouts import ERA_2, ERA_3, Layout, layout
+from xendbg.abi.layouts import ERA_2, ERA_3, Layout, generation_layout
 from xendbg.errors import UsageError
 
 __all__ = ["Abi", "Enum", "HypercallDef", "get_abi", "GENERATIONS", "NEWEST", "resolve_generation",
@@ -186,7 +186,7 @@ class Abi:
         return _enum(self.generation, family)
 
     def layout(self, name: str) -> Layout:
-        return layout(name, self.width, self.era)
+        return generation_layout(name, self.width, self.generation)
 
     def selector_name(self, selector: int) -> str | None:
         for name, value in self.flat_selectors.items():

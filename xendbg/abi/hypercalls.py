@@ -9,7 +9,7 @@ xen/common/*.c).
 An argument kind says how to show and follow the value:
   int, uint, ulong   plain numbers (int is shown signed)
   ptr                a guest pointer xendbg does not follow
-  ptr:STRUCT         a guest pointer to STRUCT (a name in layouts.LAYOUTS), decoded
+  ptr:STRUCT         a guest pointer to STRUCT (a layout in layouts.py), decoded
   cmd:FAMILY         a sub-operation number, named from the enum FAMILY
   flags:FAMILY       a flag word, named bit by bit from FAMILY
   sel                a code or stack segment selector (its RPL is checked)
@@ -102,7 +102,11 @@ SIGNATURES: dict[str, Signature] = {
     "xenpmu_op": _sig("op:uint arg:ptr"),
     "dm_op": _sig("domid:domid nr_bufs:uint bufs:ptr"),
     "hypfs_op": _sig("cmd:uint arg1:ptr arg2:ulong arg3:ptr arg4:ulong"),
-    "arch_1": _sig("op:ptr"),  # x86 machine-check (mca), xen/include/public/arch-x86/xen-mca.h
+    # x86 names for the arch_N slots: mca is arch_0 (public/arch-x86/xen-mca.h, since RELEASE-4.0.0);
+    # paging_domctl_cont is arch_1, a continuation Xen creates itself (xen/arch/x86/include/asm/
+    # hypercall.h and hypercall-defs.c at RELEASE-4.17.0).
+    "mca": _sig("op:ptr"),
+    "paging_domctl_cont": _sig("op:ptr"),
     # Xen 2.0 forms (RELEASE-2.0.0: xen/arch/x86/traps.c, x86_32/mm.c, common/schedule.c).
     "sched_op@2.0": _sig("op:cmd:SCHEDOP"),  # command in bits 0-7, shutdown reason in bits 8-15
     "fpu_taskswitch@2.0": _sig(""),
@@ -147,8 +151,12 @@ FORMER_NAMES: dict[str, tuple[str, ...]] = {
     "physdev_op_compat": ("physdev_op",),  # likewise, physdev_op moved to 33 (3.0.3)
     "platform_op": ("dom0_op",),
     "xsm_op": ("acm_op",),
-    "arch_1": ("mca",),
 }
 
-# Hypercalls that exist for one guest width only (RELEASE-3.0.0 xen.h: "x86/32 only", "x86/64 only").
-WIDTH_ONLY: dict[str, int] = {"switch_vm86": 32, "switch_to_user": 64}
+# Hypercalls that exist for one guest width only.  xen.h marks them "x86/32 only" / "x86/64 only"
+# (switch_vm86 and switch_to_user at RELEASE-3.0.0; set_segment_base at every tag from RELEASE-3.0.0
+# to RELEASE-4.22.0).  The hypervisor agrees: the x86_32 hypercall_table has do_ni_hypercall at 25
+# (RELEASE-3.0.0 to RELEASE-4.0.0, and compat_hypercall_table at RELEASE-4.0.0), and from 4.17
+# do_set_segment_base returns -ENOSYS to a 32-bit vCPU (xen/arch/x86/pv/misc-hypercalls.c).
+# Every other x86 hypercall is wired for both widths (hypercall-defs.c, RELEASE-4.17.0/4.22.0).
+WIDTH_ONLY: dict[str, int] = {"switch_vm86": 32, "switch_to_user": 64, "set_segment_base": 64}
