@@ -90,7 +90,7 @@ def _hypercall_name(word: str, abi: Abi) -> str:
         found = abi.hypercall_named(word)
     if found is None:
         raise XendbgError(f"Xen {abi.generation} ({abi.width}-bit) has no hypercall {word!r} "
-                          f"(`xendbg abi {abi.generation}` lists them)")
+                          f"(`xendbg abi --xen {abi.generation} --width {abi.width}` lists them)")
     return found.name
 
 
