@@ -1,10 +1,11 @@
 """The `xendbg` command: offline decoding and the ABI tables, for people and scripts.
 
   xendbg abi [--xen VERSION] [--width 32|64] [--json]
-  xendbg decode --width 32|64 [--xen VERSION] --reg NAME=VALUE ... [--mem ADDR:HEX | --mem ADDR@FILE ...] [--json]
-  xendbg traps ADDR ... / xendbg multicall ADDR COUNT ...   (the same memory options)
+  xendbg decode [--width 32|64] [--xen VERSION] --reg NAME=VALUE ... [--mem ADDR:HEX | --mem ADDR@FILE ...] [--json]
+  xendbg traps ADDR ... / xendbg multicall ADDR COUNT ...   (the same options as decode)
 
-Arguments can also be read from a file: `xendbg decode @examples/linux-multicall.args`.
+Arguments can also be read from a file, one a line (lines starting with # are comments):
+`xendbg decode @examples/linux-multicall.args`.
 Errors are one line on stderr and a non-zero exit: 2 for a usage error, 1 for anything else.
 """
 
@@ -14,15 +15,35 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 
-from xendbg.abi import NEWEST, get_abi
+from xendbg.abi import NEWEST, Abi, get_abi, resolve_generation
 from xendbg.arch import cpu_mode
 from xendbg.decode import decode_multicall, decode_pending, decode_trap_table
+from xendbg.decode.rules import MAX_MULTICALL_ENTRIES
 from xendbg.errors import UsageError, XendbgError
 from xendbg.render import json as render_json
 from xendbg.render import text as render_text
 from xendbg.target import InMemoryTarget
+
+# Piped output is for scripts and files: rich must not fold it at 80 columns.
+_PIPE_WIDTH = 10_000
+# nr_calls was a 32-bit count up to Xen 4.17 (an unsigned long in 4.22's do_multicall): a larger
+# count is no real batch.
+_MAX_COUNT = 0xFFFFFFFF
+
+_EXAMPLES = """\
+numbers are unsigned: an address, a register value or a memory range must fit the guest width
+(0 .. 0xffffffff for 32-bit, 0 .. 0xffffffffffffffff for 64-bit); a negative or wider value is
+rejected, never masked.
+
+examples (from the repository's root):
+  xendbg abi --xen 4.22 --width 64
+  xendbg decode @examples/linux-multicall.args
+  xendbg traps 0xc0300000 @examples/xen20-trap-table.args --json
+  xendbg multicall 0xffffc90000a00000 4 --results @examples/linux-multicall.args
+"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,6 +51,11 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message} (see '{self.prog} --help')")
+
+    def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
+        # An @FILE may carry comments (how to run it) and blank lines.
+        line = arg_line.strip()
+        return [] if not line or line.startswith("#") else [line]
 
 
 def _number(text: str) -> int:
@@ -41,7 +67,7 @@ def _number(text: str) -> int:
 
 def _register(text: str) -> tuple[str, int]:
     name, sep, value = text.partition("=")
-    if not sep or not name:
+    if not sep or not name.strip():
         raise UsageError(f"--reg wants NAME=VALUE, got {text!r}")
     return name.strip().lower(), _number(value.strip())
 
@@ -54,32 +80,50 @@ def _memory(text: str, base_dir: Path) -> tuple[int, bytes]:
         if not path.is_absolute() and not path.exists():
             path = base_dir / filename
         try:
-            return _number(address), path.read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
             raise UsageError(f"--mem {text}: cannot read {filename}: {exc.strerror}") from None
-    address, sep, data = text.partition(":")
+        if not data:
+            raise UsageError(f"--mem {text}: {filename} is empty")
+        return _number(address), data
+    address, sep, hexbytes = text.partition(":")
     if not sep:
         raise UsageError(f"--mem wants ADDR:HEXBYTES or ADDR@FILE, got {text!r}")
     try:
-        return _number(address), bytes.fromhex(data.replace(" ", "").replace("_", ""))
+        data = bytes.fromhex(hexbytes.replace(" ", "").replace("_", ""))
     except ValueError:
-        raise UsageError(f"--mem {address}: not hex bytes: {data[:40]!r}") from None
+        raise UsageError(f"--mem {address}: not hex bytes: {hexbytes[:40]!r}") from None
+    if not data:
+        raise UsageError(f"--mem {text}: no bytes after ':' (give ADDR:HEXBYTES, e.g. {address}:cd82)")
+    return _number(address), data
 
 
-def _add_target_options(parser: argparse.ArgumentParser, width_required: bool) -> None:
-    parser.add_argument("--width", type=int, choices=(32, 64), required=width_required,
-                        help="guest width (default: from --reg cs=..., else required)")
-    parser.add_argument("--xen", default=NEWEST, metavar="VERSION",
-                        help=f"Xen version or ABI generation (default: {NEWEST}, the newest)")
-    parser.add_argument("--reg", action="append", default=[], metavar="NAME=VALUE",
-                        help="a register of the stopped vCPU (repeatable); registers not given are 0")
-    parser.add_argument("--mem", action="append", default=[], metavar="ADDR:HEX|ADDR@FILE",
-                        help="guest memory at ADDR, as hex bytes or from a file (repeatable)")
-    parser.add_argument("--json", action="store_true", help="print JSON (see docs/json-schema.md)")
+# Registers the decoders read, per guest width; those not given on the command line are 0.
+_REGISTERS = {32: ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp", "eip", "cs"),
+              64: ("rax", "rdi", "rsi", "rdx", "r10", "r8", "r9", "rcx", "r11", "rsp", "rip", "cs")}
+
+_GROUP_HELP = ("Numbers are unsigned and must fit the guest width: a negative or wider address, "
+               "register value or memory range is rejected, never masked.")
+
+
+def _add_target_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("guest state", _GROUP_HELP)
+    group.add_argument("--width", type=int, choices=(32, 64),
+                       help="guest width (default: from --reg cs=..., else required)")
+    group.add_argument("--xen", default=NEWEST, metavar="VERSION",
+                       help=f"Xen version or ABI generation (default: {NEWEST}, the newest)")
+    group.add_argument("--reg", action="append", default=[], metavar="NAME=VALUE",
+                       help="a register of the stopped vCPU (repeatable; not given: 0): "
+                            f"32-bit {' '.join(_REGISTERS[32])}; 64-bit {' '.join(_REGISTERS[64])}")
+    group.add_argument("--mem", action="append", default=[], metavar="ADDR:HEX|ADDR@FILE",
+                       help="guest memory at ADDR, as hex bytes or from a file (repeatable; ranges "
+                            "must not overlap)")
+    group.add_argument("--json", action="store_true", help="print JSON (see docs/json-schema.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="xendbg", description="Debugger for Xen PV guests: offline decoding and ABI tables.",
+                     epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                      fromfile_prefix_chars="@")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -88,71 +132,143 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, choices=(32, 64), default=64, help="guest width (default: 64)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("decode", help="decode the pending hypercall from registers and memory",
-                       fromfile_prefix_chars="@")
-    _add_target_options(p, width_required=False)
+    p = sub.add_parser("decode", help="decode the pending hypercall from registers and memory")
+    _add_target_options(p)
 
-    p = sub.add_parser("traps", help="decode a trap table (trap_info array) in memory", fromfile_prefix_chars="@")
+    p = sub.add_parser("traps", help="decode a trap table (trap_info array) in memory")
     p.add_argument("address", type=_number, help="address of the first trap_info")
-    _add_target_options(p, width_required=True)
+    _add_target_options(p)
 
-    p = sub.add_parser("multicall", help="decode a multicall batch in memory", fromfile_prefix_chars="@")
+    p = sub.add_parser("multicall", help="decode a multicall batch in memory")
     p.add_argument("address", type=_number, help="address of the first multicall_entry")
-    p.add_argument("count", type=_number, help="number of entries")
+    p.add_argument("count", type=_number, help=f"number of entries (nr_calls, 0 .. {_MAX_COUNT:#x}; xendbg "
+                                               f"decodes at most the first {MAX_MULTICALL_ENTRIES} and says so)")
     p.add_argument("--results", action="store_true", help="the batch has run: show the results Xen wrote")
-    _add_target_options(p, width_required=True)
+    _add_target_options(p)
     return parser
 
 
-# Registers the decoders may read; those not given on the command line are 0.
-_REGISTERS = {32: ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp", "eip", "cs"),
-              64: ("rax", "rdi", "rsi", "rdx", "r10", "r8", "r9", "rcx", "r11", "rsp", "rip", "cs")}
+def _abi(version: str, width: int) -> Abi:
+    # Xen 2.0 ran 32-bit PV guests only: its x86_64 port has no hypercall entry
+    # (xen/arch/x86/x86_64/entry.S is empty at RELEASE-2.0.0); 64-bit PV arrived with RELEASE-3.0.0.
+    if width == 64 and resolve_generation(version) == "2.0":
+        raise UsageError(f"Xen {version} had no 64-bit PV guests (64-bit PV came with Xen 3.0): "
+                         "use --width 32 or a newer --xen")
+    return get_abi(version, width)
 
 
-def _target(args: argparse.Namespace, base_dir: Path) -> tuple[InMemoryTarget, int]:
-    registers = dict(_register(r) for r in args.reg)
-    width = args.width
-    if width is None:
-        if "cs" not in registers:
-            raise UsageError("give --width 32|64 (or --reg cs=... to tell it from the code selector)")
-        mode = cpu_mode(registers["cs"])
-        if mode.width is None:
-            raise UsageError(f"cs={registers['cs']:#x} is a ring-0 selector: give --width for the guest")
-        width = mode.width
-    for name in _REGISTERS[width]:
+def _cs_width(cs: int) -> int | None:
+    """The guest width a code selector implies on its own, None when it does not say."""
+    if cpu_mode(cs, long_mode=False).width != cpu_mode(cs, long_mode=True).width:
+        return None  # a ring-3 selector xendbg does not know: 32- or 64-bit code alike
+    return cpu_mode(cs).width
+
+
+def _guest_width(width: int | None, registers: dict[str, int]) -> int:
+    """--width, else the width the code selector says; a selector that contradicts --width is an error."""
+    cs = registers.get("cs")
+    if cs is not None and not 0 <= cs <= 0xFFFF:
+        raise UsageError(f"cs={cs:#06x} is not a 16-bit selector")
+    if width is not None:
+        implied = _cs_width(cs) if cs is not None else None
+        if implied is not None and implied != width:
+            raise UsageError(f"cs={cs:#06x} says {cpu_mode(cs).description}, but --width is {width}: "
+                             "drop one or make them agree")
+        return width
+    if cs is None:
+        raise UsageError("give --width 32|64 (or --reg cs=... to tell it from the code selector)")
+    mode = cpu_mode(cs)
+    if mode.width is None:
+        raise UsageError(f"cs={cs:#06x} is a ring-0 selector: give --width for the guest")
+    return mode.width
+
+
+def _unsigned(what: str, value: int, width: int) -> int:
+    if not 0 <= value < 1 << width:
+        sign = "-" if value < 0 else ""
+        raise UsageError(f"{what} {sign}{abs(value):#x} does not fit a {width}-bit guest "
+                         f"(0 .. {(1 << width) - 1:#x}; negative values are not masked)")
+    return value
+
+
+def _registers(given: list[tuple[str, int]], width: int) -> dict[str, int]:
+    """The registers of a `width`-bit guest: only names it has, each once; those not given are 0."""
+    known = _REGISTERS[width]
+    registers: dict[str, int] = {}
+    for name, value in given:
+        if name not in known:
+            other = 64 if width == 32 else 32
+            why = (f"{name} is a {other}-bit register" if name in _REGISTERS[other]
+                   else f"unknown register {name!r}")
+            raise UsageError(f"--reg {name}: {why}; a {width}-bit guest takes {' '.join(known)}")
+        if name in registers:
+            raise UsageError(f"--reg {name} is given twice")
+        registers[name] = _unsigned(f"--reg {name}", value, width)
+    for name in known:
         registers.setdefault(name, 0)
-    return InMemoryTarget(registers, [_memory(m, base_dir) for m in args.mem]), width
+    return registers
+
+
+def _regions(given: list[str], width: int, base_dir: Path) -> list[tuple[int, bytes]]:
+    regions = sorted(_memory(m, base_dir) for m in given)
+    for address, data in regions:
+        _unsigned("--mem address", address, width)
+        _unsigned(f"--mem {address:#x}: its last byte", address + len(data) - 1, width)
+    for (a, a_data), (b, b_data) in pairwise(regions):
+        if b < a + len(a_data):
+            raise UsageError(f"--mem ranges overlap: {a:#x}-{a + len(a_data) - 1:#x} and "
+                             f"{b:#x}-{b + len(b_data) - 1:#x} (give each byte once)")
+    return regions
+
+
+def _target(args: argparse.Namespace, base_dir: Path) -> tuple[InMemoryTarget, Abi]:
+    """The offline target and ABI the options describe, after checking that they agree."""
+    given = [_register(r) for r in args.reg]
+    width = _guest_width(args.width, dict(given))
+    abi = _abi(args.xen, width)
+    target = InMemoryTarget(_registers(given, width), _regions(args.mem, width, base_dir))
+    return target, abi
 
 
 def _emit(args: argparse.Namespace, data: object, renderable: object) -> None:
     if args.json:
         print(render_json.dumps(data))
-    else:
-        render_text.console().print(renderable)
+        return
+    console = render_text.console()
+    if not console.is_terminal:
+        console.width = _PIPE_WIDTH
+    console.print(renderable)
 
 
 def run(argv: Sequence[str] | None = None, base_dir: Path | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        where = f"xendbg {args.command}" if args.command else "xendbg"
+        raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see '{where} --help')")
     base_dir = base_dir or Path.cwd()
     if args.command is None:
         parser.print_help()
         return 2
     if args.command == "abi":
-        abi = get_abi(args.xen, args.width)
+        abi = _abi(args.xen, args.width)
         _emit(args, render_json.abi_listing(abi), render_text.abi_listing(abi))
         return 0
-    target, width = _target(args, base_dir)
-    abi = get_abi(args.xen, width)
+    target, abi = _target(args, base_dir)
     if args.command == "decode":
         hc = decode_pending(target, abi)
         _emit(args, render_json.hypercall(hc), render_text.hypercall(hc))
         return 0
+    address = _unsigned(f"{args.command} address", args.address, abi.width)
     if args.command == "traps":
-        table, found = decode_trap_table(target, abi, args.address)
+        table, found = decode_trap_table(target, abi, address)
         _emit(args, render_json.trap_table_report(table, found), render_text.trap_table_report(table, found))
         return 0
-    batch, found = decode_multicall(target, abi, args.address, args.count, results=args.results)
+    count = args.count
+    if not 0 <= count <= _MAX_COUNT:
+        raise UsageError(f"multicall count {count} is not a batch size: give 0 .. {_MAX_COUNT:#x} "
+                         f"(xendbg decodes at most the first {MAX_MULTICALL_ENTRIES} entries and says so)")
+    batch, found = decode_multicall(target, abi, address, count, results=args.results)
     _emit(args, render_json.multicall_report(batch, found), render_text.multicall_report(batch, found))
     return 0
 
@@ -161,8 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(argv)
     except XendbgError as exc:
-        prog = "xendbg"
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"xendbg: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt:
         return 130
