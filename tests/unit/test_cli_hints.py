@@ -103,7 +103,7 @@ def test_the_hints_in_usage_errors_run():
 
 
 # Sample values for the placeholders of f-string hints; a new placeholder needs one here.
-PLACEHOLDERS = {"abi.generation": "4.17", "abi.width": "64"}
+PLACEHOLDERS = {"abi.generation": "4.17", "abi.width": "64", "generations[0]": "4.17"}
 
 
 def source_hints() -> list[tuple[str, str]]:
@@ -128,7 +128,7 @@ def source_hints() -> list[tuple[str, str]]:
 
 def test_hints_in_the_package_run():
     hints = source_hints()
-    assert any(name == "commands.py" for name, _ in hints)
+    assert any(name == "names.py" for name, _ in hints)
     for name, hint in hints:
         command = re.sub(r"\{([^}]*)\}", lambda m: PLACEHOLDERS[m.group(1)], hint)
         out = run(command)

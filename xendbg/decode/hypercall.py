@@ -419,7 +419,7 @@ def _sched_op_compat(ctx: _Ctx, args: list[Arg]) -> Detail:
 
 # Event-channel sub-operation -> the struct it takes (xen/include/public/event_channel.h).
 _EVTCHN_STRUCTS = {
-    "EVTCHNOP_send": "evtchn_port", "EVTCHNOP_close": "evtchn_port", "EVTCHNOP_unmask": "evtchn_port",
+    "EVTCHNOP_send": "evtchn_port", "EVTCHNOP_close": "evtchn_close", "EVTCHNOP_unmask": "evtchn_port",
     "EVTCHNOP_bind_virq": "evtchn_bind_virq", "EVTCHNOP_alloc_unbound": "evtchn_alloc_unbound",
     "EVTCHNOP_bind_ipi": "evtchn_bind_ipi", "EVTCHNOP_bind_interdomain": "evtchn_bind_interdomain",
 }
