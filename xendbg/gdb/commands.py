@@ -80,8 +80,15 @@ def _token(text: str) -> str:
     return "" if not text or text[-1].isspace() else text.split()[-1]
 
 
+COMMANDS: dict[str, _XenCommand] = {}  # the registered commands by name ("multicall", "trace show"), for run_json
+
+
 class _XenCommand(gdb.Command):
     """Base: argument checking, one-line gdb errors instead of tracebacks, and completion."""
+
+    def __init__(self, name: str, command_class: int, *args: object, **kwargs: object) -> None:
+        super().__init__(name, command_class, *args, **kwargs)
+        COMMANDS[name.removeprefix("xen ")] = self
 
     usage = ""
     flags: tuple[str, ...] = ()  # options without a value
@@ -779,6 +786,19 @@ class XenParameter(gdb.Parameter):
             choice = context.choice(cs if cs is not None and cs & 3 else None)
             return f"{self._what}: auto (now Xen {choice.generation}: {choice.reason})"
         return f"{self._what}: {svalue}"
+
+
+def run_json(name: str, arg: str = "") -> object:
+    """Run `xen NAME ARG --json` and return its JSON object instead of printing it (MI commands, the
+    TUI): one command, one home for its data."""
+    command = COMMANDS.get(name)
+    if command is None or "--json" not in command.flags:
+        raise XendbgError(f"xen {name} has no JSON form")
+    with context.capture_json() as out:
+        command.invoke(f"{arg} --json".strip(), False)
+    if not out:
+        raise XendbgError(f"xen {name} printed no JSON")
+    return out[-1]
 
 
 def _on_stop(event: object) -> None:

@@ -4,6 +4,8 @@ gdb's symbols, the loaded guest files, and output.  The policy itself lives in x
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import gdb  # type: ignore[import-not-found]
@@ -39,10 +41,27 @@ def write(renderable: object) -> None:
     gdb.write(text().to_string(renderable, width=width if width > 0 else 200, color=color))
 
 
+_json_sink: list[object] | None = None  # set while a caller (an MI command) takes the JSON itself
+
+
 def write_json(obj: object) -> None:
+    if _json_sink is not None:
+        _json_sink.append(obj)
+        return
     from xendbg.render import json as render_json
 
     gdb.write(render_json.dumps(obj) + "\n")
+
+
+@contextmanager
+def capture_json() -> Iterator[list[object]]:
+    """Collect what `xen ... --json` commands write, instead of printing it (MI commands use this)."""
+    global _json_sink
+    outer, _json_sink = _json_sink, []
+    try:
+        yield _json_sink
+    finally:
+        _json_sink = outer
 
 
 class GdbSymbols:
