@@ -16,6 +16,7 @@ xendbg into gdb stays cheap) recognises the instruction at PC and the stubs of a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 from xendbg.errors import DecodeError, TargetError, UnknownRegister
 from xendbg.names import TRAP_VECTORS  # x86 exception vectors: mnemonic and name
@@ -104,6 +105,7 @@ class Site:
     instruction: str  # e.g. "syscall" or "int 0x82"
     address: int  # address of the hypercall instruction (PC for "registers")
     stub_nr: int | None = None  # the number a stub loads into EAX/RAX before the instruction
+    pushes: int = 0  # bytes the stub pushes before its instruction (the stack then is this much lower)
 
     def describe(self) -> str:
         if self.kind == "instruction":
@@ -118,7 +120,9 @@ class Site:
         return "from registers"
 
 
+@cache
 def _disassembler(width: int):  # noqa: ANN202 - capstone's Cs type, imported lazily
+    """One capstone decoder per width: building one costs more than the stub walk itself."""
     import capstone
 
     mode = capstone.CS_MODE_32 if width == 32 else capstone.CS_MODE_64
@@ -133,6 +137,7 @@ def find_hypercall_site(code: bytes, pc: int, width: int, max_insns: int = 8) ->
     page's stubs; without one (Linux's xen_hypercall_pv) the number is already in EAX/RAX.
     """
     stub_nr: int | None = None
+    pushes = 0
     for index, insn in enumerate(_disassembler(width).disasm(code, pc)):
         if index >= max_insns:
             break
@@ -143,9 +148,11 @@ def find_hypercall_site(code: bytes, pc: int, width: int, max_insns: int = 8) ->
                 convention = f"x86_{width}-hvm"
             kind = "instruction" if index == 0 else "stub"
             text = f"{mnemonic} {insn.op_str}".strip()
-            return Site(kind, convention, text, insn.address, stub_nr)
+            return Site(kind, convention, text, insn.address, stub_nr, pushes)
         if mnemonic in _END_OF_STUB:
             break
+        if mnemonic in ("push", "pushq", "pushl"):
+            pushes += width // 8  # push imm and push reg both store one word
         if mnemonic == "mov" and (ops.startswith("eax,") or ops.startswith("rax,")):
             try:
                 stub_nr = int(ops.split(",", 1)[1], 0)
@@ -292,6 +299,7 @@ class XenEntry:
     args: tuple[int, ...]
     width: int
     site: Site
+    guest_sp: int | None = None  # the guest's stack pointer at its hypercall, when Xen's frame says
 
 
 def handler_entry(target: Target, function: str) -> XenEntry:
@@ -324,7 +332,7 @@ def guest_frame_entry(target: Target, regs_address: int, function: str = XEN_HYP
     nr = wide["r" + nr_reg[1:] if nr_reg.startswith("e") else nr_reg] & mask
     guest_pc = int(regs["rip"])  # type: ignore[arg-type]
     site = Site("frame", convention.name, f"{function}()", guest_pc)
-    return XenEntry(nr, None, args, width, site)
+    return XenEntry(nr, None, args, width, site, int(regs["rsp"]) & mask)  # type: ignore[arg-type]
 
 
 def read_code(target: Target, pc: int) -> bytes:

@@ -147,10 +147,13 @@ def plan_guest(sites: list[GuestSite], wanted: frozenset[str] | None,
 def plan_xen(wanted: frozenset[str] | None, abis: list[Abi], address_of: Callable[[str], int | None]) -> Plan:
     """Probes inside Xen: at the handlers of the wanted calls, else at the hypercall entry."""
     plan = Plan()
-    entry = address_of(arch.XEN_HYPERCALL_ENTRY) or 0
+    # Every frame entry this Xen has: a build with 32-bit PV support sends `int $0x82` through
+    # do_entry_int82, which calls the dispatcher directly and never passes pv_hypercall.
+    entries = [(f, a) for f in arch.XEN_FRAME_ENTRIES if (a := address_of(f)) is not None]
+    where = " and ".join(f for f, _ in entries) or arch.XEN_HYPERCALL_ENTRY
     if wanted is None:
-        plan.probes.append(ProbeSpec("frame", entry, function=arch.XEN_HYPERCALL_ENTRY))
-        plan.description = f"in Xen at {arch.XEN_HYPERCALL_ENTRY} (every PV hypercall)"
+        plan.probes += [ProbeSpec("frame", a, function=f) for f, a in entries]
+        plan.description = f"in Xen at {where} (every PV hypercall)"
         return plan
     placed, missing = [], []
     for name in sorted(wanted):
@@ -167,9 +170,9 @@ def plan_xen(wanted: frozenset[str] | None, abis: list[Abi], address_of: Callabl
             missing.append(name)
     if missing:  # no handler symbol of its own: filter at the hypercall entry by number instead
         numbers = _numbers(abis, frozenset(missing))
-        plan.probes.append(ProbeSpec("frame", entry, function=arch.XEN_HYPERCALL_ENTRY, numbers=numbers))
+        plan.probes += [ProbeSpec("frame", a, function=f, numbers=numbers) for f, a in entries]
     plan.description = (f"in Xen at the handlers of {', '.join(placed)}"
-                        + (f", and at {arch.XEN_HYPERCALL_ENTRY} for {', '.join(missing)}" if missing else ""))
+                        + (f", and at {where} for {', '.join(missing)}" if missing else ""))
     return plan
 
 

@@ -7,6 +7,7 @@ import pytest
 from tests.unit.images import pack, pack_many, registers, stub
 from xendbg.abi import get_abi
 from xendbg.decode import (
+    decode_in_xen,
     Callbacks,
     FastTrap,
     GuestState,
@@ -299,13 +300,41 @@ def test_update_va_mapping_arguments_per_width():
     assert [a.name for a in hc.args] == ["va", "val", "flags"] and hc.args[2].text == "UVMF_INVLPG|UVMF_ALL"
 
 
-def test_iret_frame_from_stack():
+IRET_FRAME = b"".join(v.to_bytes(8, "little") for v in (1, 2, 3, 0, 0x401000, 0xE033, 0x202, 0x7FF0, 0xE02B))
+# Xen's iret stub (pv_ring3_init_hypercall_page, RELEASE-4.17.0): push %rcx; push %r11; push %rax;
+# mov $23,%eax; syscall.
+IRET_STUB = bytes.fromhex("51 4153 50 b817000000 0f05").ljust(32, b"\xcc")
+
+
+def test_iret_frame_from_stack_at_the_instruction():
     abi = get_abi("4.17", 64)
-    regs = registers(64, 23, pc=PC) | {"rsp": 0x8000}
-    frame = b"".join(v.to_bytes(8, "little") for v in (1, 2, 3, 0, 0x401000, 0xE033, 0x202, 0x7FF0, 0xE02B))
-    hc = decode_pending(InMemoryTarget(regs, [(PC, stub(64, 23)), (0x8000, frame)]), abi)
+    regs = registers(64, 23, pc=PC + 9) | {"rsp": 0x8000}
+    hc = decode_pending(InMemoryTarget(regs, [(PC, IRET_STUB), (0x8000, IRET_FRAME)]), abi)
     assert hc.name == "iret" and isinstance(hc.detail, StructFields)
-    assert dict(hc.detail.fields)["rip"] == 0x401000
+    assert dict(hc.detail.fields)["rip"] == 0x401000 and hc.detail.address == 0x8000
+
+
+def test_iret_frame_at_the_stub_entry_is_below_the_stack_pointer():
+    """At the stub's first instruction rcx, r11 and rax are not pushed yet: the frame the syscall will
+    hand Xen starts 24 bytes below RSP, not at RSP."""
+    abi = get_abi("4.17", 64)
+    regs = registers(64, 23, pc=PC) | {"rsp": 0x8000 + 24}
+    hc = decode_pending(InMemoryTarget(regs, [(PC, IRET_STUB), (0x8000, IRET_FRAME)]), abi)
+    assert hc.name == "iret" and isinstance(hc.detail, StructFields)
+    assert hc.detail.address == 0x8000 and dict(hc.detail.fields)["rip"] == 0x401000
+    assert dict(hc.detail.fields)["cs"] == 0xE033
+
+
+def test_batched_iret_inside_a_xen_handler_is_not_read_from_xens_stack():
+    abi = get_abi("4.17", 64)
+    call_list = 0x9000
+    entry = pack(abi, "multicall_entry", op=23, args=[0] * 6)
+    regs = {"rip": 0xFFFF82D040229A90, "rdi": call_list, "rsi": 1, "rdx": 0, "rcx": 0, "r8": 0,
+            "rsp": 0xFFFF830000007F00}
+    hc = decode_in_xen(InMemoryTarget(regs, [(call_list, entry)]), "do_multicall", lambda w: get_abi("4.17", w))
+    (batched,) = hc.detail.entries
+    assert batched.call.name == "iret" and batched.call.detail is None
+    assert any(f.rule == "iret-frame-unknown" for f in batched.call.findings)
 
 
 def test_former_names_and_renumbering():

@@ -31,7 +31,7 @@ from xendbg.decode.model import (
     TrapEntry,
     TrapTable,
 )
-from xendbg.errors import DecodeError, UnreadableMemory
+from xendbg.errors import DecodeError, UnknownRegister, UnreadableMemory
 from xendbg.target import Target
 
 MAX_CONSOLE_TEXT = 512
@@ -41,12 +41,18 @@ MAX_ARRAY_ROWS = 64
 class _Ctx:
     """One decode: the target, the ABI, what the guest registered, and the findings so far."""
 
-    def __init__(self, target: Target, abi: Abi, state: GuestState | None, depth: int) -> None:
+    def __init__(self, target: Target, abi: Abi, state: GuestState | None, depth: int,
+                 guest_sp: int | None = None, in_xen: bool = False) -> None:
         self.target = target
         self.abi = abi
         self.state = state
         self.depth = depth
         self.findings: list[Finding] = []
+        # The guest's stack pointer at its hypercall instruction (iret reads its frame there): given when
+        # the decode does not stand there itself (a stub's entry, Xen's saved frame); inside a Xen
+        # handler it is unknown, and the stack pointer register is Xen's own.
+        self.guest_sp = guest_sp
+        self.in_xen = in_xen
 
     def read(self, address: int, size: int) -> bytes:
         return self.target.read_memory(address & self.abi.address_mask, size)
@@ -308,7 +314,7 @@ def _multicall(ctx: _Ctx, address: int, count: int, results: bool) -> MulticallB
                              abi.generation, abi.width)
         else:
             call = _decode(ctx.target, abi, op, raw_args, ctx.state, ctx.depth + 1,
-                           where=f"multicall entry {index}")
+                           where=f"multicall entry {index}", guest_sp=ctx.guest_sp, in_xen=ctx.in_xen)
         result = _signed(result_raw, abi.width) if results else None
         result_text = None
         if result is not None:
@@ -524,8 +530,14 @@ def _iret(ctx: _Ctx, args: list[Arg]) -> Detail:
     names = (("eax", "eip", "cs", "eflags", "esp", "ss") if abi.width == 32 else
              ("rax", "r11", "rcx", "flags", "rip", "cs", "rflags", "rsp", "ss"))
     word = abi.width // 8
+    if ctx.guest_sp is None and ctx.in_xen:
+        ctx.add(Finding("iret-frame-unknown", "info", "the iret frame is on the guest's stack, whose pointer "
+                        "xendbg does not know at a Xen handler's entry (catch at pv_hypercall or guest side "
+                        "to see it)"))
+        return None
     try:
-        sp = ctx.target.read_register("esp" if abi.width == 32 else "rsp")
+        sp = ctx.guest_sp if ctx.guest_sp is not None else ctx.target.read_register(
+            "esp" if abi.width == 32 else "rsp")
         data = ctx.read(sp, word * len(names))
     except UnreadableMemory as exc:
         ctx.add(rules.unreadable("iret frame", exc.address))
@@ -562,8 +574,9 @@ def _subop(args: list[Arg]) -> str | None:
 
 
 def _decode(target: Target, abi: Abi, nr: int, raw_args: list[int] | tuple[int, ...],
-            state: GuestState | None, depth: int, where: str = "", site: str = "") -> Hypercall:
-    ctx = _Ctx(target, abi, state, depth)
+            state: GuestState | None, depth: int, where: str = "", site: str = "",
+            guest_sp: int | None = None, in_xen: bool = False) -> Hypercall:
+    ctx = _Ctx(target, abi, state, depth, guest_sp, in_xen)
     mask = abi.address_mask
     raw = [v & mask for v in raw_args]
     hc = abi.hypercall(nr)
@@ -600,7 +613,15 @@ def decode_pending(target: Target, abi: Abi, *, state: GuestState | None = None,
                    code_at_pc: bytes | None = None) -> Hypercall:
     """Decode the hypercall a stopped vCPU is about to make (at the instruction or in its stub)."""
     pending = arch.pending_call(target, abi.width, code_at_pc=code_at_pc)
-    return _decode(target, abi, pending.nr, list(pending.args), state, 0, site=pending.site.describe())
+    guest_sp = None
+    if pending.site.pushes:  # stopped in a stub before its pushes: the stack is lower at the instruction
+        try:
+            sp = target.read_register("esp" if abi.width == 32 else "rsp")
+        except UnknownRegister:
+            sp = None  # an offline decode without a stack pointer
+        guest_sp = None if sp is None else (sp - pending.site.pushes) & abi.address_mask
+    return _decode(target, abi, pending.nr, list(pending.args), state, 0, site=pending.site.describe(),
+                   guest_sp=guest_sp)
 
 
 def decode_in_xen(target: Target, function: str, abi_for_width: Callable[[int], Abi], *,
@@ -619,5 +640,6 @@ def decode_in_xen(target: Target, function: str, abi_for_width: Callable[[int], 
         if known is None:
             raise DecodeError(f"{function} serves {entry.name}, which Xen {abi.generation} has no number for")
         nr = known.nr
-    return _decode(target, abi, nr, list(entry.args), state, 0, site=entry.site.describe())
+    return _decode(target, abi, nr, list(entry.args), state, 0, site=entry.site.describe(),
+                   guest_sp=entry.guest_sp, in_xen=True)
 

@@ -95,6 +95,9 @@ class Monitor:
     probes: list[_Probe] = field(default_factory=list)
     returns: dict[int, _ReturnProbe] = field(default_factory=dict)
     calls: observe.CallTracker = field(default_factory=observe.CallTracker)
+    # The last call each Xen handler served on each CPU: Xen-side there is no return to match, so a
+    # continuation is told from the call before it (its arguments advanced).
+    handler_calls: dict[tuple[int, str], PendingCall] = field(default_factory=dict)
     reports: list[tuple[str, object]] = field(default_factory=list)
     plan: str = ""  # one line: where and how xendbg observes hypercalls now
     moves_due: bool = False
@@ -201,13 +204,21 @@ class Monitor:
                 return True
             return self._trace_file_stop()
         pending = PendingCall(hc, abi, registers=self._registers(spec, target, hc))
-        entered = self.calls.enter(key, pending) if key is not None else observe.Entered("new")
+        if key is not None:
+            entered = self.calls.enter(key, pending)
+        else:
+            earlier_call = self.handler_calls.get((cpu, spec.function or ""))
+            self.handler_calls[(cpu, spec.function or "")] = pending
+            entered = observe.Entered("new")
+            if earlier_call is not None and observe.is_continuation(earlier_call.call, hc, abi):
+                entered = observe.Entered("continuation", earlier_call)
         if entered.kind == "repeat":
             return False  # the same call reported again: it was already counted and shown
         continues = None
         if entered.kind == "continuation" and entered.earlier is not None:
             earlier = entered.earlier
-            self._apply(cpu, observe.completed_part(earlier.call, hc, abi), abi)
+            if key is not None:  # Xen-side, the earlier part was replayed when it entered
+                self._apply(cpu, observe.completed_part(earlier.call, hc, abi), abi)
             continues = earlier.seq
             if earlier.seq is not None and self.trace is not None:
                 self.trace.preempted(cpu, earlier.seq, earlier.call.display_name)
