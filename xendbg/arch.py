@@ -161,6 +161,24 @@ def find_hypercall_site(code: bytes, pc: int, width: int, max_insns: int = 8) ->
     return None
 
 
+def hypercall_instructions(code: bytes, address: int, width: int) -> dict[int, int | None]:
+    """The hypercall instructions in a function's code, disassembled from its start: address -> the
+    number a `mov $N, %eax` right before it loads (None when the number comes from elsewhere)."""
+    found: dict[int, int | None] = {}
+    loaded: int | None = None
+    for insn in _disassembler(width).disasm(code, address):
+        mnemonic, ops = insn.mnemonic, insn.op_str.replace(" ", "")
+        if (mnemonic, ops) in _HYPERCALL_INSNS:
+            found[insn.address] = loaded
+        loaded = None
+        if mnemonic == "mov" and (ops.startswith("eax,") or ops.startswith("rax,")):
+            try:
+                loaded = int(ops.split(",", 1)[1], 0)
+            except ValueError:
+                loaded = None
+    return found
+
+
 def stub_number(stub: bytes, address: int, width: int) -> int | None:
     """The hypercall number a 32-byte hypercall-page stub loads, or None if it is not such a stub."""
     site = find_hypercall_site(stub[:HYPERCALL_STUB_SIZE], address, width)

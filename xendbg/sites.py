@@ -34,6 +34,7 @@ SOURCE_SYMBOL = "symbol"
 SOURCE_NOTE = "note"
 SOURCE_XEN_GUEST = "__xen_guest"
 SOURCE_SIGNATURE = "signature"
+SOURCE_SCAN = "scan"
 SOURCE_NONE = "none"
 
 _SOURCE_TEXT = {
@@ -41,6 +42,7 @@ _SOURCE_TEXT = {
     SOURCE_NOTE: "from the Xen ELF note XEN_ELFNOTE_HYPERCALL_PAGE",
     SOURCE_XEN_GUEST: "from the __xen_guest section's HYPERCALL_PAGE",
     SOURCE_SIGNATURE: "by its instruction sequence (the file has no symbols)",
+    SOURCE_SCAN: "by disassembling the function that holds it",
 }
 
 
@@ -116,7 +118,7 @@ _EM_386, _EM_X86_64 = 3, 62
 _PT_LOAD, _PT_NOTE, _PF_X = 1, 4, 1
 _SHT_SYMTAB, _SHT_NOTE, _SHT_DYNSYM = 2, 7, 11
 _SHN_UNDEF, _SHN_XINDEX = 0, 0xFFFF
-_STT_SECTION, _STT_FILE = 3, 4
+_STT_FUNC, _STT_SECTION, _STT_FILE = 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -275,6 +277,25 @@ class _Elf:
                     at = self.data.find(key, at + 1, strtab.offset + strtab.size)
         return found
 
+    def functions(self) -> list[tuple[int, int, str]]:
+        """Every function symbol with a size, as (start, size, name), sorted by start."""
+        out = []
+        size = struct.calcsize(self.fmt.sym)
+        for table in [s for s in self.sections if s.type == _SHT_SYMTAB]:
+            if table.link >= len(self.sections):
+                raise self.error(f"symbol table links to string table {table.link}, which does not exist")
+            strtab = self.sections[table.link]
+            names = self.read(strtab.offset, strtab.size, "symbol string table")
+            entsize = table.entsize or size
+            for fields in self.table(table.offset, entsize, table.size // entsize, self.fmt.sym, "symbol table"):
+                if self.cls == 32:
+                    st_name, value, length, info = fields[0], fields[1], fields[2], fields[3]
+                else:
+                    st_name, info, value, length = fields[0], fields[1], fields[4], fields[5]
+                if info & 0xF == _STT_FUNC and length:
+                    out.append((value, length, names[st_name:].split(b"\0", 1)[0].decode("latin-1")))
+        return sorted(out)
+
     def _defined(self, table: _Section, entsize: int, st_name: int) -> int | None:
         """The value of the first defined symbol in `table` whose name is at `st_name`, if any."""
         key = struct.pack("<I", st_name)
@@ -428,6 +449,54 @@ def _signature_sites(elf: _Elf) -> list[InlineSite]:
     return sites
 
 
+# The hypercall instruction of each width: `syscall` (64-bit PV) and `int $0x82` (32-bit PV).
+_HYPERCALL_BYTES = {64: b"\x0f\x05", 32: b"\xcd\x82"}
+
+
+def _scanned_sites(elf: _Elf, known: set[int], page: int | None) -> list[InlineSite]:
+    """Hypercall instructions anywhere in the file's functions (a guest may issue a call inline, outside
+    its hypercall page and known stubs).  Byte matches are confirmed by disassembling the function
+    that holds them from its start, so a match inside another instruction is not taken."""
+    import bisect
+
+    from xendbg.arch import find_hypercall_site, hypercall_instructions
+
+    pattern = _HYPERCALL_BYTES[elf.width]
+    candidates = []
+    for seg in elf.segments:
+        if seg.type != _PT_LOAD or not seg.flags & _PF_X or not seg.filesz:
+            continue
+        elf.check(seg.offset, seg.filesz, "executable segment")
+        at = elf.data.find(pattern, seg.offset, seg.offset + seg.filesz)
+        while at >= 0:
+            address = seg.vaddr + at - seg.offset
+            in_page = page is not None and page <= address < page + 4096
+            if address not in known and not in_page:
+                candidates.append(address)
+            at = elf.data.find(pattern, at + 1, seg.offset + seg.filesz)
+    if not candidates:
+        return []
+    functions = elf.functions()
+    starts = [f[0] for f in functions]
+    found = []
+    decoded: dict[int, dict[int, int | None]] = {}
+    for address in candidates:
+        i = bisect.bisect_right(starts, address) - 1
+        if i < 0 or address >= functions[i][0] + functions[i][1]:
+            continue  # not inside a known function: cannot tell code from data
+        start, length, name = functions[i]
+        if start not in decoded:
+            where = elf.file_offset(start)
+            code = elf.read(where[0], min(length, where[1]), f"code of {name}") if where else b""
+            decoded[start] = hypercall_instructions(code, start, elf.width)
+        if address in decoded[start]:
+            site = find_hypercall_site(elf.code_at(address), address, elf.width)
+            if site is not None:
+                found.append(InlineSite(f"{name}+{address - start:#x}", address, address, site.convention,
+                                        SOURCE_SCAN, decoded[start][address]))
+    return found
+
+
 def find_hypercall_sites(path: str | os.PathLike[str]) -> HypercallSites:
     """Find the hypercall page and the inline hypercall stubs of the guest kernel in ELF file `path`."""
     name = os.fspath(path)
@@ -453,5 +522,6 @@ def _find(path: str, data: mmap.mmap) -> HypercallSites:
     else:
         found = (_site(elf, stub, symbols[stub], SOURCE_SYMBOL) for stub in _STUB_SYMBOLS if stub in symbols)
         inline = [site for site in found if site is not None]
+        inline += _scanned_sites(elf, {site.instruction for site in inline}, page)
     return HypercallSites(path, elf.width, symbols is not None, page, page_source,
                           tuple(sorted(set(inline), key=lambda s: s.entry)), _xen_version_note(elf), image)
