@@ -99,7 +99,8 @@ class Site:
     """Where a stopped vCPU stands relative to a hypercall it is about to make."""
 
     # "instruction" (PC at int/syscall/vmcall), "stub" (before it in a stub), "registers", or inside
-    # Xen: "handler" (at a do_* handler), "frame" (at pv_hypercall, reading the saved guest frame)
+    # Xen: "handler" (at a do_* handler), "frame" (at pv_hypercall, reading the saved guest frame),
+    # "gate" (at the int $0x82 handler the IDT names, with the guest's registers)
     kind: str
     convention: str
     instruction: str  # e.g. "syscall" or "int 0x82"
@@ -117,6 +118,8 @@ class Site:
             return f"in Xen at {self.instruction} (C arguments)"
         if self.kind == "frame":
             return f"in Xen at {self.instruction}, from the guest's saved registers (guest PC {self.address:#x})"
+        if self.kind == "gate":
+            return f"in Xen at {self.instruction} (IDT), from the guest's registers (returns to {self.address:#x})"
         return "from registers"
 
 
@@ -292,6 +295,39 @@ XEN_FRAME_ENTRIES = (XEN_HYPERCALL_ENTRY, "do_entry_int82")
 _HANDLER_PREFIXES = (("do_", 64), ("compat_", 32))
 
 
+# Without Xen's symbols, a 32-bit guest's hypercalls are still seen where the CPU enters Xen: the handler
+# of IDT vector 0x82 (the gate Xen installs with DPL 1, so only a ring-1 kernel can use it).
+XEN_GATE_ENTRY = "the int $0x82 gate"
+HYPERCALL_VECTOR = 0x82
+
+
+def idt_gate_handler(gate: bytes, long_mode: bool) -> int | None:
+    """The handler address of an IDT gate descriptor (8 bytes, 16 in long mode), None if not present
+    (Intel SDM vol. 3, 6.11 and 6.14.1)."""
+    if len(gate) < (16 if long_mode else 8) or not gate[5] & 0x80:
+        return None
+    offset = int.from_bytes(gate[0:2], "little") | int.from_bytes(gate[6:8], "little") << 16
+    if long_mode:
+        offset |= int.from_bytes(gate[8:12], "little") << 32
+    return offset
+
+
+def gate_entry(target: Target) -> XenEntry:
+    """Stopped at the first instruction of Xen's int $0x82 handler: the guest's registers are untouched
+    but for what the CPU pushed on Xen's stack (EIP, CS, EFLAGS, ESP, SS), which says where from."""
+    try:
+        sp, word = _reg(target, "rsp"), 8
+    except UnknownRegister:
+        sp, word = _reg(target, "esp"), 4
+    frame = target.read_memory(sp, 5 * word)
+    eip, cs, _, esp = (int.from_bytes(frame[i * word:(i + 1) * word], "little") for i in range(4))
+    width = cpu_mode(cs & 0xFFFF).width or 32
+    convention = pv_convention(width)
+    site = Site("gate", convention.name, XEN_GATE_ENTRY, eip)
+    return XenEntry(_reg_nr(target, convention, width), None, _read_args(target, convention, width), width, site,
+                    esp & ((1 << width) - 1), cs & 0xFFFF)
+
+
 def handler_hypercall(function: str) -> tuple[str, int] | None:
     """The hypercall name and guest width a Xen handler serves: 'do_multicall' -> ('multicall', 64)."""
     if function in XEN_FRAME_ENTRIES:
@@ -318,6 +354,7 @@ class XenEntry:
     width: int
     site: Site
     guest_sp: int | None = None  # the guest's stack pointer at its hypercall, when Xen's frame says
+    guest_cs: int | None = None  # the guest's code selector, when Xen's frame says
 
 
 def handler_entry(target: Target, function: str) -> XenEntry:
@@ -350,7 +387,7 @@ def guest_frame_entry(target: Target, regs_address: int, function: str = XEN_HYP
     nr = wide["r" + nr_reg[1:] if nr_reg.startswith("e") else nr_reg] & mask
     guest_pc = int(regs["rip"])  # type: ignore[arg-type]
     site = Site("frame", convention.name, f"{function}()", guest_pc)
-    return XenEntry(nr, None, args, width, site, int(regs["rsp"]) & mask)  # type: ignore[arg-type]
+    return XenEntry(nr, None, args, width, site, int(regs["rsp"]) & mask, int(regs["cs"]))  # type: ignore[arg-type]
 
 
 def read_code(target: Target, pc: int) -> bytes:

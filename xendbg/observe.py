@@ -144,6 +144,51 @@ def plan_guest(sites: list[GuestSite], wanted: frozenset[str] | None,
     return plan
 
 
+def plan_gate(handler: int, wanted: frozenset[str] | None, abis: list[Abi], how: str) -> Plan:
+    """One probe at Xen's int $0x82 handler, found from the IDT: every 32-bit PV hypercall enters there."""
+    numbers = _numbers(abis, wanted) if wanted is not None else None
+    return Plan([ProbeSpec("gate", handler, 32, function=arch.XEN_GATE_ENTRY, numbers=numbers)], [],
+                f"in Xen at {arch.XEN_GATE_ENTRY} handler {handler:#x} ({how})")
+
+
+# How far from the stopped PC xendbg looks for the guest's hypercall page or stubs when it has no symbol
+# file: kernels keep them in their text, near where they run.
+SCAN_WINDOW = 1 << 20
+_SCAN_CHUNK = 1 << 16
+
+
+def _page_stub(width: int, nr: int) -> bytes:
+    """The first bytes of hypercall-page stub `nr` (arch.PAGE_STUB_SHAPE): 64-bit `push %rcx;
+    push %r11; mov $nr,%eax; syscall`, 32-bit `mov $nr,%eax; int $0x82`."""
+    number = nr.to_bytes(4, "little")
+    return b"\x51\x41\x53\xb8" + number + b"\x0f\x05" if width == 64 else b"\xb8" + number + b"\xcd\x82"
+
+
+def scan_memory(read: Callable[[int, int], bytes | None], pc: int, width: int,
+                window: int = SCAN_WINDOW) -> list[GuestSite]:
+    """The guest's hypercall page, or Linux's stubs, in guest memory within `window` bytes of PC.
+    `read(address, size)` returns None where memory cannot be read."""
+    from xendbg.sites import IRET_NR, signature_matches
+
+    mask = (1 << width) - 1
+    start = max(pc - window, 0) & ~0xFFF
+    found: list[GuestSite] = []
+    for address in range(start, min(pc + window, mask), _SCAN_CHUNK):
+        data = read(address, _SCAN_CHUNK)
+        if not data:
+            continue
+        for offset in range(0, len(data) - 4096 + 1, 4096):  # a page whose stubs 1 and 2 are Xen's
+            if all(data[offset + 32 * n:offset + 32 * n + len(_page_stub(width, n))] == _page_stub(width, n)
+                   for n in (1, 2)):
+                found.append(GuestSite("page", address + offset, width, "found in guest memory near PC"))
+        if width == 64:
+            for name, _, instruction in signature_matches(data, 0, len(data)):
+                fixed = IRET_NR if name == "xen_iret" else None
+                found.append(GuestSite("instruction", address + instruction, 64,
+                                       f"{name}, found in guest memory near PC by its instruction sequence", fixed))
+    return found
+
+
 def plan_xen(wanted: frozenset[str] | None, abis: list[Abi], address_of: Callable[[str], int | None]) -> Plan:
     """Probes inside Xen: at the handlers of the wanted calls, else at the hypercall entry."""
     plan = Plan()

@@ -200,6 +200,7 @@ class Session:
     settings: Settings = field(default_factory=Settings)
     evidence: Evidence = field(default_factory=Evidence)
     states: dict[int, GuestState] = field(default_factory=dict)
+    gate_handlers: set[int] = field(default_factory=set)  # Xen's int $0x82 handlers found from the IDT
 
     def state(self, cpu: int) -> GuestState:
         return self.states.setdefault(cpu, GuestState())
@@ -258,13 +259,13 @@ class Session:
         state = self.state(cpu)
         if self.guest_width(target) is None:
             pc = target.read_register("pc")
-            sym = symbols.symbol_at(pc)
-            if sym is not None and sym[1] == 0 and (sym[0] in arch.XEN_FRAME_ENTRIES
+            sym = (arch.XEN_GATE_ENTRY, 0) if pc in self.gate_handlers else symbols.symbol_at(pc)
+            if sym is not None and sym[1] == 0 and (sym[0] in (*arch.XEN_FRAME_ENTRIES, arch.XEN_GATE_ENTRY)
                                                     or arch.handler_hypercall(sym[0])):
                 chosen: list[AbiChoice] = []
 
-                def pick(width: int) -> Abi:
-                    abi, choice = self.abi(width)
+                def pick(width: int, code_selector: int | None = None) -> Abi:
+                    abi, choice = self.abi(width, code_selector)
                     chosen.append(choice)
                     return abi
 

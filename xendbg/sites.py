@@ -87,7 +87,7 @@ class HypercallSites:
 # Xen's ELF note types are fixed since 3.0.3 (xen/include/public/elfnote.h); the number lives in abi.
 _NOTE_HYPERCALL_PAGE = get_abi(NEWEST, 64).enum("ELFNOTE").values["XEN_ELFNOTE_HYPERCALL_PAGE"]
 _NOTE_XEN_VERSION = get_abi(NEWEST, 64).enum("ELFNOTE").values["XEN_ELFNOTE_XEN_VERSION"]
-_IRET = get_abi(NEWEST, 64).hypercall_named("iret").nr  # __HYPERVISOR_iret, 23 since 3.0.2
+IRET_NR = get_abi(NEWEST, 64).hypercall_named("iret").nr  # __HYPERVISOR_iret, 23 since 3.0.2
 
 # Symbols of inline stubs: Linux's arch/x86/xen/xen-asm.S after XSA-466, and the test guest's
 # fixtures/guest/entry.S.  Before XSA-466 Linux's xen_iret jumped into the hypercall page: capstone
@@ -109,7 +109,7 @@ class _Signature:
 #   xen_iret:         pushq $0; push %rcx; push %r11; push %rax; mov $__HYPERVISOR_iret, %eax; syscall
 _LINUX_SIGNATURES = (
     _Signature("xen_hypercall_pv", bytes.fromhex("51 4153 0f05 415b 59"), 3, b"\xc3\xe9"),
-    _Signature("xen_iret", bytes.fromhex("6a00 51 4153 50 b8") + struct.pack("<I", _IRET) + b"\x0f\x05", 11),
+    _Signature("xen_iret", bytes.fromhex("6a00 51 4153 50 b8") + struct.pack("<I", IRET_NR) + b"\x0f\x05", 11),
 )
 
 _CODE_BYTES = 64  # enough for a stub of 8 instructions (arch.find_hypercall_site's walk)
@@ -427,6 +427,20 @@ def _site(elf: _Elf, name: str, entry: int, source: str, expect: int | None = No
     return InlineSite(name, entry, site.address, site.convention, source, site.stub_nr)
 
 
+def signature_matches(data: bytes | mmap.mmap, start: int, end: int) -> list[tuple[str, int, int]]:
+    """Linux's stubs found by their exact bytes in data[start:end]: (name, offset of the stub's entry,
+    offset of its hypercall instruction), offsets into `data`.  Used on ELF files and on guest memory."""
+    found = []
+    for sig in _LINUX_SIGNATURES:
+        at = data.find(sig.code, start, end)
+        while at >= 0:
+            follower = data[at + len(sig.code):at + len(sig.code) + 1]
+            if not sig.followers or (follower and follower in sig.followers):
+                found.append((sig.name, at, at + sig.offset))
+            at = data.find(sig.code, at + 1, end)
+    return found
+
+
 def _signature_sites(elf: _Elf) -> list[InlineSite]:
     if elf.width != 64:
         return []  # the signatures are x86_64 Linux (which has had no 32-bit PV guest since 5.9)
@@ -434,18 +448,12 @@ def _signature_sites(elf: _Elf) -> list[InlineSite]:
     for seg in elf.segments:
         if seg.type != _PT_LOAD or not seg.flags & _PF_X or not seg.filesz:
             continue
-        start, end = seg.offset, seg.offset + seg.filesz
-        elf.check(start, seg.filesz, "executable segment")
-        for sig in _LINUX_SIGNATURES:
-            at = elf.data.find(sig.code, start, end)
-            while at >= 0:
-                follower = elf.data[at + len(sig.code):at + len(sig.code) + 1]
-                if not sig.followers or (follower and follower in sig.followers):
-                    entry = seg.vaddr + at - seg.offset
-                    site = _site(elf, sig.name, entry, SOURCE_SIGNATURE, entry + sig.offset)
-                    if site is not None:
-                        sites.append(site)
-                at = elf.data.find(sig.code, at + 1, end)
+        elf.check(seg.offset, seg.filesz, "executable segment")
+        for name, at, instruction in signature_matches(elf.data, seg.offset, seg.offset + seg.filesz):
+            entry = seg.vaddr + at - seg.offset
+            site = _site(elf, name, entry, SOURCE_SIGNATURE, entry + instruction - at)
+            if site is not None:
+                sites.append(site)
     return sites
 
 

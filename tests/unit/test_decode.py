@@ -7,7 +7,6 @@ import pytest
 from tests.unit.images import pack, pack_many, registers, stub
 from xendbg.abi import get_abi
 from xendbg.decode import (
-    decode_in_xen,
     Callbacks,
     FastTrap,
     GuestState,
@@ -17,6 +16,7 @@ from xendbg.decode import (
     Text,
     TrapTable,
     decode_call,
+    decode_in_xen,
     decode_multicall,
     decode_pending,
     decode_trap_table,
@@ -331,7 +331,8 @@ def test_batched_iret_inside_a_xen_handler_is_not_read_from_xens_stack():
     entry = pack(abi, "multicall_entry", op=23, args=[0] * 6)
     regs = {"rip": 0xFFFF82D040229A90, "rdi": call_list, "rsi": 1, "rdx": 0, "rcx": 0, "r8": 0,
             "rsp": 0xFFFF830000007F00}
-    hc = decode_in_xen(InMemoryTarget(regs, [(call_list, entry)]), "do_multicall", lambda w: get_abi("4.17", w))
+    hc = decode_in_xen(InMemoryTarget(regs, [(call_list, entry)]), "do_multicall",
+                       lambda w, cs=None: get_abi("4.17", w))
     (batched,) = hc.detail.entries
     assert batched.call.name == "iret" and batched.call.detail is None
     assert any(f.rule == "iret-frame-unknown" for f in batched.call.findings)

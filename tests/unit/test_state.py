@@ -115,7 +115,7 @@ def test_check_state_reports_nothing_seen_and_missing_handlers():
 
 # --- decoding from inside Xen ---------------------------------------------------------------------
 
-def abi_for(width: int):
+def abi_for(width: int, code_selector: int | None = None):
     return get_abi("4.17", width)
 
 

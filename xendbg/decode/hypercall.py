@@ -624,16 +624,19 @@ def decode_pending(target: Target, abi: Abi, *, state: GuestState | None = None,
                    guest_sp=guest_sp)
 
 
-def decode_in_xen(target: Target, function: str, abi_for_width: Callable[[int], Abi], *,
+def decode_in_xen(target: Target, function: str, abi_for_width: Callable[[int, int | None], Abi], *,
                   state: GuestState | None = None) -> Hypercall:
     """Decode the hypercall a vCPU stopped inside Xen is serving: at the entry of its handler
-    (`do_multicall`, `compat_vcpu_op`, ...) or of `pv_hypercall` / `do_entry_int82`.  `abi_for_width` picks the ABI once
-    the guest's width is known (the handler's prefix, or the code selector in the saved frame)."""
+    (`do_multicall`, `compat_vcpu_op`, ...), of `pv_hypercall` / `do_entry_int82`, or of the int $0x82
+    gate.  `abi_for_width(width, code_selector)` picks the ABI once the guest's width is known (the
+    handler's prefix, or the code selector in the saved frame, which it also gets when known)."""
     if function in arch.XEN_FRAME_ENTRIES:
         entry = arch.guest_frame_entry(target, target.read_register("rdi"), function)
+    elif function == arch.XEN_GATE_ENTRY:
+        entry = arch.gate_entry(target)
     else:
         entry = arch.handler_entry(target, function)
-    abi = abi_for_width(entry.width)
+    abi = abi_for_width(entry.width, entry.guest_cs)
     nr = entry.nr
     if nr is None:
         known = abi.hypercall_named(entry.name or "")

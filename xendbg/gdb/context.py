@@ -21,6 +21,7 @@ from xendbg.session import AbiChoice, Session
 if TYPE_CHECKING:
     from types import ModuleType
 
+    from xendbg.observe import GuestSite
     from xendbg.sites import HypercallSites
 
 SESSION = Session()
@@ -144,6 +145,49 @@ def _refresh_evidence() -> None:
             evidence.guest_note = (sites.xen_version[0], f"{sites.xen_version[1]} ({name})")
         if sites.hypercall_page is not None and evidence.hypercall_page is None:
             evidence.hypercall_page = f"{sites.hypercall_page:#x} ({name})"
+
+
+def machine_entries() -> tuple[list[GuestSite], int | None, str]:
+    """Where hypercalls can be watched when no symbol file says: the guest's hypercall page or Linux's
+    stubs near the stopped PC, and Xen's int $0x82 handler from the IDT (QEMU's monitor gives its base).
+    Returns (sites, gate handler or None, how they were found)."""
+    import re
+
+    from xendbg import observe
+
+    target = GdbTarget()
+    found: list[GuestSite] = []
+    notes = []
+    mode = arch.cpu_mode(target.read_register("cs") & 0xFFFF)
+    pc = target.read_register("pc")
+    if mode.width is not None:
+
+        def read(address: int, size: int) -> bytes | None:
+            try:
+                return target.read_memory(address, size)
+            except XendbgError:
+                return None
+
+        found = observe.scan_memory(read, pc, mode.width)
+        notes.append(f"scanned guest memory within {observe.SCAN_WINDOW >> 20} MiB of PC {pc:#x}")
+    gate = None
+    try:
+        registers = gdb.execute("monitor info registers", to_string=True)
+    except gdb.error:
+        registers = ""
+    idt, efer = re.search(r"IDT=\s*([0-9a-fA-F]+)", registers), re.search(r"EFER=([0-9a-fA-F]+)", registers)
+    if idt is not None:
+        long_mode = efer is not None and bool(int(efer.group(1), 16) & 0x400)  # EFER.LMA
+        size = 16 if long_mode else 8
+        try:
+            gate = arch.idt_gate_handler(target.read_memory(int(idt.group(1), 16) + arch.HYPERCALL_VECTOR * size,
+                                                            size), long_mode)
+        except XendbgError:
+            gate = None
+        notes.append(f"IDT at {int(idt.group(1), 16):#x}" + ("" if gate is not None else " has no 0x82 gate"))
+    if gate is not None:
+        SESSION.gate_handlers.add(gate)
+    return found, gate, "; ".join(notes) or "QEMU's monitor gave no IDT"
 
 
 def choice(code_selector: int | None = None) -> AbiChoice:

@@ -127,15 +127,22 @@ class Monitor:
             raise XendbgError("Xen's symbols are not loaded: add-symbol-file xen-syms (from "
                               "xen-hypervisor-*-dbg) to catch inside Xen")
         sites = observe.guest_sites(context.loaded_sites()) if requested != "xen" else []
-        if requested == "guest" and not sites:
-            raise XendbgError(_NO_SITES)
+        gate, how = None, ""
+        if not sites and not (xen and requested != "guest"):
+            # No symbol file says where: ask the machine (memory near PC, the IDT).
+            sites, gate, how = context.machine_entries()
+            if not sites and (gate is None or requested == "guest"):
+                raise XendbgError(f"{_NO_SITES}, and the machine says nowhere either ({how}): let the guest "
+                                  f"run into its kernel first, or load Xen's symbols (xen-syms)")
         use_xen = requested == "xen" or (requested == "auto" and xen and (wanted is not None or not sites))
         if use_xen:
             plan = observe.plan_xen(wanted, context.candidate_abis(64), context.address_of)
         elif sites:
             plan = observe.plan_guest(sites, wanted, context.candidate_abis)
+            if how:
+                plan.description += f" ({how})"
         else:
-            raise XendbgError(_NO_SITES + " (or load Xen's symbols, xen-syms, to observe inside Xen)")
+            plan = observe.plan_gate(gate or 0, wanted, context.candidate_abis(32), how)
         self.probes = [_Probe(self, spec) for spec in plan.probes]
         # Results (and so completed registrations and the xen_version answer) are read where calls come
         # back to the guest; placed now, since stop() may not add breakpoints.
@@ -168,11 +175,11 @@ class Monitor:
 
     def _decode_at(self, spec: ProbeSpec, target: GdbTarget, cpu: int) -> tuple[Hypercall, Abi]:
         state = context.SESSION.state(cpu)
-        if spec.kind in ("handler", "frame"):
+        if spec.kind in ("handler", "frame", "gate"):
             chosen: list[tuple[Abi, AbiChoice]] = []
 
-            def pick(width: int) -> Abi:
-                chosen.append(context.abi_for(width))
+            def pick(width: int, code_selector: int | None = None) -> Abi:
+                chosen.append(context.abi_for(width, code_selector))
                 return chosen[-1][0]
 
             hc = decode_in_xen(target, spec.function or "", pick, state=state)
@@ -225,7 +232,7 @@ class Monitor:
         name = hc.display_name
         if self.trace is not None and (not self.trace.names or name in self.trace.names):
             self.stats.count_call(hc)
-            pending.seq = self.trace.call(cpu, hc, "xen" if spec.kind in ("handler", "frame") else "guest",
+            pending.seq = self.trace.call(cpu, hc, "xen" if spec.kind in ("handler", "frame", "gate") else "guest",
                                           continues)
         if key is None:  # a Xen handler: no return to wait for; Xen's rules decide what it accepts
             if not (spec.kind == "handler" and hc.name == "multicall"):  # its entries reach their handlers
@@ -241,7 +248,7 @@ class Monitor:
 
     def _registers(self, spec: ProbeSpec, target: GdbTarget, hc: Hypercall) -> tuple[int, ...]:
         """What identifies a guest-side hit (a repeat report has the same); Xen-side hits are never repeats."""
-        if spec.kind in ("handler", "frame"):
+        if spec.kind in ("handler", "frame", "gate"):
             return ()
         return (target.read_register("pc"), target.read_register("sp"), hc.nr, *(a.value for a in hc.args))
 
@@ -390,7 +397,7 @@ _FRAME = layout("cpu_user_regs", 64, ERA_3)
 _FRAME_RAX, _FRAME_RIP, _FRAME_RSP = (_FRAME.field(name).offset for name in ("rax", "rip", "rsp"))
 
 _NO_SITES = ("xendbg found nowhere in the loaded symbol files that the guest issues hypercalls (no "
-             "hypercall page, xen_hypercall_pv or int $0x82 site): load the guest kernel with `file`")
+             "hypercall page, xen_hypercall_pv or int $0x82 site; load the guest kernel with `file`)")
 
 
 def _cpu_or_unknown() -> int:
