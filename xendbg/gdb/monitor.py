@@ -162,9 +162,7 @@ class Monitor:
             if ret.is_valid():
                 ret.delete()
         self.returns.clear()
-        if not self.active:
-            self.calls.clear()
-        for _, place, _ in self.calls.pending:  # calls under way still come back
+        for _, place, _ in self.calls.pending:  # calls under way still come back, and then count
             self.returns[place] = _ReturnProbe(self, place)
         self._publish_waiting()
 
