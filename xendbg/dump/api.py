@@ -142,7 +142,9 @@ class Vcpu:
     def findings(self) -> list[Finding]:
         """Xen's rules over the pending call (registered state is not recoverable from a QEMU dump yet)."""
         abi, _ = self.abi()
-        return check(self.pending(), self.core.session.state(self.index), abi)
+        found = check(self.pending(), self.core.session.state(self.index), abi)
+        # "nothing registered seen yet" speaks of a live session; a dump says NOT_RECOVERABLE instead.
+        return [f for f in found if f.rule != "state-unknown"]
 
     def symbol(self) -> str:
         sym = self.core.symbols.symbol_at(self.pc)
@@ -157,6 +159,7 @@ class Core:
     def __init__(self, path: str | os.PathLike[str], symbols: Sequence[str | os.PathLike[str]] = (),
                  xen_syms: str | os.PathLike[str] | None = None, xen: str | None = None) -> None:
         self.path = os.fspath(path)
+        self.xen_syms = os.fspath(xen_syms) if xen_syms is not None else None
         symbol_files = [os.fspath(p) for p in symbols]
         xen_file = os.fspath(xen_syms) if xen_syms is not None else None
         settings = Settings(abi=resolve_generation(xen) if xen else "auto")
