@@ -127,6 +127,7 @@ class Vcpu:
             self._pending = None
             try:
                 if self.width is not None and not arch.read_code(self.target, self.pc):
+                    self.target.read_memory(self.pc, 1)  # raises, saying why the code cannot be read
                     raise DecodeError(f"no hypercall pending: the code at {self.pc:#x} is not in the dump")
                 self._pending = self.core.session.decode_here(self.target, self.core.symbols, self.index)
             except XendbgError as exc:

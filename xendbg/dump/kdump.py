@@ -218,8 +218,8 @@ class KdumpDump:
                    if raw is not None else f"its descriptor says {length} bytes, more than a page: corrupt")
             raise UnreadableMemory(address, size, f"page frame {frame:#x}: {why}")
         if flags == COMPRESSED_ZLIB:
-            try:
-                page = zlib.decompress(raw)
+            try:  # bounded: a corrupt stream must not inflate to more than a page
+                page = zlib.decompressobj().decompress(raw, self.block_size + 1)
             except zlib.error as exc:
                 raise UnreadableMemory(address, size, f"page frame {frame:#x} does not inflate: {exc}") from None
         else:
