@@ -142,6 +142,7 @@ class KdumpDump:
             chunk = self.bitmap[at:at + _BITMAP_CHUNK]
             self._ranks.append(self._ranks[-1] + int.from_bytes(chunk, "little").bit_count())
         self._pages: OrderedDict[int, bytes] = OrderedDict()
+        self._ranges: list[tuple[int, int]] | None = None
 
     def _header(self, path: str) -> None:
         """Find which of the two header layouts the file uses: the one whose notes follow its sub header."""
@@ -171,6 +172,11 @@ class KdumpDump:
 
     def ranges(self) -> list[tuple[int, int]]:
         """(start, end) of each run of page frames the dump holds."""
+        if self._ranges is None:
+            self._ranges = self._runs()
+        return self._ranges
+
+    def _runs(self) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
         bits = int.from_bytes(self.bitmap, "little")
         frame = 0

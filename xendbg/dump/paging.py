@@ -32,6 +32,8 @@ class PhysicalMemory(Protocol):
 
     def has(self, address: int) -> bool: ...
 
+    def ranges(self) -> list[tuple[int, int]]: ...
+
 
 @dataclass(frozen=True)
 class _Level:
@@ -128,13 +130,21 @@ def translate(memory: PhysicalMemory, paging: Paging, address: int, size: int = 
 
 def mappings(memory: PhysicalMemory, paging: Paging, *, user_only: bool = False,
              limit: int = 1 << 22) -> Iterator[tuple[int, int, int]]:
-    """(virtual, physical, size) of every page or large page `paging` maps to RAM, in address order.
-    Tables outside RAM and entries that loop back are skipped; `user_only` keeps pages every level of
-    which allows ring 3 (a 64-bit PV guest kernel runs in ring 3: Xen's own mappings are not)."""
+    """(virtual, physical, size) of every page or large page `paging` maps to RAM, in address order; the
+    part of a large page beyond RAM is left out.  Tables outside RAM and entries that loop back are
+    skipped; `user_only` keeps pages every level of which allows ring 3 (a 64-bit PV guest kernel runs
+    in ring 3: Xen's own mappings are not)."""
     if paging.mode == OFF:
         raise DecodeError("paging is off on this vCPU: its virtual addresses are physical ones")
     levels = _LEVELS[paging.mode]
+    ram = memory.ranges()
     count = 0
+
+    def in_ram(virtual: int, physical: int, size: int) -> Iterator[tuple[int, int, int]]:
+        for start, end in ram:
+            lo, hi = max(start, physical), min(end, physical + size)
+            if lo < hi:
+                yield virtual + lo - physical, lo, hi - lo
 
     def walk(table: int, depth: int, base: int, used: tuple[int, ...]) -> Iterator[tuple[int, int, int]]:
         nonlocal count
@@ -153,11 +163,10 @@ def mappings(memory: PhysicalMemory, paging: Paging, *, user_only: bool = False,
                                                 and (paging.mode != TWO_LEVEL or paging.pse))
             frame = _frame(entry, level, paging.mode, paging.pse, leaf)
             if leaf:
-                if memory.has(frame):
-                    count += 1
-                    if count > limit:
-                        raise DecodeError(f"more than {limit} mappings under {paging.describe()}: not a page table")
-                    yield virtual, frame, 1 << level.shift
+                count += 1
+                if count > limit:
+                    raise DecodeError(f"more than {limit} mappings under {paging.describe()}: not a page table")
+                yield from in_ram(virtual, frame, 1 << level.shift)
             elif frame not in used:
                 yield from walk(frame, depth + 1, virtual, (*used, frame))
 
