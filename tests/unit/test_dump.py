@@ -170,3 +170,23 @@ def test_mappings_list_each_page_once_with_large_pages(tmp_path):
         assert (K64 + 0x1000, 0x1000, 0x1000) in found
         # a large page is cut to the RAM it maps: the 1G page over 4 MiB of RAM gives 4 MiB
         assert (BIG64, 0x200000, 2 << 20) in found and (GIANT64, 0, 4 << 20) in found
+
+
+def test_symbols_and_the_guest_note_from_the_guest_elf(tmp_path):
+    from tests.unit.test_sites import PF_R, PF_X, Image
+
+    xen_version = get_abi("4.17", 64).enum("ELFNOTE").values["XEN_ELFNOTE_XEN_VERSION"]
+    image = Image(64, segments=[(K64 + 0x1000, b"\xcc" * 0x1000, PF_R | PF_X)],
+                  symbols={"hypercall_page": K64 + 0x1000, "after": K64 + 0x1800},
+                  notes=[(b"Xen", xen_version, b"xen-3.0\0")])
+    guest = write(tmp_path, "guest.elf", image.build())
+    ram, cpus, _ = pv64()
+    path = write(tmp_path, "pv64.elf", df.elf_core(bytes(ram.data), cpus, True))
+    with open_core(path, symbols=guest) as core:
+        v0 = core.vcpus[0]
+        assert v0.symbol() == "<hypercall_page+424>"
+        assert core.symbols.address_of("after") == K64 + 0x1800
+        assert core.symbols.symbol_at(K64 + 0x1801) == ("after", 1)
+        assert core.symbols.symbol_at(K64 + 0x3000) is None  # beyond the file's PT_LOADs
+        reason = v0.pending().abi_reason
+        assert "Xen ELF note XEN_VERSION (guest.elf) 'xen-3.0'" in reason and "hypercall page" in reason
