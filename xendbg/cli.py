@@ -3,6 +3,9 @@
   xendbg abi [--xen VERSION] [--width 32|64] [--json]
   xendbg decode [--width 32|64] [--xen VERSION] --reg NAME=VALUE ... [--mem ADDR:HEX | --mem ADDR@FILE ...] [--json]
   xendbg traps ADDR ... / xendbg multicall ADDR COUNT ...   (the same options as decode)
+  xendbg core FILE [summary|vcpus|hypercall|multicall|traps|callbacks|check] [--symbols ELF ...]
+              [--xen-syms FILE] [--xen VERSION] [--vcpu N] [--json] [--to-gdb OUT]
+  xendbg trace FILE.jsonl [--stats] [--errors] [NAME ...] [--json]
 
 Arguments can also be read from a file, one a line (lines starting with # are comments):
 `xendbg decode @examples/linux-multicall.args`.
@@ -145,7 +148,70 @@ def build_parser() -> argparse.ArgumentParser:
                                                f"decodes at most the first {MAX_MULTICALL_ENTRIES} and says so)")
     p.add_argument("--results", action="store_true", help="the batch has run: show the results Xen wrote")
     _add_target_options(p)
+    _add_postmortem(sub)
     return parser
+
+
+def _add_postmortem(sub: argparse._SubParsersAction) -> None:
+    from xendbg.dump.commands import SUBCOMMANDS
+
+    p = sub.add_parser("core", help="decode a QEMU memory dump (dump-guest-memory FILE or -z FILE)",
+                       description="What every vCPU of a QEMU dump was doing, with the JSON of the live xen "
+                                   "commands.  SUBCOMMAND defaults to summary.")
+    p.add_argument("file", help="the dump")
+    p.add_argument("subcommand", nargs="?", default="summary", choices=SUBCOMMANDS, metavar="SUBCOMMAND",
+                   help=f"one of {', '.join(SUBCOMMANDS)} (default: summary)")
+    p.add_argument("--symbols", action="append", default=[], metavar="ELF",
+                   help="the guest kernel's ELF file: symbols and evidence of the Xen version (repeatable)")
+    p.add_argument("--xen-syms", metavar="FILE", help="Xen's xen-syms: its version and symbols")
+    p.add_argument("--xen", metavar="VERSION", help="Xen version or ABI generation (default: from the evidence)")
+    p.add_argument("--vcpu", type=_number, metavar="N",
+                   help="the vCPU (default: the first with a pending hypercall)")
+    p.add_argument("--results", action="store_true", help="multicall: the batch has run, show its results")
+    p.add_argument("--to-gdb", metavar="OUT", help="write an ELF core of one vCPU's virtual address space "
+                                                   "that gdb opens (gdb GUEST_ELF OUT)")
+    p.add_argument("--json", action="store_true", help="print JSON (see docs/json-schema.md)")
+
+    p = sub.add_parser("trace", help="filter and count a recorded trace (xen trace start --file F.jsonl)")
+    p.add_argument("file", help="the JSONL trace")
+    p.add_argument("names", nargs="*", metavar="NAME", help="only these hypercalls (names or numbers)")
+    p.add_argument("--stats", action="store_true", help="counts like strace -c (the xen stats table)")
+    p.add_argument("--errors", action="store_true", help="only calls that failed")
+    p.add_argument("--json", action="store_true", help="print JSON (see docs/json-schema.md)")
+
+
+def _core(args: argparse.Namespace) -> int:
+    from xendbg.dump import open_core
+    from xendbg.dump.commands import COMMANDS
+
+    with open_core(args.file, args.symbols, args.xen_syms, args.xen) as core:
+        if args.to_gdb:
+            from xendbg.dump.gdbcore import write_gdb_core
+
+            print(write_gdb_core(core, args.vcpu, args.to_gdb))
+            return 0
+        COMMANDS[args.subcommand](core, args, lambda data, renderable: _emit(args, data, renderable))
+    return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from xendbg.dump.tracefile import read_trace, select, stats
+    from xendbg.trace import show_lines
+
+    trace = read_trace(args.file)
+    if trace.cut_off:
+        print(f"xendbg: warning: {trace.cut_off}", file=sys.stderr)
+    records = select(trace.records, args.names, args.errors)
+    if args.stats:
+        rows = stats(records).rows()
+        _emit(args, {"schema": render_json.SCHEMA_VERSION, "hypercalls": rows}, render_text.stats_table(rows))
+        return 0
+    if args.json:
+        print(render_json.dumps(records))
+        return 0
+    lines = show_lines(records)
+    print("\n".join(lines) if lines else "(no hypercalls in the trace match)")
+    return 0
 
 
 def _abi(version: str, width: int) -> Abi:
@@ -250,6 +316,10 @@ def run(argv: Sequence[str] | None = None, base_dir: Path | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "core":
+        return _core(args)
+    if args.command == "trace":
+        return _trace(args)
     if args.command == "abi":
         abi = _abi(args.xen, args.width)
         _emit(args, render_json.abi_listing(abi), render_text.abi_listing(abi))

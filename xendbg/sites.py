@@ -118,6 +118,7 @@ _EM_386, _EM_X86_64 = 3, 62
 _PT_LOAD, _PT_NOTE, _PF_X = 1, 4, 1
 _SHT_SYMTAB, _SHT_NOTE, _SHT_DYNSYM = 2, 7, 11
 _SHN_UNDEF, _SHN_XINDEX = 0, 0xFFFF
+_PN_XNUM = 0xFFFF  # more program headers than e_phnum holds: the count is in section 0's sh_info (gABI)
 _STT_FUNC, _STT_SECTION, _STT_FILE = 2, 3, 4
 
 
@@ -142,6 +143,8 @@ class _Segment:
     offset: int
     vaddr: int
     filesz: int
+    paddr: int = 0
+    memsz: int = 0
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,15 @@ class _Section:
     size: int
     link: int
     entsize: int
+    info: int = 0
+
+
+@dataclass(frozen=True)
+class ElfSymbol:
+    name: str
+    value: int
+    size: int
+    type: int  # STT_NOTYPE 0, STT_OBJECT 1, STT_FUNC 2, ...
 
 
 class _Elf:
@@ -170,14 +182,17 @@ class _Elf:
             raise self.error("not a little-endian ELF file")
         self.cls = 32 if ident[4] == 1 else 64
         self.fmt = _FORMATS[self.cls]
-        (_, machine, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum,
+        (self.type, machine, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum,
          shstrndx) = self.unpack(self.fmt.ehdr, 16, "ELF header")
         if machine not in (_EM_386, _EM_X86_64):
-            raise self.error(f"ELF machine {machine} is not x86 (xendbg finds hypercall sites of x86 guests)")
+            raise self.error(f"ELF machine {machine} is not x86 (xendbg reads x86 guests, Xen and their dumps)")
+        self.machine = machine
         self.width = 32 if machine == _EM_386 else 64
         self.shstrndx = shstrndx
-        self.segments = self._segments(phoff, phentsize, phnum)
         self.sections = self._sections(shoff, shentsize, shnum, shstrndx)
+        if phnum == _PN_XNUM and self.sections:  # QEMU writes this for dumps of many memory ranges
+            phnum = self.sections[0].info
+        self.segments = self._segments(phoff, phentsize, phnum)
 
     def error(self, what: str) -> DecodeError:
         return DecodeError(f"{self.path}: {what}")
@@ -205,9 +220,9 @@ class _Elf:
     def _segments(self, phoff: int, phentsize: int, phnum: int) -> tuple[_Segment, ...]:
         rows = self.table(phoff, phentsize, phnum, self.fmt.phdr, "program header table")
         if self.cls == 32:  # p_type, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_flags, p_align
-            return tuple(_Segment(r[0], r[6], r[1], r[2], r[4]) for r in rows)
+            return tuple(_Segment(r[0], r[6], r[1], r[2], r[4], r[3], r[5]) for r in rows)
         # p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
-        return tuple(_Segment(r[0], r[1], r[2], r[3], r[5]) for r in rows)
+        return tuple(_Segment(r[0], r[1], r[2], r[3], r[5], r[4], r[6]) for r in rows)
 
     def _sections(self, shoff: int, shentsize: int, shnum: int, shstrndx: int) -> tuple[_Section, ...]:
         if shoff == 0:
@@ -218,7 +233,7 @@ class _Elf:
             rows = self.table(shoff, shentsize, rows[0][5], self.fmt.shdr, "section header table")
         if shstrndx == _SHN_XINDEX:  # likewise the section-name table's index, in section 0's sh_link
             self.shstrndx = rows[0][6]
-        return tuple(_Section(r[0], r[1], r[4], r[5], r[6], r[9]) for r in rows)
+        return tuple(_Section(r[0], r[1], r[4], r[5], r[6], r[9], r[7]) for r in rows)
 
     def section_named(self, name: bytes) -> _Section | None:
         if not self.sections or self.shstrndx == _SHN_UNDEF:
@@ -279,22 +294,8 @@ class _Elf:
 
     def functions(self) -> list[tuple[int, int, str]]:
         """Every function symbol with a size, as (start, size, name), sorted by start."""
-        out = []
-        size = struct.calcsize(self.fmt.sym)
-        for table in [s for s in self.sections if s.type == _SHT_SYMTAB]:
-            if table.link >= len(self.sections):
-                raise self.error(f"symbol table links to string table {table.link}, which does not exist")
-            strtab = self.sections[table.link]
-            names = self.read(strtab.offset, strtab.size, "symbol string table")
-            entsize = table.entsize or size
-            for fields in self.table(table.offset, entsize, table.size // entsize, self.fmt.sym, "symbol table"):
-                if self.cls == 32:
-                    st_name, value, length, info = fields[0], fields[1], fields[2], fields[3]
-                else:
-                    st_name, info, value, length = fields[0], fields[1], fields[4], fields[5]
-                if info & 0xF == _STT_FUNC and length:
-                    out.append((value, length, names[st_name:].split(b"\0", 1)[0].decode("latin-1")))
-        return sorted(out)
+        return sorted((sym.value, sym.size, sym.name) for sym in self.symbol_table()
+                      if sym.type == _STT_FUNC and sym.size)
 
     def _defined(self, table: _Section, entsize: int, st_name: int) -> int | None:
         """The value of the first defined symbol in `table` whose name is at `st_name`, if any."""
@@ -326,21 +327,61 @@ class _Elf:
         return []
 
     def _notes(self, offset: int, size: int) -> list[tuple[int, bytes]]:
-        # Elf32_Nhdr and Elf64_Nhdr are both three 32-bit words; name and descriptor are padded to 4
-        # bytes (libelf-tools.c elf_note_next, RELEASE-4.17.0), as Linux and binutils write them.
+        return [(kind, desc) for name, kind, desc in self.notes(offset, size) if name == b"Xen"]
+
+    def notes(self, offset: int, size: int) -> list[tuple[bytes, int, bytes]]:
+        """(name, type, descriptor) of each note in a note area of the file."""
         area = self.read(offset, size, "note area")
-        notes, at = [], 0
-        while at + 12 <= len(area):
-            namesz, descsz, kind = struct.unpack_from("<III", area, at)
-            name_at = at + 12
-            desc_at = name_at + (namesz + 3) // 4 * 4
-            end = desc_at + (descsz + 3) // 4 * 4
-            if desc_at + descsz > len(area):
-                raise self.error(f"ELF note at offset {offset + at:#x} runs past the end of its note area")
-            if area[name_at:name_at + namesz].split(b"\0", 1)[0] == b"Xen":
-                notes.append((kind, area[desc_at:desc_at + descsz]))
-            at = end
-        return notes
+        return [(name, kind, bytes(desc)) for name, kind, desc in parse_notes(area, self.path, offset)]
+
+    def symbol_table(self) -> list[ElfSymbol]:
+        """Every defined function, object or untyped symbol (SHT_SYMTAB, else SHT_DYNSYM), unsorted."""
+        tables = [s for s in self.sections if s.type == _SHT_SYMTAB] or \
+                 [s for s in self.sections if s.type == _SHT_DYNSYM]
+        size = struct.calcsize(self.fmt.sym)
+        found: list[ElfSymbol] = []
+        for table in tables:
+            if table.link >= len(self.sections):
+                raise self.error(f"symbol table links to string table {table.link}, which does not exist")
+            strtab = self.sections[table.link]
+            entsize = table.entsize or size
+            if entsize < size:
+                raise self.error(f"symbol table entries are {entsize} bytes, too small for ELF{self.cls}")
+            names = self.read(strtab.offset, strtab.size, "symbol string table")
+            self.check(table.offset, table.size, "symbol table")
+            for at in range(table.offset, table.offset + table.size - entsize + 1, entsize):
+                fields = struct.unpack_from(self.fmt.sym, self.data, at)
+                if self.cls == 32:  # st_name, st_value, st_size, st_info, st_other, st_shndx
+                    st_name, value, sym_size, info, shndx = fields[0], fields[1], fields[2], fields[3], fields[5]
+                else:  # st_name, st_info, st_other, st_shndx, st_value, st_size
+                    st_name, info, shndx, value, sym_size = fields[0], fields[1], fields[3], fields[4], fields[5]
+                if shndx == _SHN_UNDEF or info & 0xF > 2 or not st_name or st_name >= len(names):
+                    continue
+                name = names[st_name:names.find(b"\0", st_name)].decode("latin-1")
+                if name:
+                    found.append(ElfSymbol(name, value, sym_size, info & 0xF))
+        return found
+
+
+def parse_notes(area: bytes | memoryview, where: str, offset: int = 0) -> list[tuple[bytes, int, memoryview]]:
+    """(name, type, descriptor) of each ELF note in `area`; a note running past it raises DecodeError."""
+    # Elf32_Nhdr and Elf64_Nhdr are both three 32-bit words; name and descriptor are padded to 4
+    # bytes (libelf-tools.c elf_note_next, RELEASE-4.17.0), as Linux, binutils and QEMU write them.
+    view = memoryview(area)
+    notes, at = [], 0
+    while at + 12 <= len(view):
+        namesz, descsz, kind = struct.unpack_from("<III", view, at)
+        name_at = at + 12
+        desc_at = name_at + (namesz + 3) // 4 * 4
+        end = desc_at + (descsz + 3) // 4 * 4
+        if desc_at + descsz > len(view):
+            raise DecodeError(f"{where}: ELF note at offset {offset + at:#x} runs past the end of its note area")
+        notes.append((bytes(view[name_at:name_at + namesz]).split(b"\0", 1)[0], kind, view[desc_at:desc_at + descsz]))
+        at = end
+    return notes
+
+
+ElfFile = _Elf  # the project's one ELF reader (xendbg/dump reads memory dumps with it too)
 
 
 def _strtoull(text: str) -> int | None:

@@ -48,6 +48,21 @@ class Stats:
             for entry in hc.detail.entries:
                 self.batched[entry.call.display_name] += 1
 
+    def count_record(self, record: dict[str, Any]) -> None:
+        """A `call` or `return` record read back from a trace file (`xendbg trace --stats`)."""
+        if record.get("event") == "return":
+            self.count_result(record["name"], record["result"])
+            return
+        hc = record["hypercall"]
+        name = hc["name"] or f"hypercall_{hc['nr']}"
+        self.calls[name] += 1
+        if hc.get("subop"):
+            self.subops.setdefault(name, Counter())[hc["subop"]] += 1
+        detail = hc.get("detail") or {}
+        if detail.get("type") == "multicall":
+            for entry in detail["entries"]:
+                self.batched[entry["name"] or f"hypercall_{entry['op']}"] += 1
+
     def count_result(self, name: str, result: int) -> None:
         if result < 0:
             self.errors[name] += 1

@@ -1,0 +1,67 @@
+"""The session's Symbols protocol over the symbol tables of ELF files (a guest kernel, xen-syms): what
+gdb's minimal symbols give a live session, for a dump."""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+
+from xendbg.errors import DecodeError
+from xendbg.sites import ElfFile, ElfSymbol
+
+PT_LOAD = 1
+
+
+class ElfSymbols:
+    """Address <-> name over the defined symbols of several ELF files (their loaded ranges only)."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = list(paths)
+        symbols: list[ElfSymbol] = []
+        self._ranges: list[tuple[int, int]] = []
+        for path in self.paths:
+            found, ranges = _read(path)
+            symbols += found
+            self._ranges += ranges
+        # Prefer sized functions over untyped labels at the same address (gdb's choice too).
+        symbols.sort(key=lambda s: (s.value, s.type != 2, s.name))
+        self._by_name: dict[str, int] = {}
+        for sym in symbols:
+            self._by_name.setdefault(sym.name, sym.value)
+        unique: list[ElfSymbol] = []
+        for sym in symbols:
+            if not unique or unique[-1].value != sym.value:
+                unique.append(sym)
+        self._symbols = unique
+        self._values = [s.value for s in unique]
+
+    def _loaded(self, address: int) -> bool:
+        return any(start <= address < end for start, end in self._ranges)
+
+    def symbol_at(self, address: int) -> tuple[str, int] | None:
+        i = bisect.bisect_right(self._values, address) - 1
+        if i < 0 or not self._loaded(address):
+            return None
+        sym = self._symbols[i]
+        return sym.name, address - sym.value
+
+    def address_of(self, name: str) -> int | None:
+        return self._by_name.get(name)
+
+    def __len__(self) -> int:
+        return len(self._symbols)
+
+
+def _read(path: str) -> tuple[list[ElfSymbol], list[tuple[int, int]]]:
+    try:
+        with open(path, "rb") as file:
+            if os.fstat(file.fileno()).st_size == 0:
+                raise DecodeError(f"{path}: empty file, not an ELF file")
+            with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                elf = ElfFile(path, data)
+                symbols = elf.symbol_table()
+                ranges = [(s.vaddr, s.vaddr + max(s.memsz, s.filesz)) for s in elf.segments if s.type == PT_LOAD]
+    except OSError as exc:
+        raise DecodeError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return symbols, ranges  # a stripped file (Debian's vmlinux) still gives evidence of the Xen version
