@@ -19,9 +19,10 @@ says it guessed and which `set xen abi` settles it.  Conflicting evidence gets a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from xendbg import arch
 from xendbg.abi import FLAT_SELECTORS, GENERATIONS, NEWEST, Abi, get_abi, resolve_generation
@@ -29,6 +30,9 @@ from xendbg.abi.layouts import ERA_2, ERA_3
 from xendbg.decode.model import Finding, GuestState, Hypercall
 from xendbg.errors import UsageError, XendbgError
 from xendbg.target import Target
+
+if TYPE_CHECKING:
+    from xendbg.sites import HypercallSites
 
 OLDEST_WITH_PAGE = "3.0"  # hypercall pages and the 0xe0xx flat selectors arrived with Xen 3.0
 
@@ -78,6 +82,21 @@ class Evidence:
     guest_note: tuple[str, str] | None = None  # ("xen-3.0", which file and note)
     hypercall_page: str | None = None  # where the guest's hypercall page is, when it has one
     code_selector: int | None = None  # the last flat code selector a guest vCPU was seen running with
+
+
+    def read_files(self, found: Iterable[HypercallSites]) -> None:
+        """Take what the loaded files say (sites.py scans them): Xen's version from xen-syms, the guest's
+        Xen ELF note, its hypercall page.  Replaces what earlier files said."""
+        self.xen_image = self.guest_note = self.hypercall_page = None
+        for sites in found:
+            name = os.path.basename(sites.path)
+            if sites.xen_image_version is not None:
+                self.xen_image = self.xen_image or sites.xen_image_version
+                continue
+            if sites.xen_version is not None and self.guest_note is None:
+                self.guest_note = (sites.xen_version[0], f"{sites.xen_version[1]} ({name})")
+            if sites.hypercall_page is not None and self.hypercall_page is None:
+                self.hypercall_page = f"{sites.hypercall_page:#x} ({name})"
 
 
 @dataclass(frozen=True)

@@ -63,22 +63,10 @@ def open_memory(path: str) -> tuple[Dump, mmap.mmap]:
 
 def _evidence(session: Session, symbols: Sequence[str], xen_syms: str | None) -> None:
     """What the files say about the Xen version (the evidence a live session gathers from gdb's files)."""
-    evidence = session.evidence
-    if xen_syms is not None:
-        version = find_hypercall_sites(xen_syms).xen_image_version
-        if version is None:
-            raise DecodeError(f"{xen_syms}: no xen_major_version/xen_minor_version code: not Xen's xen-syms")
-        evidence.xen_image = version
-    for path in symbols:
-        sites = find_hypercall_sites(path)
-        if sites.xen_image_version is not None and evidence.xen_image is None:
-            evidence.xen_image = sites.xen_image_version
-            continue
-        name = os.path.basename(path)
-        if sites.xen_version is not None and evidence.guest_note is None:
-            evidence.guest_note = (sites.xen_version[0], f"{sites.xen_version[1]} ({name})")
-        if sites.hypercall_page is not None and evidence.hypercall_page is None:
-            evidence.hypercall_page = f"{sites.hypercall_page:#x} ({name})"
+    found = [find_hypercall_sites(path) for path in ([xen_syms] if xen_syms else []) + list(symbols)]
+    if xen_syms is not None and found[0].xen_image_version is None:
+        raise DecodeError(f"{xen_syms}: no xen_major_version/xen_minor_version code: not Xen's xen-syms")
+    session.evidence.read_files(found)
 
 
 _UNSET = object()

@@ -731,13 +731,7 @@ class XenStats(_XenCommand):
         if not rows:
             gdb.write("no hypercalls counted yet (xen trace start counts them)\n")
             return
-        listing = context.text().table("calls", "errors", "hypercall", "in multicalls", "errnos", "sub-operations")
-        for r in rows:
-            subops = ", ".join(f"{k} {v}" for k, v in sorted(r["subops"].items(), key=lambda kv: -kv[1]))
-            errnos = ", ".join(f"{k} {v}" for k, v in r["errnos"].items())
-            listing.add_row(str(r["calls"]), str(r["errors"]), r["name"], str(r["in_multicalls"] or ""), errnos,
-                            subops)
-        context.write(listing)
+        context.write(context.text().stats_table(rows))
 
 
 class XenSettings(gdb.Command):

@@ -134,17 +134,7 @@ def _refresh_evidence() -> None:
     if files == _evidence_for:
         return
     _evidence_for = files
-    evidence = SESSION.evidence
-    evidence.xen_image = evidence.guest_note = evidence.hypercall_page = None
-    for sites in loaded_sites():
-        if sites.xen_image_version is not None:
-            evidence.xen_image = sites.xen_image_version
-            continue
-        name = os.path.basename(sites.path)
-        if sites.xen_version is not None and evidence.guest_note is None:
-            evidence.guest_note = (sites.xen_version[0], f"{sites.xen_version[1]} ({name})")
-        if sites.hypercall_page is not None and evidence.hypercall_page is None:
-            evidence.hypercall_page = f"{sites.hypercall_page:#x} ({name})"
+    SESSION.evidence.read_files(loaded_sites())
 
 
 def machine_entries() -> tuple[list[GuestSite], int | None, str]:
