@@ -44,7 +44,7 @@ install_packages() {
 
 make_venv() {
     # gdb embeds the system Python: build the venv on it so gdb can load the same packages.
-    if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import xendbg, capstone, rich, pygdbmi, pytest' 2>/dev/null
+    if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import xendbg, capstone, rich, pygdbmi, pytest, mypy' 2>/dev/null
     then
         echo "setup.sh: creating .venv"
         /usr/bin/python3 -m venv .venv
@@ -74,6 +74,9 @@ case "$mode" in
         exec /usr/bin/python3 tools/walkthrough.py "$@"
         ;;
     test)
+        # The house checks first (lint, types), then every test.
+        .venv/bin/ruff check --quiet .
+        .venv/bin/mypy --no-error-summary
         exec .venv/bin/python -m pytest -q -p no:cacheprovider tests
         ;;
     *)

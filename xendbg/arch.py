@@ -376,7 +376,7 @@ def guest_frame_entry(target: Target, regs_address: int, function: str = XEN_HYP
 
     lay = layout("cpu_user_regs", 64, ERA_3)  # Xen itself is 64-bit: its frame is the 64-bit layout
     regs = unpack(lay, target.read_memory(regs_address, lay.size), 64, ERA_3)
-    mode = cpu_mode(int(regs["cs"]))  # type: ignore[arg-type]
+    mode = cpu_mode(int(regs["cs"]))
     width = mode.width or 64
     convention = pv_convention(width)
     wide = {name: int(v) for name, v in regs.items() if isinstance(v, int)}
@@ -385,9 +385,9 @@ def guest_frame_entry(target: Target, regs_address: int, function: str = XEN_HYP
     args = tuple(wide["r" + reg[1:] if reg.startswith("e") else reg] & mask for reg in convention.arg_registers)
     nr_reg = convention.nr_register
     nr = wide["r" + nr_reg[1:] if nr_reg.startswith("e") else nr_reg] & mask
-    guest_pc = int(regs["rip"])  # type: ignore[arg-type]
+    guest_pc = int(regs["rip"])
     site = Site("frame", convention.name, f"{function}()", guest_pc)
-    return XenEntry(nr, None, args, width, site, int(regs["rsp"]) & mask, int(regs["cs"]))  # type: ignore[arg-type]
+    return XenEntry(nr, None, args, width, site, int(regs["rsp"]) & mask, int(regs["cs"]))
 
 
 def read_code(target: Target, pc: int) -> bytes:

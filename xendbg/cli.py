@@ -237,7 +237,7 @@ def _guest_width(width: int | None, registers: dict[str, int]) -> int:
         raise UsageError(f"cs={cs:#06x} is not a 16-bit selector")
     if width is not None:
         implied = _cs_width(cs) if cs is not None else None
-        if implied is not None and implied != width:
+        if cs is not None and implied is not None and implied != width:
             raise UsageError(f"cs={cs:#06x} says {cpu_mode(cs).description}, but --width is {width}: "
                              "drop one or make them agree")
         return width

@@ -114,10 +114,11 @@ class AbiChoice:
     def guessed(self) -> bool:
         return len(self.candidates) > 1
 
-    def finding(self) -> Finding | None:
+    def findings(self) -> tuple[Finding, ...]:
+        """The guess or conflict warning, as a finding to add to a report (none when the ABI is certain)."""
         if self.warning is None:
-            return None
-        return Finding("abi-evidence", "warning", self.warning, subject="abi")
+            return ()
+        return (Finding("abi-evidence", "warning", self.warning, subject="abi"),)
 
 
 def note_generation(note: str) -> tuple[str, bool] | None:
@@ -301,8 +302,7 @@ class Session:
 
 def annotate(hc: Hypercall, choice: AbiChoice) -> Hypercall:
     """`hc` with the reason for its ABI, and the guess/conflict warning among its findings."""
-    extra = choice.finding()
-    return replace(hc, abi_reason=choice.reason, findings=hc.findings + ((extra,) if extra else ()))
+    return replace(hc, abi_reason=choice.reason, findings=hc.findings + choice.findings())
 
 
 def where(target: Target, symbols: Symbols) -> str:

@@ -87,7 +87,7 @@ class HypercallSites:
 # Xen's ELF note types are fixed since 3.0.3 (xen/include/public/elfnote.h); the number lives in abi.
 _NOTE_HYPERCALL_PAGE = get_abi(NEWEST, 64).enum("ELFNOTE").values["XEN_ELFNOTE_HYPERCALL_PAGE"]
 _NOTE_XEN_VERSION = get_abi(NEWEST, 64).enum("ELFNOTE").values["XEN_ELFNOTE_XEN_VERSION"]
-IRET_NR = get_abi(NEWEST, 64).hypercall_named("iret").nr  # __HYPERVISOR_iret, 23 since 3.0.2
+IRET_NR = get_abi(NEWEST, 64).number_of("iret")  # __HYPERVISOR_iret, 23 since 3.0.2
 
 # Symbols of inline stubs: Linux's arch/x86/xen/xen-asm.S after XSA-466, and the test guest's
 # fixtures/guest/entry.S.  Before XSA-466 Linux's xen_iret jumped into the hypercall page: capstone

@@ -182,6 +182,13 @@ class Abi:
                 return hc
         return None
 
+    def number_of(self, name: str) -> int:
+        """The number of a hypercall this generation has (KeyError for one it does not)."""
+        found = self.hypercall_named(name)
+        if found is None:
+            raise KeyError(f"Xen {self.generation} has no hypercall {name}")
+        return found.nr
+
     def enum(self, family: str) -> Enum:
         return _enum(self.generation, family)
 

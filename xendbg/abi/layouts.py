@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from xendbg.abi import _layouts
 from xendbg.abi.generations import NEWEST
@@ -98,11 +99,16 @@ def field_size(kind: str, width: int, era: str) -> int:
     return layout(kind, width, era).size
 
 
-def unpack(lay: Layout, data: bytes, width: int, era: str) -> dict[str, object]:
+# A decoded struct: field name -> int, a list (arrays), or a nested Fields (structs), as its layout says.
+# The layout, not the type checker, knows which: readers take int(row["field"]) etc.
+Fields = dict[str, Any]
+
+
+def unpack(lay: Layout, data: bytes, width: int, era: str) -> Fields:
     """Unpack `data` (at least lay.size bytes) into {field: int | list | bytes | dict}.
 
     A nested layout comes from the generation `lay` was read from (else from `era`)."""
-    out: dict[str, object] = {}
+    out: Fields = {}
     for f in lay.fields:
         out[f.name] = _unpack_field(f, data, width, lay, era)
     return out
@@ -117,7 +123,7 @@ def _unpack_field(f: Field, data: bytes, width: int, lay: Layout, era: str) -> o
         return bytes(data[f.offset:f.offset + f.count])
     nested = None if f.kind in _SCALAR else _nested(lay, f.kind, width, era)
     size = _SCALAR[f.kind] if nested is None else nested.size
-    values = []
+    values: list[Any] = []
     for i in range(f.count):
         start = f.offset + i * size
         chunk = data[start:start + size]

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from xendbg import arch
 from xendbg.abi import DOMIDS, TRAP_FLAG_DPL_MASK, TRAP_FLAG_IF, Abi, _tables, result_name
 from xendbg.abi.hypercalls import ArgSpec
-from xendbg.abi.layouts import MULTICALL_2_0_RESULT_ARG, Layout, unpack
+from xendbg.abi.layouts import MULTICALL_2_0_RESULT_ARG, Fields, Layout, unpack
 from xendbg.decode import rules
 from xendbg.decode.model import (
     Arg,
@@ -57,11 +57,11 @@ class _Ctx:
     def read(self, address: int, size: int) -> bytes:
         return self.target.read_memory(address & self.abi.address_mask, size)
 
-    def read_struct(self, name: str, address: int) -> dict[str, object]:
+    def read_struct(self, name: str, address: int) -> Fields:
         lay = self.abi.layout(name)
         return unpack(lay, self.read(address, lay.size), self.abi.width, self.abi.era)
 
-    def read_array(self, lay: Layout, address: int, count: int) -> list[dict[str, object] | None]:
+    def read_array(self, lay: Layout, address: int, count: int) -> list[Fields | None]:
         """Read `count` structs with as few target reads as possible; None marks an unreadable one."""
         try:
             data = self.read(address, lay.size * count)
@@ -69,7 +69,7 @@ class _Ctx:
                     for i in range(count)]
         except UnreadableMemory:
             pass
-        rows: list[dict[str, object] | None] = []
+        rows: list[Fields | None] = []
         for i in range(count):
             try:
                 rows.append(unpack(lay, self.read(address + i * lay.size, lay.size), self.abi.width,
@@ -138,13 +138,13 @@ def _uvmf_text(abi: Abi, value: int) -> str:
 # Structures behind the arguments
 
 
-def _trap_entry(ctx: _Ctx, index: int, row: dict[str, object]) -> TrapEntry:
-    flags = int(row["flags"])  # type: ignore[arg-type]
-    vector = int(row["vector"])  # type: ignore[arg-type]
-    cs = int(row["cs"])  # type: ignore[arg-type]
+def _trap_entry(ctx: _Ctx, index: int, row: Fields) -> TrapEntry:
+    flags = int(row["flags"])
+    vector = int(row["vector"])
+    cs = int(row["cs"])
     return TrapEntry(index=index, vector=vector, vector_name=arch.vector_name(vector), flags=flags,
                      dpl=flags & TRAP_FLAG_DPL_MASK, interrupt_flag=bool(flags & TRAP_FLAG_IF), cs=cs,
-                     rpl=cs & 3, address=int(row["address"]))  # type: ignore[arg-type]
+                     rpl=cs & 3, address=int(row["address"]))
 
 
 def decode_trap_table(target: Target, abi: Abi, address: int,
@@ -245,7 +245,7 @@ def _callback_op(ctx: _Ctx, args: list[Arg]) -> Detail:
     except UnreadableMemory:
         ctx.add(rules.unreadable(struct, pointer))
         return None
-    ctype = int(reg["type"])  # type: ignore[arg-type]
+    ctype = int(reg["type"])
     tname = types.name_of(ctype)
     kind = tname.removeprefix("CALLBACKTYPE_") if tname else f"type {ctype}"
     if tname is None:
@@ -256,11 +256,11 @@ def _callback_op(ctx: _Ctx, args: list[Arg]) -> Detail:
             ctx.add(Finding("callback-unregister", "error",
                             f"the {kind} callback cannot be unregistered: Xen fails the call with -EINVAL"))
         return Callbacks("unregister", (Callback(kind, 0),))
-    flags = int(reg["flags"])  # type: ignore[arg-type]
-    address = int(reg["address"])  # type: ignore[arg-type]
+    flags = int(reg["flags"])
+    address = int(reg["address"])
     selector = None
     if abi.width == 32:
-        selector = int(reg["cs"]) & 0xFFFF  # type: ignore[arg-type]
+        selector = int(reg["cs"]) & 0xFFFF
         ctx.add(rules.check_code_selector(abi, selector, f"{kind} callback"))
     ctx.add(rules.check_code_address(abi, address, f"{kind} callback"))
     callback = Callback(kind, address, selector, None if selector is None else selector & 3, flags,
@@ -300,13 +300,13 @@ def _multicall(ctx: _Ctx, address: int, count: int, results: bool) -> MulticallB
         if row is None:
             ctx.add(rules.unreadable(f"multicall entry {index}", entry_address))
             break
-        op = int(row["op"])  # type: ignore[arg-type]
-        raw_args = [int(a) for a in row["args"]]  # type: ignore[union-attr]
+        op = int(row["op"])
+        raw_args = [int(a) for a in row["args"]]
         if abi.multicall_result_in_args:
             result_raw = raw_args[MULTICALL_2_0_RESULT_ARG]
             raw_args = raw_args[:MULTICALL_2_0_RESULT_ARG]  # Xen 2.0 passes args[0..4]
         else:
-            result_raw = int(row["result"])  # type: ignore[arg-type]
+            result_raw = int(row["result"])
         hc = abi.hypercall(op)
         if hc is not None and hc.name == "multicall":
             ctx.add(rules.check_nested_multicall(abi, index))
@@ -329,7 +329,7 @@ def _multicall_detail(ctx: _Ctx, args: list[Arg]) -> Detail:
     return _multicall(ctx, args[0].value, args[1].value, results=False)
 
 
-def _fields(row: dict[str, object], names: tuple[str, ...] | None = None) -> tuple[tuple[str, int | str], ...]:
+def _fields(row: Fields, names: tuple[str, ...] | None = None) -> tuple[tuple[str, int | str], ...]:
     out: list[tuple[str, int | str]] = []
     for key, value in row.items():
         if names is not None and key not in names:
@@ -374,15 +374,15 @@ def _vcpu_op(ctx: _Ctx, args: list[Arg]) -> Detail:
         fields: list[tuple[str, int | str]] = [(ip, int(regs[ip])), (sp, int(regs[sp])), ("cs", int(regs["cs"])),
                                                ("ss", int(regs["ss"]))]
         names = _VCPU_CONTEXT_FIELDS_32 if abi.width == 32 else _VCPU_CONTEXT_FIELDS_64
-        fields += [(n, int(ctxt[n])) for n in names]  # type: ignore[arg-type]
-        fields.append(("cr3", int(ctxt["ctrlreg"][3])))  # type: ignore[index]
-        traps = sum(1 for t in ctxt["trap_ctxt"] if t["address"])  # type: ignore[union-attr,index]
+        fields += [(n, int(ctxt[n])) for n in names]
+        fields.append(("cr3", int(ctxt["ctrlreg"][3])))
+        traps = sum(1 for t in ctxt["trap_ctxt"] if t["address"])
         fields.append(("trap_ctxt entries", traps))
         ctx.add(rules.check_code_selector(abi, int(regs["cs"]), f"vCPU {args[1].value} initial CS"))
         if abi.width == 32:
             for kind in ("event", "failsafe"):
-                selector = int(ctxt[f"{kind}_callback_cs"]) & 0xFFFF  # type: ignore[arg-type]
-                if selector == 0 and not int(ctxt[f"{kind}_callback_eip"]):  # type: ignore[arg-type]
+                selector = int(ctxt[f"{kind}_callback_cs"]) & 0xFFFF
+                if selector == 0 and not int(ctxt[f"{kind}_callback_eip"]):
                     continue  # no callback given: nothing for Xen to check
                 ctx.add(rules.check_code_selector(abi, selector, f"vCPU {args[1].value} {kind} callback"))
         return StructFields("vcpu_guest_context", pointer, tuple(fields))
@@ -403,7 +403,7 @@ def _sched_op(ctx: _Ctx, args: list[Arg]) -> Detail:
     cmd = abi.enum("SCHEDOP").name_of(args[0].value)
     if cmd in ("SCHEDOP_shutdown", "SCHEDOP_shutdown_code"):
         try:
-            reason = int(ctx.read_struct("sched_shutdown", args[1].value)["reason"])  # type: ignore[arg-type]
+            reason = int(ctx.read_struct("sched_shutdown", args[1].value)["reason"])
         except UnreadableMemory:
             ctx.add(rules.unreadable("sched_shutdown", args[1].value))
             return None
@@ -439,8 +439,8 @@ def _evtchn_fields(ctx: _Ctx, cmd: str | None, data: bytes, address: int) -> Det
     row = unpack(lay, data[:lay.size], ctx.abi.width, ctx.abi.era)
     fields = list(_fields(row))
     if struct == "evtchn_bind_virq":
-        virq = ctx.abi.enum("VIRQ").name_of(int(row["virq"]))  # type: ignore[arg-type]
-        fields[0] = ("virq", virq or int(row["virq"]))  # type: ignore[arg-type]
+        virq = ctx.abi.enum("VIRQ").name_of(int(row["virq"]))
+        fields[0] = ("virq", virq or int(row["virq"]))
     return StructFields(struct, address, tuple(fields))
 
 
@@ -467,7 +467,7 @@ def _event_channel_op_compat(ctx: _Ctx, args: list[Arg]) -> tuple[Detail, str | 
         ctx.add(rules.unreadable("evtchn_op", pointer))
         return None, None
     row = unpack(lay, data, ctx.abi.width, ctx.abi.era)
-    cmd_value = int(row["cmd"])  # type: ignore[arg-type]
+    cmd_value = int(row["cmd"])
     cmd = ctx.abi.enum("EVTCHNOP").name_of(cmd_value)
     union = lay.field("u").offset
     return _evtchn_fields(ctx, cmd, data[union:], pointer + union), cmd or f"unknown EVTCHNOP {cmd_value}"
@@ -487,7 +487,7 @@ def _console_io(ctx: _Ctx, args: list[Arg]) -> Detail:
 
 
 def _request_array(ctx: _Ctx, struct: str, args: list[Arg],
-                   describe: Callable[[dict[str, object]], tuple[tuple[str, int | str], ...]]) -> Detail:
+                   describe: Callable[[Fields], tuple[tuple[str, int | str], ...]]) -> Detail:
     """mmu_update/mmuext_op: (requests, count, done, foreigndom), one row per request."""
     lay = ctx.abi.layout(struct)
     count = args[1].value & 0x7FFFFFFF  # bit 31 of the count marks a preempted continuation
@@ -504,10 +504,10 @@ def _request_array(ctx: _Ctx, struct: str, args: list[Arg],
 def _mmu_update(ctx: _Ctx, args: list[Arg]) -> Detail:
     types = ctx.abi.enum("MMU")
 
-    def describe(row: dict[str, object]) -> tuple[tuple[str, int | str], ...]:
-        ptr = int(row["ptr"])  # type: ignore[arg-type]
+    def describe(row: Fields) -> tuple[tuple[str, int | str], ...]:
+        ptr = int(row["ptr"])
         kind = types.name_of(ptr & 3) or f"type {ptr & 3}"  # the request type is in ptr's low bits
-        return (("ptr", ptr & ~3), ("type", kind), ("val", int(row["val"])))  # type: ignore[arg-type]
+        return (("ptr", ptr & ~3), ("type", kind), ("val", int(row["val"])))
 
     return _request_array(ctx, "mmu_update", args, describe)
 
@@ -515,10 +515,10 @@ def _mmu_update(ctx: _Ctx, args: list[Arg]) -> Detail:
 def _mmuext_op(ctx: _Ctx, args: list[Arg]) -> Detail:
     cmds = ctx.abi.enum("MMUEXT")
 
-    def describe(row: dict[str, object]) -> tuple[tuple[str, int | str], ...]:
-        cmd = int(row["cmd"])  # type: ignore[arg-type]
-        return (("cmd", cmds.name_of(cmd) or f"unknown {cmd}"), ("arg1", int(row["arg1"])),  # type: ignore[arg-type]
-                ("arg2", int(row["arg2"])))  # type: ignore[arg-type]
+    def describe(row: Fields) -> tuple[tuple[str, int | str], ...]:
+        cmd = int(row["cmd"])
+        return (("cmd", cmds.name_of(cmd) or f"unknown {cmd}"), ("arg1", int(row["arg1"])),
+                ("arg2", int(row["arg2"])))
 
     return _request_array(ctx, "mmuext_op", args, describe)
 
@@ -585,8 +585,8 @@ def _decode(target: Target, abi: Abi, nr: int, raw_args: list[int] | tuple[int, 
             ctx.add(rules.check_fast_trap(abi, 0, None))  # says set_fast_trap was removed in 3.0
         else:
             ctx.add(rules.unknown_hypercall(abi, nr, where))
-        args = tuple(Arg(f"arg{i}", "ulong", v) for i, v in enumerate(raw[:5]))
-        return Hypercall(nr, None, args, abi.generation, abi.width, findings=tuple(ctx.findings), site=site)
+        unknown = tuple(Arg(f"arg{i}", "ulong", v) for i, v in enumerate(raw[:5]))
+        return Hypercall(nr, None, unknown, abi.generation, abi.width, findings=tuple(ctx.findings), site=site)
     raw += [0] * (len(hc.args) - len(raw))
     args = [_arg(ctx, spec, value) for spec, value in zip(hc.args, raw, strict=False)]
     subop = _subop(args)

@@ -92,7 +92,7 @@ def multicall(core: Core, args: Any, emit: Emit) -> None:
     batch, found = decode_multicall(vcpu.target, abi, hc.args[0].value, hc.args[1].value, results=args.results,
                                     state=core.session.state(vcpu.index))
     used = AbiUsed(abi.generation, abi.width, why.reason)
-    extra = (why.finding(),) if why.finding() else ()
+    extra = why.findings()
     emit(render_json.multicall_report(batch, found + extra, used),
          render_text.multicall_report(batch, found + extra, used))
 
@@ -105,7 +105,7 @@ def traps(core: Core, args: Any, emit: Emit) -> None:
         raise _unrecoverable(f"{pending}the registered trap table", core)
     abi, why = _abi_of(core, hc)
     table, found = decode_trap_table(vcpu.target, abi, hc.args[0].value)
-    found += (why.finding(),) if why.finding() else ()
+    found += why.findings()
     used = AbiUsed(abi.generation, abi.width, why.reason)
     emit(render_json.trap_table_report(table, found, used), render_text.trap_table_report(table, found, used))
 
@@ -136,7 +136,8 @@ def _selected_or_first(core: Core, index: int | None) -> Vcpu:
 
 def summary(core: Core, args: Any, emit: Emit) -> None:
     """What every vCPU was doing: mode, PC, the pending hypercall or why none, findings."""
-    rows, parts = [], []
+    rows: list[dict[str, Any]] = []
+    parts: list[RenderableType] = []
     parts.append(Text(f"{core.path}: {core.format} dump, {len(core.vcpus)} vCPU(s)", style="bold"))
     for vcpu in core.vcpus:
         hc = vcpu.pending()

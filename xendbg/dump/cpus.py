@@ -94,7 +94,7 @@ def _qemu_state(desc: memoryview, index: int, long_mode: bool, where: str) -> Cp
         segments[name] = Segment(selector, limit, flags, base)
         at += _SEGMENT.size
     cr = struct.unpack_from("<5Q", desc, at)
-    return CpuState(index, long_mode, dict(zip(_GPRS, values, strict=True)), segments, cr)  # type: ignore[arg-type]
+    return CpuState(index, long_mode, dict(zip(_GPRS, values, strict=True)), segments, cr)
 
 
 def cpus_from_notes(area: bytes | memoryview, where: str, long_mode: bool | None) -> list[CpuState]:

@@ -63,7 +63,7 @@ def write_gdb_core(core: Core, index: int | None, out: str) -> str:
                           f"holds")
     notes = bytes(core.memory.notes)
     offset = ehsize + phentsize * count
-    headers = [(PT_NOTE, 0, offset, 0, 0, len(notes), len(notes), 0, 4)]
+    headers = [(PT_NOTE, 0, offset, 0, 0, len(notes), len(notes), 4)]
     offset += len(notes)
     for virtual, pages in segments:
         size = sum(n for _, n in pages)
@@ -75,8 +75,7 @@ def write_gdb_core(core: Core, index: int | None, out: str) -> str:
         with open(out, "wb") as file:
             file.write(struct.pack(ehdr, ident, ET_CORE, EM_X86_64 if wide else EM_386, 1, 0, ehsize, 0, 0, ehsize,
                                    phentsize, count, 0, 0, 0))
-            for kind, flags, at, vaddr, paddr, filesz, memsz, align in (
-                    (h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]) for h in headers):
+            for kind, flags, at, vaddr, paddr, filesz, memsz, align in headers:
                 if wide:
                     file.write(struct.pack(phdr, kind, flags, at, vaddr, paddr, filesz, memsz, align))
                 else:  # p_type, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_flags, p_align

@@ -59,7 +59,8 @@ def select(records: Iterable[dict[str, Any]], names: Iterable[str] = (), errors:
         if r.get("event") != "call":
             continue
         named = not wanted or str(r.get("name", "")).lower() in wanted or str(r.get("nr")) in wanted
-        failed = not errors or (results.get(r["seq"]) is not None and results[r["seq"]] < 0)
+        result = results.get(r["seq"])
+        failed = not errors or (result is not None and result < 0)
         if named and failed:
             kept.add(r["seq"])
     def keep(r: dict[str, Any]) -> bool:

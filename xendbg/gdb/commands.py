@@ -12,7 +12,7 @@ import shlex
 import sys
 from types import ModuleType
 
-import gdb  # type: ignore[import-not-found]
+import gdb
 
 from xendbg import names
 from xendbg.errors import XendbgError
@@ -39,13 +39,18 @@ class _Lazy(ModuleType):
         return getattr(self._module, attribute)
 
 
-decode = _Lazy("xendbg.decode")
-report = _Lazy("xendbg.report")
-context = _Lazy("xendbg.gdb.context")
-monitor = _Lazy("xendbg.gdb.monitor")
-observe = _Lazy("xendbg.observe")
-render_json = _Lazy("xendbg.render.json")
-arch = _Lazy("xendbg.arch")
+if TYPE_CHECKING:  # the type checker sees the modules; gdb gets them on first use
+    from xendbg import arch, decode, observe, report
+    from xendbg.gdb import context, monitor
+    from xendbg.render import json as render_json
+else:
+    decode = _Lazy("xendbg.decode")
+    report = _Lazy("xendbg.report")
+    context = _Lazy("xendbg.gdb.context")
+    monitor = _Lazy("xendbg.gdb.monitor")
+    observe = _Lazy("xendbg.observe")
+    render_json = _Lazy("xendbg.render.json")
+    arch = _Lazy("xendbg.arch")
 
 ABI_CHOICES = ["auto", *GENERATIONS]
 CALLBACK_KINDS = ("event", "failsafe", "syscall", "nmi")
@@ -201,7 +206,7 @@ Every decoding command takes --json (the schema is in docs/json-schema.md)."""
     def invoke(self, arg: str, from_tty: bool) -> None:
         if arg.strip():
             raise gdb.GdbError(f"unknown xen command {arg.split()[0]!r}: 'help xen' lists them")
-        gdb.write(self.__doc__ + "\n")
+        gdb.write(f"{self.__doc__}\n")
 
 
 class XenHypercall(_XenCommand):
@@ -256,7 +261,7 @@ has run, show the results Xen wrote."""
         batch, found = decode.decode_multicall(target, abi, address, count, results="--results" in flags,
                                                state=_registered(context.cpu_index()))
         used = context.used(abi, why)
-        extra = (why.finding(),) if why.finding() else ()
+        extra = why.findings()
         if "--json" in flags:
             context.write_json(render_json.multicall_report(batch, found + extra, used))
         else:
@@ -284,14 +289,14 @@ the guest has registered, as far as xendbg has seen."""
             abi, why = context.current_abi(target)
             table, found = decode.decode_trap_table(target, abi, _address(words[0], abi.width))
             used = context.used(abi, why)
-            found += (why.finding(),) if why.finding() else ()
+            found += why.findings()
         else:
             hc = None if "--registered" in flags else _try_pending(target)
             if hc is not None and hc.name == "set_trap_table" and hc.args[0].value:
                 abi, why = context.abi_of(hc)
                 table, found = decode.decode_trap_table(target, abi, hc.args[0].value)
                 used = context.used(abi, why)
-                found += (why.finding(),) if why.finding() else ()
+                found += why.findings()
             else:
                 state = _registered(context.cpu_index())
                 if not state.trap_table:
@@ -425,11 +430,10 @@ Without a subcommand: what is being caught, and where."""
         if arg.strip():
             raise gdb.GdbError(f"unknown xen catch subcommand {arg.split()[0]!r} (hypercall, delete)")
         loaded = sys.modules.get("xendbg.gdb.monitor")
-        catch = loaded.MONITOR.catch if loaded is not None else None
-        if catch is None:
+        if loaded is None or loaded.MONITOR.catch is None:
             gdb.write("xendbg catches no hypercalls\n")
             return
-        what = ", ".join(sorted(catch.names)) or "every hypercall"
+        what = ", ".join(sorted(loaded.MONITOR.catch.names)) or "every hypercall"
         gdb.write(f"catching {what}; observing {loaded.MONITOR.plan}\n")
 
 

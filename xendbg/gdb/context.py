@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-import gdb  # type: ignore[import-not-found]
+import gdb
 
 from xendbg import arch
 from xendbg.abi import Abi

@@ -17,8 +17,9 @@ gdb forbids adding or deleting breakpoints inside `stop()`: when a registration 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
-import gdb  # type: ignore[import-not-found]
+import gdb
 
 from xendbg import arch, observe
 from xendbg.abi import Abi, get_abi
@@ -417,12 +418,12 @@ def on_stop(event: object) -> None:
     try:
         for kind, payload in reports:
             if kind == "catch":
-                cpu, hc, continuation = payload  # type: ignore[misc]
+                cpu, hc, continuation = cast("tuple[int, Hypercall, bool]", payload)
                 what = ", Xen's continuation of the preempted call" if continuation else ""
                 gdb.write(f"xendbg: cpu {cpu} caught hypercall {hc.display_name} ({hc.site}{what})\n")
                 context.write(context.text().hypercall(hc))
             elif kind == "entry":
-                _report_entry(payload)  # type: ignore[arg-type]
+                _report_entry(cast(int, payload))
             elif kind == "error":
                 gdb.write(f"{payload}\n")
         if "trace-failed" in kinds and MONITOR.trace is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import gdb  # type: ignore[import-not-found]
+import gdb
 
 from xendbg.errors import TargetGone, UnknownRegister, UnreadableMemory
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
+from typing import Any
 
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
@@ -184,12 +185,12 @@ def check_report(pending: Hypercall | None, found: list[Finding]) -> RenderableT
     return Group(RichText(f"{head}; {counts}"), findings(found))
 
 
-def stats_table(rows: list[dict[str, object]]) -> RenderableType:
+def stats_table(rows: list[dict[str, Any]]) -> RenderableType:
     """`xen stats` / `xendbg trace --stats`: the rows of trace.Stats.rows(), like strace -c."""
     listing = table("calls", "errors", "hypercall", "in multicalls", "errnos", "sub-operations")
     for r in rows:
-        subops = ", ".join(f"{k} {v}" for k, v in sorted(r["subops"].items(), key=lambda kv: -kv[1]))  # type: ignore[attr-defined]
-        errnos = ", ".join(f"{k} {v}" for k, v in r["errnos"].items())  # type: ignore[attr-defined]
+        subops = ", ".join(f"{k} {v}" for k, v in sorted(r["subops"].items(), key=lambda kv: -kv[1]))
+        errnos = ", ".join(f"{k} {v}" for k, v in r["errnos"].items())
         listing.add_row(str(r["calls"]), str(r["errors"]), str(r["name"]), str(r["in_multicalls"] or ""), errnos,
                         subops)
     return listing
