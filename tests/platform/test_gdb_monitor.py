@@ -19,7 +19,8 @@ def test_catch_by_name_then_registered_state_shim32_2_0(boot_gdb):
     booted = boot_gdb("shim32", abi="2.0", timeout=60)
     out = booted.gdb_batch(
         *SETUP, "set xen abi 2.0", "xen callbacks", "xen catch hypercall set_trap_table set_fast_trap",
-        "continue", "xen hc --json", "continue", "xen hc --json", "xen catch hypercall multicall", "continue",
+        "continue", "xen hc --json", "x/14wx $ebx", "continue", "xen hc --json", "p/x $eax", "p/x $ebx",
+        "xen catch delete", "xen catch hypercall multicall", "continue",
         "xen traps --json", "xen callbacks --json", "xen check --json", "xen catch delete", "continue",
         timeout=60)
     assert "Traceback" not in out
@@ -28,14 +29,20 @@ def test_catch_by_name_then_registered_state_shim32_2_0(boot_gdb):
     first, fast, traps, callbacks, check = json_blocks(out)
     assert first["name"] == "set_trap_table" and fast["name"] == "set_fast_trap"
     assert "xendbg: cpu 0 caught hypercall multicall" in out
-    # At the multicall, xen traps / xen callbacks show what the guest registered before it.
-    assert {e["vector"] for e in traps["entries"]} == {3, 6, 13, 14, 0x80, 0x81}
-    assert traps["note"].startswith("registered: 6 vectors")
+    # At the multicall, xen traps / xen callbacks show what the guest registered before it: the
+    # trap_info array read raw at the set_trap_table (vector, flags, cs, address: 8 bytes each), and
+    # the vector set_fast_trap passed in EBX.
+    words = [int(w, 16) for line in out.splitlines() if re.match(r"^0x[0-9a-f]+.*:\s", line)
+             for w in re.findall(r"0x([0-9a-f]{8})\b", line.split(":", 1)[1])]
+    raw = {words[2 * i] & 0xFF: (words[2 * i] >> 16, words[2 * i + 1]) for i in range(len(words) // 2)
+           if words[2 * i + 1]}
+    assert {e["vector"]: (e["cs"], e["address"]) for e in traps["entries"]} == raw
+    assert traps["note"].startswith(f"registered: {len(raw)} vectors")
     kinds = {c["kind"]: c for c in callbacks["callbacks"]["callbacks"]}
     assert set(kinds) == {"event", "failsafe"} and kinds["event"]["selector"] == 0x0819
-    assert callbacks["fast_trap"]["vector"] == 0x80
-    assert callbacks["fast_trap"]["handler"]["address"] == next(e["address"] for e in traps["entries"]
-                                                                if e["vector"] == 0x80)
+    vector = int(re.findall(r"^\$\d+ = (0x[0-9a-f]+)$", out, re.M)[1], 16)
+    assert callbacks["fast_trap"]["vector"] == vector == 0x80
+    assert callbacks["fast_trap"]["handler"]["address"] == raw[vector][1]
     assert check["pending"] == "multicall" and check["findings"] == []
 
 
@@ -103,11 +110,18 @@ def test_trace_file_results_and_stats_faulty_4_0(boot_gdb, tmp_path):
     unanswered = set(calls) - set(results)
     assert {seq for seq in unanswered if calls[seq]["cpu"] == 0} == {max(calls)}
     assert calls[max(calls)]["name"] == "sched_op"
+    # The guest's own transcript says what each call returned: the trace must say the same, in order.
+    steps = booted.finish().transcript.steps
+    returned = [results[seq]["result"] for seq in sorted(results)]
+    fast_traps = [results[seq]["result"] for seq in sorted(unknown)]
+    assert fast_traps == [st.rc for name, st in steps.items() if name.startswith("set_fast_trap")]
+    multicalls = [results[seq]["result"] for seq in sorted(results) if calls[seq]["name"] == "multicall"]
+    assert multicalls == [st.rc for name, st in steps.items() if re.fullmatch(r"multicall#\d+", name)]
+    assert steps["xen_version"].rc in returned
     (stats,) = [b for b in json_blocks(out) if "hypercalls" in b]
     rows = {r["name"]: r for r in stats["hypercalls"]}
-    assert rows["hypercall_11"]["errors"] == len(unknown) and rows["hypercall_11"]["errnos"] == {"ENOSYS": 3}
-    assert rows["vcpu_op"]["subops"]["VCPUOP_is_up"] >= 2
-    assert sum(r["calls"] for r in rows.values()) == len(calls)
+    failed_fast_traps = sum(st.rc < 0 for name, st in steps.items() if name.startswith("set_fast_trap"))
+    assert rows["hypercall_11"]["errors"] == failed_fast_traps and rows["hypercall_11"]["errnos"] == {"ENOSYS": 3}
     assert re.search(r"hypercall_11\(arg0=0x80, .*\) = -38 \(ENOSYS\)", out)
     assert f"records written to {log}" in out
 
