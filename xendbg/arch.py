@@ -245,17 +245,32 @@ def pv_args(target: Target, width: int) -> tuple[int, ...]:
     return _read_args(target, pv_convention(width), width)
 
 
+def wide_name(name: str) -> str:
+    """The 64-bit register holding a 32-bit one: 'ebx' -> 'rbx' ('rdi' stays)."""
+    return "r" + name[1:] if name.startswith("e") else name
+
+
+def _other_name(name: str) -> str:
+    """The same register under the other width's name: 'ebx' <-> 'rbx'."""
+    return wide_name(name) if name.startswith("e") else "e" + name[1:]
+
+
+def _reg_either(target: Target, name: str, width: int) -> int:
+    """A register by its name for `width`, or under the other width's name: a 64-bit register file seen
+    through a 32-bit name, or the other way round."""
+    try:
+        return _reg(target, name) & ((1 << width) - 1)
+    except UnknownRegister:
+        return _reg(target, _other_name(name)) & ((1 << width) - 1)
+
+
+def signed(value: int, width: int) -> int:
+    """A `width`-bit register or memory word read as a signed number (results, int arguments)."""
+    return value - (1 << width) if value >> (width - 1) & 1 else value
+
+
 def _read_args(target: Target, convention: CallingConvention, width: int) -> tuple[int, ...]:
-    mask = (1 << width) - 1
-    values = []
-    for name in convention.arg_registers:
-        try:
-            values.append(_reg(target, name) & mask)
-        except UnknownRegister:
-            # A 64-bit register file seen through a 32-bit name, or the other way round.
-            alt = ("r" + name[1:]) if name.startswith("e") else ("e" + name[1:])
-            values.append(_reg(target, alt) & mask)
-    return tuple(values)
+    return tuple(_reg_either(target, name, width) for name in convention.arg_registers)
 
 
 def pending_call(target: Target, width: int, *, code_at_pc: bytes | None = None,
@@ -382,9 +397,9 @@ def guest_frame_entry(target: Target, regs_address: int, function: str = XEN_HYP
     wide = {name: int(v) for name, v in regs.items() if isinstance(v, int)}
     mask = (1 << width) - 1
     # A 32-bit guest's EBX..EDI sit in the low halves of the 64-bit frame's RBX..RDI.
-    args = tuple(wide["r" + reg[1:] if reg.startswith("e") else reg] & mask for reg in convention.arg_registers)
+    args = tuple(wide[wide_name(reg)] & mask for reg in convention.arg_registers)
     nr_reg = convention.nr_register
-    nr = wide["r" + nr_reg[1:] if nr_reg.startswith("e") else nr_reg] & mask
+    nr = wide[wide_name(nr_reg)] & mask
     guest_pc = int(regs["rip"])
     site = Site("frame", convention.name, f"{function}()", guest_pc)
     return XenEntry(nr, None, args, width, site, int(regs["rsp"]) & mask, int(regs["cs"]))
@@ -415,16 +430,11 @@ def mov_eax_immediate(code: bytes) -> int | None:
 
 def read_result(target: Target, width: int) -> int:
     """A hypercall's return value, as the guest sees it back in EAX/RAX (signed)."""
-    raw = _reg_nr(target, pv_convention(width), width)
-    return raw - (1 << width) if raw >> (width - 1) else raw
+    return signed(_reg_nr(target, pv_convention(width), width), width)
 
 
 def _reg_nr(target: Target, convention: CallingConvention, width: int) -> int:
-    try:
-        return _reg(target, convention.nr_register) & ((1 << width) - 1)
-    except UnknownRegister:
-        alt = "rax" if convention.nr_register == "eax" else "eax"
-        return _reg(target, alt) & ((1 << width) - 1)
+    return _reg_either(target, convention.nr_register, width)
 
 
 PAGE_FAULT = 14  # #PF: the one exception whose faulting address Xen hands over (stack or vcpu_info)

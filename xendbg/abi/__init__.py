@@ -78,6 +78,11 @@ KERNEL_CS_NAME = {32: "FLAT_RING1_CS", 64: "FLAT_RING3_CS64"}
 RESERVED_GDT: dict[str, tuple[int, int]] = {ERA_2: (256, 295), ERA_3: (14 * 4096 // 8, 8191)}
 
 
+def selector_text(selector: int, name: str | None) -> str:
+    """How xendbg shows a segment selector everywhere: value, flat name when known, RPL."""
+    return f"{selector:#06x} ({name}, RPL {selector & 3})" if name else f"{selector:#06x} (RPL {selector & 3})"
+
+
 class Enum:
     """A family of Xen numbers (VCPUOP_*, SCHEDOP_*, ...) in one generation."""
 
@@ -194,6 +199,10 @@ class Abi:
 
     def layout(self, name: str) -> Layout:
         return generation_layout(name, self.width, self.generation)
+
+    def selector_text(self, selector: int) -> str:
+        """'0xe019 (FLAT_RING1_CS, RPL 1)': a selector with its flat name, if it is one, and RPL."""
+        return selector_text(selector, self.selector_name(selector))
 
     def selector_name(self, selector: int) -> str | None:
         for name, value in self.flat_selectors.items():

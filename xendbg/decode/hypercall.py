@@ -90,16 +90,12 @@ class _Ctx:
 # Arguments
 
 
-def _signed(value: int, width: int) -> int:
-    return value - (1 << width) if value >> (width - 1) else value
-
-
 def _arg(ctx: _Ctx, spec: ArgSpec, value: int) -> Arg:
     abi = ctx.abi
     text: str | None = None
     kind = spec.kind
     if kind == "int":
-        signed = _signed(value, 32 if abi.width == 32 else 64)
+        signed = arch.signed(value, 32 if abi.width == 32 else 64)
         text = str(signed) if signed < 0 else None
     elif kind.startswith("cmd:"):
         family = kind[4:]
@@ -113,7 +109,7 @@ def _arg(ctx: _Ctx, spec: ArgSpec, value: int) -> Arg:
     elif kind.startswith("flags:UVMF"):
         text = _uvmf_text(abi, value)
     elif kind == "sel":
-        text = rules.selector_text(abi, value & 0xFFFF)
+        text = abi.selector_text(value & 0xFFFF)
     elif kind == "domid":
         text = DOMIDS.get(value & 0xFFFF)
     elif kind == "vector":
@@ -315,7 +311,7 @@ def _multicall(ctx: _Ctx, address: int, count: int, results: bool) -> MulticallB
         else:
             call = _decode(ctx.target, abi, op, raw_args, ctx.state, ctx.depth + 1,
                            where=f"multicall entry {index}", guest_sp=ctx.guest_sp, in_xen=ctx.in_xen)
-        result = _signed(result_raw, abi.width) if results else None
+        result = arch.signed(result_raw, abi.width) if results else None
         result_text = None
         if result is not None:
             result_text = result_name(result)

@@ -27,12 +27,6 @@ MAX_TABLE_ENTRIES = 256  # a trap table has at most one entry per vector
 MAX_MULTICALL_ENTRIES = 256  # xendbg decodes no more of a batch than this
 
 
-def selector_text(abi: Abi, selector: int) -> str:
-    name = abi.selector_name(selector)
-    rpl = selector & 3
-    return f"{selector:#06x} ({name}, RPL {rpl})" if name else f"{selector:#06x} (RPL {rpl})"
-
-
 def _in_reserved_gdt(abi: Abi, selector: int) -> bool:
     first, last = abi.reserved_gdt
     return not selector & 4 and first <= (selector >> 3) <= last

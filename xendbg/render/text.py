@@ -14,7 +14,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text as RichText
 
-from xendbg.abi import Abi, result_text
+from xendbg.abi import Abi, result_text, selector_text
 from xendbg.decode.bounce import BounceFrame
 from xendbg.decode.model import (
     SEVERITIES,
@@ -221,13 +221,9 @@ def console(stderr: bool = False) -> Console:
 # --- bounce frames ------------------------------------------------------------------------------
 
 
-def _selector(value: int, name: str | None) -> str:
-    return f"{value:#06x} ({name}, RPL {value & 3})" if name else f"{value:#06x} (RPL {value & 3})"
-
-
 def _slot_meaning(f: BounceFrame, name: str) -> str:
     if name == "cs":
-        text = _selector(f.cs, f.cs_name)
+        text = selector_text(f.cs, f.cs_name)
         return text + ("" if f.saved_upcall_mask is None else f", saved_upcall_mask {f.saved_upcall_mask}")
     if name in ("eflags", "rflags"):
         text = "IF" if f.interrupt_flag else "IF clear"
