@@ -226,3 +226,23 @@ def test_json_of_a_report_names_its_abi(boot_gdb):
     for report in (batch, callbacks):
         assert report["xen"] == "2.0" and report["xen_source"].startswith("from ")
     assert json.dumps(callbacks["fast_trap"]) != "null"
+
+
+@pytest.mark.parametrize("side", ["--guest", "--xen"])
+def test_continuations_are_marked_as_such_linux64(boot_gdb, side):
+    """Xen preempts Linux's set_trap_table (32+ entries) and continues it with the table pointer
+    advanced: each such stop says it is Xen's continuation, and only those do."""
+    booted = boot_gdb("linux64", timeout=120)
+    steps = []
+    for _ in range(4):
+        steps += ["continue", "xen hc --json"]
+    out = booted.gdb_batch(*SETUP, f"xen catch hypercall {side} set_trap_table", *steps, "xen catch delete",
+                           "detach", timeout=110)
+    assert "Traceback" not in out
+    caught = re.findall(r"^xendbg: cpu \d+ caught hypercall set_trap_table \((.*)\)$", out, re.M)
+    calls = json_blocks(out)
+    assert len(caught) == len(calls) >= 3
+    for (before, after), label in zip(zip(calls, calls[1:], strict=False), caught[1:], strict=True):
+        start, end = before["args"][0]["value"], before["args"][0]["value"] + 16 * len(before["detail"]["entries"])
+        inside = start < after["args"][0]["value"] <= end and (after["args"][0]["value"] - start) % 16 == 0
+        assert inside == label.endswith("Xen's continuation of the preempted call"), (before, after, label)
