@@ -274,7 +274,9 @@ class PendingCall:
     call: Hypercall
     abi: Abi
     seq: int | None = None  # its trace record, when traced
-    registers: tuple[int, ...] = ()  # what the probe saw: a repeat with the same values is the same call
+    # What the probe saw; a repeat with the same values is the same call.  Empty where a repeat cannot
+    # be told (Xen side: the same arguments may well be a new call).
+    registers: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -296,7 +298,7 @@ class CallTracker:
         reporting the same call twice (identical registers: the instruction never ran, e.g. an
         interrupt came first and the breakpoint hit again), or Xen's continuation of a preempted call."""
         earlier = self.pending.get(key)
-        if earlier is not None and earlier.registers == call.registers:
+        if earlier is not None and call.registers and earlier.registers == call.registers:
             return Entered("repeat", earlier)
         self.pending[key] = call
         if earlier is None:
