@@ -36,6 +36,8 @@ def test_generations_oldest_first():
     ("49", ("4.17",), "paging_domctl_cont"),
     ("set_segment_base", ("4.17",), "set_segment_base"),  # 64-bit guests only: either width counts
     ("25", ("4.17",), "set_segment_base"),
+    ("switch_vm86", ("3.0",), "switch_vm86"),  # 3.0's 32-bit guests only
+    ("23", ("3.0",), "switch_to_user"),  # a number: the 64-bit name first
     # The chosen generation first, then the others the evidence allows.
     ("set_fast_trap", ("4.22", "4.17", "2.0"), "set_fast_trap"),
     ("16", ("4.22", "2.0"), "event_channel_op_compat"),
