@@ -117,6 +117,16 @@ def test_gate_entry_reads_where_the_guest_came_from_on_xens_stack():
     assert entry.site == Site("gate", "x86_32 PV", arch.XEN_GATE_ENTRY, 0xC0001007)
 
 
+def test_gate_entry_takes_the_width_from_the_pushed_selector():
+    sp = 0xFFFF830000007F00
+    frame = b"".join(v.to_bytes(8, "little") for v in (0x401000, 0xE033, 0x246, 0x1_0000_7F00, 0xE02B))
+    regs = {"rsp": sp, "rax": 0x1_0000_0011, "rdi": 1, "rsi": 2, "rdx": 3, "r10": 4, "r8": 5}
+    entry = gate_entry(InMemoryTarget(regs, [(sp, frame)]))
+    assert (entry.width, entry.nr, entry.args, entry.guest_sp) == (64, 0x1_0000_0011, (1, 2, 3, 4, 5), 0x1_0000_7F00)
+    frame = b"".join(v.to_bytes(8, "little") for v in (0xC0001007, 0xE019, 0x246, 0x1_C0FF_EF00, 0xE021))
+    assert gate_entry(InMemoryTarget(regs | {"rbx": 0, "rcx": 0}, [(sp, frame)])).guest_sp == 0xC0FFEF00
+
+
 def test_gate_entry_on_a_32_bit_register_file():
     sp = 0xFF000F00
     frame = b"".join(v.to_bytes(4, "little") for v in (0xC0001007, 0x0819, 0x246, 0xC0FFEF00, 0x0821))

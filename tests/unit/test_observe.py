@@ -356,6 +356,8 @@ def test_entry_watch_follows_the_latest_registration_on_any_vcpu():
     assert trap.current_address([second, first]) == 0x1000
     assert trap.current_address([empty]) is None
     assert event.current_address([first, second]) == 0x3000
+    second.callbacks["event"] = Callback("event", 0x5000)
+    assert event.current_address([first, second]) == 0x5000  # the last vCPU's registration
     assert EntryWatch("trap", "0xd", 13).current_address([first, second]) is None
     fast = EntryWatch("fasttrap", "", 0x80)
     assert fast.current_address([first]) is None
@@ -394,7 +396,7 @@ def test_scan_finds_a_64_bit_page_and_linux_stubs_near_pc():
     xen_iret = bytes.fromhex("6a00 51 4153 50 b8") + IRET_NR.to_bytes(4, "little") + b"\x0f\x05"
     memory = [(base - 0x40000, bytes(0x100000)), (base + 0x5000, page), (base + 0x9010, hypercall_pv),
               (base + 0x9100, xen_iret)]
-    found = scan_memory(_reader(InMemoryTarget({}, memory)), base + 0x8000, 64, window=0x20000)
+    found = scan_memory(_reader(InMemoryTarget({}, memory)), base + 0x8123, 64, window=0x20000)  # pages stay aligned
     assert found == [
         GuestSite("page", base + 0x5000, 64, "found in guest memory near PC"),
         GuestSite("instruction", base + 0x9013, 64,
