@@ -64,12 +64,16 @@ def resolve_hypercall(word: str, generations: tuple[str, ...], why: str = "") ->
         nr = int(word, 0)
     except ValueError:
         nr = None
+    key = word.strip().lower().removeprefix("__hypervisor_")
     for generation in generations:
+        found = []
         for width in (64, 32):
             abi = get_abi(generation, width)
-            found = abi.hypercall(nr) if nr is not None else abi.hypercall_named(word)
-            if found is not None:
-                return found.name
+            hit = abi.hypercall(nr) if nr is not None else abi.hypercall_named(word)
+            if hit is not None:
+                found.append(hit)
+        if found:  # a name one width has as its own wins over the other width's former name for it
+            return next((h.name for h in found if h.name == key), found[0].name)
     listing = f"`xendbg abi --xen {generations[0]}` lists them; add --width 32 for 32-bit guests"
     if nr is not None:
         raise UsageError(f"{chosen} has no hypercall number {nr} ({listing})")

@@ -119,6 +119,8 @@ def plan_guest(sites: list[GuestSite], wanted: frozenset[str] | None,
     its Xen yet, so a wanted name is watched under each of its numbers and told apart when decoded."""
     plan = Plan()
     described = []
+    if wanted is not None:  # a batch may register: the guest side sees only the multicall, not its entries
+        wanted = wanted | {"multicall"}
     for site in sites:
         abis = abis_for_width(site.width)
         numbers = _numbers(abis, wanted)
@@ -216,8 +218,9 @@ def plan_xen(wanted: frozenset[str] | None, abis: list[Abi], address_of: Callabl
     if missing:  # no handler symbol of its own: filter at the hypercall entry by number instead
         numbers = _numbers(abis, frozenset(missing))
         plan.probes += [ProbeSpec("frame", a, function=f, numbers=numbers) for f, a in entries]
-    plan.description = (f"in Xen at the handlers of {', '.join(placed)}"
-                        + (f", and at {where} for {', '.join(missing)}" if missing else ""))
+    at = ([f"the handlers of {', '.join(placed)}"] if placed else []) + ([f"{where} for {', '.join(missing)}"]
+                                                                          if missing else [])
+    plan.description = "in Xen at " + ", and at ".join(at)
     return plan
 
 

@@ -121,14 +121,18 @@ class AbiChoice:
         return (Finding("abi-evidence", "warning", self.warning, subject="abi"),)
 
 
-def note_generation(note: str) -> tuple[str, bool] | None:
-    """(generation, exact) for a guest's XEN_VER text: '2.0' names 2.0, 'xen-3.0' means 3.0 or later."""
-    text = note.strip().lower().removeprefix("xen-")
+def _known_generation(version: str) -> str | None:
+    """The generation of a Xen version, None when it names no Xen xendbg knows (evidence to ignore)."""
     try:
-        generation = resolve_generation(text)
+        return resolve_generation(version)
     except UsageError:
         return None
-    return generation, generation == "2.0"
+
+
+def note_generation(note: str) -> tuple[str, bool] | None:
+    """(generation, exact) for a guest's XEN_VER text: '2.0' names 2.0, 'xen-3.0' means 3.0 or later."""
+    generation = _known_generation(note.strip().lower().removeprefix("xen-"))
+    return None if generation is None else (generation, generation == "2.0")
 
 
 def selector_era(selector: int) -> str | None:
@@ -140,11 +144,12 @@ def choose_generation(setting: str, evidence: Evidence, code_selector: int | Non
     """The generation to decode with: `setting` unless "auto", else from `evidence` (module docstring)."""
     exact: list[tuple[str, str]] = []  # (generation, why), in the documented order
     at_least_3: list[str] = []  # reasons that say "3.0 or later"
-    if evidence.reported is not None:
+    # A version that names no known Xen (a misread result) is no evidence; it must not fail every command.
+    if evidence.reported is not None and (reported := _known_generation(evidence.reported[0])) is not None:
         version, where = evidence.reported
-        exact.append((resolve_generation(version), f"from xen_version() = {version}, {where}"))
-    if evidence.xen_image is not None:
-        exact.append((resolve_generation(evidence.xen_image), f"from Xen's image: Xen {evidence.xen_image}"))
+        exact.append((reported, f"from xen_version() = {version}, {where}"))
+    if evidence.xen_image is not None and (image := _known_generation(evidence.xen_image)) is not None:
+        exact.append((image, f"from Xen's image: Xen {evidence.xen_image}"))
     if evidence.guest_note is not None:
         text, where = evidence.guest_note
         parsed = note_generation(text)

@@ -94,11 +94,13 @@ class TraceLog:
         self.written = 0
         self.file_error: str | None = None
         self._file: IO[str] | None = None
+        self._whole = 0  # where the file's last whole record ends
         if path:
             try:
                 self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole trace
             except OSError as exc:
                 raise UsageError(f"cannot open trace file {path}: {exc.strerror}") from None
+            self._whole = os.fstat(self._file.fileno()).st_size  # an earlier trace in the file is kept
         self._emit({"event": "start", "schema": TRACE_SCHEMA, "names": list(names), "pid": os.getpid()})
 
     def _emit(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -106,14 +108,17 @@ class TraceLog:
         self.recent.append(record)
         if self._file is not None:
             # One line per record, flushed at once: a dying target must not cost a record.
+            line = json.dumps(record, separators=(",", ":")) + "\n"
             try:
-                self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+                self._file.write(line)
                 self._file.flush()
                 self.written += 1
+                self._whole += len(line.encode())
             except OSError as exc:
                 self.file_error = (f"cannot write trace file {self.path}: {exc.strerror or exc} (after "
                                    f"{self.written} records; every record stays in memory)")
                 self._close_file()
+                self._cut_partial_record()
         return record
 
     def _close_file(self) -> None:
@@ -123,6 +128,13 @@ class TraceLog:
                 file.close()
             except OSError:
                 pass  # the error that brought us here is already in file_error
+
+    def _cut_partial_record(self) -> None:
+        """A write cut short (a size limit) leaves part of a record: the file keeps one record per line."""
+        try:
+            os.truncate(self.path or "", self._whole)
+        except OSError:
+            pass  # not a regular file (/dev/full, a pipe): nothing to cut
 
     def call(self, cpu: int, hc: Hypercall, where: str, continues: int | None = None) -> int:
         """A call entering; `continues` is the seq of the preempted call Xen is continuing with it."""
