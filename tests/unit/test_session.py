@@ -58,8 +58,7 @@ def test_no_evidence_guesses_the_newest_and_says_so():
     assert "xendbg has no evidence" in choice.warning and "`set xen abi VERSION` settles it" in choice.warning
     assert choice.candidates == ALL_NEWEST_FIRST == tuple(reversed(GENERATIONS))
     assert choice.guessed
-    finding = choice.finding()
-    assert finding is not None
+    (finding,) = choice.findings()
     assert (finding.rule, finding.severity, finding.subject) == ("abi-evidence", "warning", "abi")
     assert finding.message == choice.warning
 
@@ -79,7 +78,7 @@ def test_a_3_0_selector_only_bounds_the_generation(cs):
 def test_a_2_0_selector_names_2_0(cs):
     choice = choose_generation("auto", Evidence(), cs)
     assert choice == AbiChoice("2.0", f"from the guest's CS {cs:#06x}", None, ("2.0",))
-    assert not choice.guessed and choice.finding() is None
+    assert not choice.guessed and choice.findings() == ()
 
 
 @pytest.mark.parametrize("cs", [0x0010, 0x0073, 0xE008, 0x0823])
