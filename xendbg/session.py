@@ -190,8 +190,9 @@ def choose_generation(setting: str, evidence: Evidence, code_selector: int | Non
     newest_first = tuple(reversed(GENERATIONS))
     if at_least_3:
         why = ", ".join(at_least_3)
-        return AbiChoice(NEWEST, f"guessed: {why} say Xen 3.0 or later, not which",
-                         f"the Xen version is a guess: {why} say Xen 3.0 or later, nothing says which; xendbg "
+        say = "says" if len(at_least_3) == 1 else "say"
+        return AbiChoice(NEWEST, f"guessed: {why} {say} Xen 3.0 or later, not which",
+                         f"the Xen version is a guess: {why} {say} Xen 3.0 or later, nothing says which; xendbg "
                          f"decodes with the newest ABI, {NEWEST}, and numbers differ between generations "
                          f"(e.g. sched_op before 3.0.2, event_channel_op before 3.0.3): {settle}",
                          tuple(g for g in newest_first if g != "2.0"))

@@ -120,7 +120,7 @@ def check_state(state: GuestState, abi: Abi) -> list[Finding]:
     if state.table is not None and arch.PAGE_FAULT not in state.trap_table:
         traps.append(Finding("no-page-fault-handler", "warning",
                              "the trap table has no page-fault (#PF, vector 14) handler: Xen has nowhere to "
-                             "bounce the guest's page faults (Xen 4.17 logs 'Unhandled: vec 14')"))
+                             "bounce the guest's page faults (Xen 4.17, for one, logs 'Unhandled: vec 14')"))
     callbacks: list[Finding] = []
     for kind, cb in state.callbacks.items():
         if cb.selector is not None:

@@ -8,7 +8,7 @@ reads gdb.
 
 What the guest registered changes only when a call has completed: at its return probe, with Xen's
 result (a refused call changes nothing).  Xen-side handler probes see no return, so there a call is
-replayed when it enters, by Xen's own acceptance rules.
+replayed when the same CPU's next call arrives, by Xen's own acceptance rules.
 
 gdb forbids adding or deleting breakpoints inside `stop()`: when a registration moves an entry point a
 `xen break` is watching, or a trace file fails, the probe stops the guest and the stop handler acts.
@@ -99,6 +99,9 @@ class Monitor:
     # The last call each Xen handler served on each CPU: Xen-side there is no return to match, so a
     # continuation is told from the call before it (its arguments advanced).
     handler_calls: dict[tuple[int, str], PendingCall] = field(default_factory=dict)
+    # The last call each CPU made into a Xen-side probe with no return to see: it has completed when the
+    # CPU's next call arrives, and is replayed into the registered state then.
+    unapplied: dict[int, PendingCall] = field(default_factory=dict)
     reports: list[tuple[str, object]] = field(default_factory=list)
     plan: str = ""  # one line: where and how xendbg observes hypercalls now
     moves_due: bool = False
@@ -221,10 +224,15 @@ class Monitor:
         if entered.kind == "repeat":
             return False  # the same call reported again: it was already counted and shown
         continues = None
-        if entered.kind == "continuation" and entered.earlier is not None:
-            earlier = entered.earlier
-            if key is not None:  # Xen-side, the earlier part was replayed when it entered
-                self._apply(cpu, observe.completed_part(earlier.call, hc, abi), abi)
+        earlier = entered.earlier if entered.kind == "continuation" else None
+        if key is None:  # Xen side: the CPU's previous call has completed now
+            previous = self.unapplied.pop(cpu, None)
+            if previous is not None and previous is not earlier:
+                self._apply(cpu, previous.call, previous.abi)
+            if not (spec.kind == "handler" and hc.name == "multicall"):  # its entries reach their handlers
+                self.unapplied[cpu] = pending
+        if earlier is not None:
+            self._apply(cpu, observe.completed_part(earlier.call, hc, abi), abi)
             continues = earlier.seq
             if earlier.seq is not None and self.trace is not None:
                 self.trace.preempted(cpu, earlier.seq, earlier.call.display_name)
@@ -233,9 +241,6 @@ class Monitor:
             self.stats.count_call(hc)
             pending.seq = self.trace.call(cpu, hc, "xen" if spec.kind in ("handler", "frame", "gate") else "guest",
                                           continues)
-        if key is None:  # a Xen handler: no return to wait for; Xen's rules decide what it accepts
-            if not (spec.kind == "handler" and hc.name == "multicall"):  # its entries reach their handlers
-                self._apply(cpu, hc, abi)
         self._publish_waiting()
         stop = self.catch is not None and self.catch.matches(name)
         if stop:
