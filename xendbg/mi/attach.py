@@ -174,7 +174,8 @@ def connect(client: MiClient, host: str, port: int, symbols: list[str], arch: st
     try:
         client.command(f"-target-select remote {host}:{port}", timeout=20)
     except MiError as exc:
-        raise XendbgError(f"cannot attach to {host}:{port}: {exc}") from None
+        why = str(exc).removeprefix(f"{host}:{port}: ").rstrip(".")
+        raise UsageError(f"cannot attach to {host}:{port}: {why}") from None
     if xen:
         try:
             client.console(f"set xen abi {xen}")
