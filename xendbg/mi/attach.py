@@ -152,10 +152,12 @@ def start_gdb(gdb: str, on_record: Callable[[Record], None]) -> MiClient:
 
 
 def connect(client: MiClient, host: str, port: int, symbols: list[str], arch: str | None, xen: str | None,
-            trace: str | None) -> None:
-    """Load xendbg and the symbol files, and attach to the gdbstub; the target stays stopped."""
+            trace: str | None, columns: int = 0) -> None:
+    """Load xendbg and the symbol files, and attach to the gdbstub; the target stays stopped.  `columns`:
+    the width console output is rendered at (0: gdb's own)."""
     setup = ["-gdb-set mi-async on", "-gdb-set pagination off", "-gdb-set confirm off",
              "-gdb-set tcp auto-retry off", "-gdb-set tcp connect-timeout 5"]
+    setup += [f"-gdb-set width {columns}"] if columns else []
     for command in setup:
         client.command(command)
     lines = [f"set architecture {ARCHES.get(arch, arch)}"] if arch else []

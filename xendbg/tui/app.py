@@ -123,7 +123,7 @@ class Pane:
 
     def visible(self) -> StyleAndTextTuples:
         out: StyleAndTextTuples = []
-        for line in self.lines[self.offset:self.offset + self.height]:
+        for line in self.lines[self.offset:]:  # the window clips what does not fit
             out += line
             out.append(("", "\n"))
         return out[:-1] if out else out

@@ -7,6 +7,7 @@ quitting ends gdb, and QEMU too when xendbg booted it (--platform), else gdb det
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from argparse import Namespace
@@ -62,7 +63,8 @@ def attach(args: Namespace, started: float | None = None) -> int:
 
         app = AttachApp(factory, where, opts.commands, quit_, timings)
         try:
-            launch.connect(app.client, host, port, opts.symbols, opts.arch, opts.xen, opts.trace)
+            launch.connect(app.client, host, port, opts.symbols, opts.arch, opts.xen, opts.trace,
+                           columns=max(40, shutil.get_terminal_size().columns - 1))
         except XendbgError:
             _end(app.client, detach=False)
             raise
