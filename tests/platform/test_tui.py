@@ -184,7 +184,7 @@ def test_shim32_first_multicall_registered_state_trace_and_quit(tui, tmp_path, a
 def test_shim32_trap_table_rpl_finding_coloured(tui):
     t = tui("--platform", "shim32", "--abi", "2.0", "--faulty", "--xen", "2.0",
             "--ex", "xen catch hypercall set_trap_table", "--ex", "continue")
-    screen = t.wait(r"caught hypercall set_trap_table")
+    screen = t.wait(r"STOPPED: cpu 0 caught hypercall set_trap_table")
     assert re.search(r"^set_trap_table\s+nr 0", screen, re.M)
     assert re.search(r"trap table at 0x[0-9a-f]+: \d+ entries", screen)  # the detail pane: the table
     finding = r"error\s+\[selector-rpl\] trap_info\[\d\] \(vector 0x[0-9a-f]+ [^)]*\): selector 0x0818 has RPL 0"
@@ -229,7 +229,7 @@ def test_qemu_killed_keeps_the_trace(tui, tmp_path):
     trace = tmp_path / "trace.jsonl"
     t = tui("--platform", "shim32", "--abi", "4.0", "--trace", str(trace),
             "--ex", "xen catch hypercall multicall", "--ex", "continue")
-    t.wait(r"caught hypercall multicall")
+    t.wait(r"STOPPED: cpu 0 caught hypercall multicall")
     qemu = [pid for pid, c in t.processes().items() if "qemu-system" in c]
     assert len(qemu) == 1
     os.kill(qemu[0], signal.SIGKILL)

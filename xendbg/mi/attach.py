@@ -100,8 +100,9 @@ def _free_port() -> int:
 
 
 class Platform:
-    """A bundled platform booted by fixtures/run with QEMU waiting for gdb; `stop()` ends it (the runner
-    ends its QEMU on SIGTERM)."""
+    """A bundled platform: built (its artifacts: symbol files, gdb architecture) when made, booted by
+    fixtures/run with QEMU waiting for gdb by `start()`; `stop()` ends it (the runner ends its QEMU on
+    SIGTERM)."""
 
     def __init__(self, name: str, abi: str | None, faulty: bool) -> None:
         if name not in PLATFORMS:
@@ -115,17 +116,27 @@ class Platform:
             lines = (built.stderr or built.stdout).strip().splitlines()
             raise UsageError(lines[-1] if lines else f"cannot build {name}")
         self.artifacts = json.loads(built.stdout)
+        self.name = name
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Boot QEMU, waiting for gdb (`wait()` until its gdbstub listens)."""
         self.port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+        self.proc = subprocess.Popen(
             self.base + ["--gdb", str(self.port), "--timeout", str(PLATFORM_TIMEOUT), "--quiet"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        deadline = time.monotonic() + 60
+
+    def wait(self, seconds: float = 60) -> None:
+        deadline = time.monotonic() + seconds
         while not _listening(self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
+            proc = self.proc
+            if proc is None or proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read().decode(errors="replace").strip() if proc and proc.stderr else ""
                 self.stop()
-                raise XendbgError(f"{name} did not open its gdbstub: {err.splitlines()[-1] if err else 'timeout'}")
-            time.sleep(0.02)
+                raise XendbgError(f"{self.name} did not open its gdbstub: "
+                                  f"{err.splitlines()[-1] if err else 'timeout'}")
+            time.sleep(0.01)
 
     @property
     def symbols(self) -> list[str]:
@@ -151,9 +162,8 @@ def start_gdb(gdb: str, on_record: Callable[[Record], None]) -> MiClient:
                     env={**os.environ, "TERM": "dumb"})
 
 
-def connect(client: MiClient, host: str, port: int, symbols: list[str], arch: str | None, xen: str | None,
-            trace: str | None, columns: int = 0) -> None:
-    """Load xendbg and the symbol files, and attach to the gdbstub; the target stays stopped.  `columns`:
+def prepare(client: MiClient, symbols: list[str], arch: str | None, columns: int = 0) -> None:
+    """Load xendbg and the symbol files (before the target is up: QEMU boots meanwhile).  `columns`:
     the width console output is rendered at (0: gdb's own)."""
     setup = ["-gdb-set mi-async on", "-gdb-set pagination off", "-gdb-set confirm off",
              "-gdb-set tcp auto-retry off", "-gdb-set tcp connect-timeout 5"]
@@ -173,6 +183,10 @@ def connect(client: MiClient, host: str, port: int, symbols: list[str], arch: st
     exists = client.command("-info-gdb-mi-command xen-hypercall").get("payload") or {}
     if exists.get("command", {}).get("exists") != "true":
         raise XendbgError(f"xendbg did not load into gdb (source {SCRIPT}): run ./setup.sh env")
+
+
+def connect(client: MiClient, host: str, port: int, xen: str | None, trace: str | None) -> None:
+    """Attach to the gdbstub (the target stays stopped), then `set xen abi` and start the trace."""
     try:
         client.command(f"-target-select remote {host}:{port}", timeout=20)
     except MiError as exc:

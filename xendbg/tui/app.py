@@ -83,6 +83,10 @@ STYLE = Style.from_dict({
 })
 
 
+def _ansi_lines(text: str) -> list[StyleAndTextTuples]:
+    return [to_formatted_text(ANSI(line)) for line in text.rstrip("\n").split("\n")] if text else []
+
+
 @dataclass
 class Pane:
     """Lines of one pane (ANSI text or plain), scrolled by an offset; tail panes follow new lines."""
@@ -95,7 +99,7 @@ class Pane:
     pinned: bool = False  # a tail pane scrolled back by the user stays put
 
     def set_ansi(self, text: str) -> None:
-        self.lines = [to_formatted_text(ANSI(line)) for line in text.rstrip("\n").split("\n")] if text else []
+        self.lines = _ansi_lines(text)
         self.offset = 0 if not self.tail else self.offset
         self._clamp()
 
@@ -193,6 +197,7 @@ class AttachApp:
         self.pending_json: dict[str, Any] | None = None
         self.last_multicall: tuple[int, int] | None = None  # (call_list, nr_calls) of the last one seen
         self.entry_text: str | None = None  # the bounce frame of an entry stop
+        self._next_reason: str | None = None  # why it stopped, shown with the refreshed panes
         self._console_partial = ""
         self._refresh_task: asyncio.Task | None = None
         self._refresh_again = False
@@ -538,24 +543,36 @@ class AttachApp:
         if self.gone or self.running:
             return
         columns = self._columns()
-        info = await self.mi("-thread-info")
+
+        async def pending() -> dict[str, Any] | XendbgError:
+            try:
+                return await self.mi(f"-xen-hypercall --text {columns} --brief")
+            except XendbgError as exc:
+                return exc
+
+        # Sent together: gdb answers them in turn, without a round trip between them.
+        info, _, self.mode, answer = await asyncio.gather(
+            self.mi("-thread-info"), self._collect_events(columns),
+            asyncio.to_thread(_mode_of, self.client, None), pending())
         self.threads = sorted(int(t["id"]) for t in info.get("threads", []) if str(t.get("id", "")).isdigit())
         current = info.get("current-thread-id")
         if current and str(current).isdigit():
             self.thread = int(current)
-        await self._collect_events(columns)
-        self.mode = await asyncio.to_thread(_mode_of, self.client, self.thread)
-        try:
-            answer = await self.mi(f"-xen-hypercall --text {columns} --brief")
+        if isinstance(answer, XendbgError):
+            self.pending_json = None
+            pending_lines = [[("", str(answer))]]
+        else:
             self.pending_json = json.loads(answer["json"])
-            self.panes["pending"].set_ansi(answer.get("text", ""))
+            pending_lines = _ansi_lines(answer.get("text", ""))
             if self.pending_json.get("name") == "multicall":
                 args = self.pending_json["args"]
                 self.last_multicall = (args[0]["value"], args[1]["value"])
-        except XendbgError as exc:
-            self.pending_json = None
-            self.panes["pending"].set_lines([[("", str(exc))]])
-        self.panes["detail"].set_ansi(await self._detail(columns))
+        detail = await self._detail(columns)
+        # The screen changes at once: the status line with the panes it speaks of.
+        self.panes["detail"].set_ansi(detail)
+        self.panes["pending"].set_lines(pending_lines)
+        if self._next_reason:
+            self.stop_reason, self._next_reason = self._next_reason, None
 
     async def _detail(self, columns: int) -> str:
         mode = self.detail_mode
@@ -604,9 +621,9 @@ class AttachApp:
             kind = event.get("event")
             if kind == "catch":
                 hc = event["hypercall"]
-                self.stop_reason = f"cpu {event['cpu']} caught hypercall {hc['name'] or hc['nr']} ({hc['site']})"
+                self._next_reason = f"cpu {event['cpu']} caught hypercall {hc['name'] or hc['nr']} ({hc['site']})"
             elif kind == "entry":
-                self.stop_reason = f"cpu {event['cpu']} entered {event['what']}"
+                self._next_reason = f"cpu {event['cpu']} entered {event['what']}"
                 self.entry_text = rendered or None
             elif kind == "catch_error":
                 self.panes["console"].add([("class:console.error", event.get("message", ""))])
@@ -632,6 +649,15 @@ class AttachApp:
                 self.app.invalidate()
 
     def _after_render(self, app: Application) -> None:
+        stale = False
+        for name, window in self._windows.items():  # a pane whose size changed: draw it again at its size
+            if window.render_info is not None and window.render_info.window_height != self.panes[name].height:
+                self.panes[name].height = max(1, window.render_info.window_height)
+                self.panes[name]._clamp()
+                stale = True
+        if stale:
+            app.invalidate()
+            return
         if self._mark is not None:
             what, since = self._mark
             self._mark = None

@@ -44,11 +44,12 @@ def attach(args: Namespace, started: float | None = None) -> int:
     try:
         if opts.platform:
             platform = launch.Platform(opts.platform, opts.abi, opts.faulty)
+            platform.start()  # QEMU boots while gdb loads xendbg and the symbols
             port = platform.port
             opts.symbols = platform.symbols + opts.symbols
             opts.arch = opts.arch or ("x86-64" if platform.artifacts.get("arch") == "i386:x86-64" else
                                       platform.artifacts.get("arch"))
-        timings = Timings(started=started, reachable=time.monotonic(), path=os.environ.get("XENDBG_TUI_TIMINGS"))
+        timings = Timings(started=started, path=os.environ.get("XENDBG_TUI_TIMINGS"))
         where = f"{host}:{port}" + (f" ({opts.platform}{' abi ' + opts.abi if opts.abi else ''}"
                                     f"{' faulty' if opts.faulty else ''})" if opts.platform else "")
 
@@ -62,12 +63,11 @@ def attach(args: Namespace, started: float | None = None) -> int:
             return client[-1]
 
         app = AttachApp(factory, where, opts.commands, quit_, timings)
-        try:
-            launch.connect(app.client, host, port, opts.symbols, opts.arch, opts.xen, opts.trace,
-                           columns=max(40, shutil.get_terminal_size().columns - 1))
-        except XendbgError:
-            _end(app.client, detach=False)
-            raise
+        launch.prepare(app.client, opts.symbols, opts.arch, columns=max(40, shutil.get_terminal_size().columns - 1))
+        if platform is not None:
+            platform.wait()
+        timings.reachable = time.monotonic() if platform is not None else started
+        launch.connect(app.client, host, port, opts.xen, opts.trace)
         app.run()
         if app.gone:
             print(f"xendbg attach: {app.gone}", file=sys.stderr)
