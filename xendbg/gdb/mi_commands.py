@@ -12,16 +12,17 @@ MI values are strings, lists and tuples only (no numbers, booleans or null), so 
 whole, as one string field: a client `json.loads` it and gets exactly what `--json` prints
 (docs/json-schema.md).  With `--text COLUMNS` first, the answer also has text="...": the same command's
 text output rendered by xendbg/render/text.py at that width with ANSI colours (`-xen-hypercall --text N
---brief` leaves out the call's detail: a client shows it in a pane of its own).  An error is one line,
-as in the console: ^error,msg="...".
+--brief` leaves out the call's detail: a client shows it in a pane of its own); `--text-only COLUMNS`
+leaves the JSON out (a client that only shows it saves a second decoding).  An error is one line, as in
+the console: ^error,msg="...".
 
 `-xen-events [--text COLUMNS]` answers json="{"schema": 1, "events": [...]}": what happened since the
 last call, each once, in order: the trace's records (their docs/json-schema.md form), then
 {"event": "catch", "cpu", "continuation", "hypercall"}, {"event": "entry", "cpu", "address", "what",
 "frame"} (a `xen break` entry point and its bounce frame), {"event": "catch_error", "message"} and
 {"event": "lost", "file"} (more records than the trace keeps in memory came in between: the trace file
-has them).  With --text, text=[...] has one rendering per event ("" for trace records: their "line"
-is the text).
+has them).  With --text, text=[...] has one entry per event: an entry's bounce frame rendered, "" for
+the others (a trace record's "line" is its text; a catch's call is what -xen-hypercall shows).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ _MAX_COLUMNS = 1000
 
 
 def _columns(argv: list[str]) -> tuple[int | None, list[str]]:
-    """`--text COLUMNS` at the front: the width to render text at."""
-    if not argv or argv[0] != "--text":
+    """`--text COLUMNS` (or `--text-only COLUMNS`) at the front: the width to render text at."""
+    if not argv or argv[0] not in ("--text", "--text-only"):
         return None, argv
     if len(argv) < 2 or not argv[1].isdigit() or not 20 <= int(argv[1]) <= _MAX_COLUMNS:
         raise XendbgError(f"--text wants COLUMNS, 20 to {_MAX_COLUMNS}")
@@ -57,23 +58,29 @@ def _run(name: str, argv: list[str]) -> dict[str, object]:
 
     from xendbg.gdb import commands, context
 
+    text_only = bool(argv) and argv[0] == "--text-only"
     columns, words = _columns(argv)
     brief = name == "hypercall" and "--brief" in words
     words = [w for w in words if w != "--brief"] if name == "hypercall" else words
+    if brief and columns is not None and not words:
+        # The head, arguments and findings (the detail, a batch or a table, goes in a pane of its own):
+        # decoded once for both forms, as `xen hypercall` decodes it.
+        from dataclasses import replace
+
+        from xendbg.gdb.target import GdbTarget
+        from xendbg.render import json as render_json
+        from xendbg.render import text
+
+        hc = context.decode_here(GdbTarget())
+        return {"json": json.dumps(render_json.hypercall(hc), separators=(",", ":")),
+                "text": _render([text.hypercall(replace(hc, detail=None, findings=hc.all_findings()))], columns)}
     arg = " ".join(shlex.quote(w) for w in words)
-    result: dict[str, object] = {"json": json.dumps(commands.run_json(name, arg), separators=(",", ":"))}
+    result: dict[str, object] = {}
+    if not text_only:
+        result["json"] = json.dumps(commands.run_json(name, arg), separators=(",", ":"))
     if columns is not None:
-        if brief:  # the head, arguments and findings; the detail (batch, table) goes elsewhere
-            from dataclasses import replace
-
-            from xendbg.gdb.target import GdbTarget
-            from xendbg.render import text
-
-            hc = context.decode_here(GdbTarget())
-            rendered = [text.hypercall(replace(hc, detail=None, findings=hc.all_findings()))]
-        else:
-            with context.capture_text() as rendered:
-                commands.COMMANDS[name].invoke(arg, False)
+        with context.capture_text() as rendered:
+            commands.COMMANDS[name].invoke(arg, False)
         result["text"] = _render(rendered, columns)
     return result
 
@@ -98,7 +105,6 @@ def _events(argv: list[str]) -> dict[str, object]:
             cpu, hc, continuation = payload  # type: ignore[misc]
             event = {"event": "catch", "cpu": cpu, "continuation": continuation,
                      "hypercall": render_json.hypercall(hc)}
-            shown = text.hypercall(hc)
         elif kind == "entry":
             cpu, address, what, frame = payload  # type: ignore[misc]
             event = {"event": "entry", "cpu": cpu, "address": address, "what": what,

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 from xendbg.errors import TargetGone, UnknownRegister, UnreadableMemory
 from xendbg.mi.client import GdbGone, MiClient, MiError
 
 # gdb's generic names, as GdbTarget accepts them (frame.read_register knows them), by what exists
 _ALIASES = {"pc": ("rip", "eip"), "sp": ("rsp", "esp")}
+# FPU, vector and mask registers: no decoder reads them, and they are most of gdb's x86 register file
+_NOT_READ = re.compile(r"^([xyz]mm\d+[hl]?|ymm\d+h|st\d|mm\d|k\d|bnd\d\w*|f(ctrl|stat|tag|iseg|ioff|oseg|ooff|op)"
+                       r"|mxcsr|pkru|orig_[er]ax)$")
 
 
 class MiTarget:
@@ -32,8 +37,9 @@ class MiTarget:
 
     def _load_registers(self) -> dict[str, int]:
         try:
-            names = self._command("-data-list-register-names").get("register-names", [])
-            values = self._command(f"-data-list-register-values{self._where()} x").get("register-values", [])
+            names = self._names()
+            wanted = " ".join(str(i) for i, name in enumerate(names) if name and not _NOT_READ.match(name))
+            values = self._command(f"-data-list-register-values{self._where()} x {wanted}").get("register-values", [])
         except MiError as exc:
             raise TargetGone(f"cannot read the registers: {exc}") from None
         registers: dict[str, int] = {}
@@ -45,6 +51,14 @@ class MiTarget:
                 except ValueError:
                     continue  # vector registers ({...}) and unavailable values: not the decoders'
         return registers
+
+    def _names(self) -> list[str]:
+        """gdb's register names by number (kept on the client: they change only with the architecture)."""
+        names = getattr(self.client, "_xendbg_register_names", None)
+        if names is None:
+            names = self._command("-data-list-register-names").get("register-names", [])
+            self.client._xendbg_register_names = names  # type: ignore[attr-defined]
+        return names
 
     def read_register(self, name: str) -> int:
         if self._registers is None:

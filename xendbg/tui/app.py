@@ -419,7 +419,8 @@ class AttachApp:
             self._target_gone("the target is gone (QEMU exited or closed the connection)")
         elif kind == "gdb-exit":
             self._target_gone(str(message))
-        self.app.invalidate()
+        if self._refresh_task is None or self._refresh_task.done():
+            self.app.invalidate()  # else the refresh draws it all at once: no half-drawn screens, less work
 
     def _console_text(self, text: str) -> None:
         text = self._console_partial + text
@@ -530,7 +531,7 @@ class AttachApp:
             except XendbgError as exc:
                 self.panes["console"].add([("class:console.error", f"xendbg: {exc}")])
             if stopped_at is not None:
-                self._mark = ("refresh", stopped_at)
+                self._mark = ("refresh" if self.stop_reason.find(" caught ") < 0 else "refresh-at-catch", stopped_at)
                 self._stopped_at = None
             self.app.invalidate()
             if not self._refresh_again:
@@ -600,7 +601,7 @@ class AttachApp:
             command = commands[mode]
         head, rest = command.split(" ", 1) if " " in command else (command, "")
         try:
-            answer = await self.mi(f"{head} --text {columns} {rest}".rstrip())
+            answer = await self.mi(f"{head} --text-only {columns} {rest}".rstrip())
         except XendbgError as exc:
             return str(exc)
         text = answer.get("text", "")
