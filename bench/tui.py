@@ -47,7 +47,7 @@ def one_run(index: int, timings: Path) -> None:
               f"{' '.join(shlex.quote(a) for a in argv)}")
     subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "160", "-y", "50", "sh", "-c", script], check=True)
     try:
-        wait(name, "caught hypercall multicall")
+        wait(name, "STOPPED: caught multicall")
         for _ in range(5):  # stepi stops: the whole screen refreshed each time
             before = timings.read_text().count("\n")
             subprocess.run(["tmux", "send-keys", "-t", name, "F7"], check=True)

@@ -70,7 +70,9 @@ def attach(args: argparse.Namespace) -> int:
     argv = [str(python), "-m", "xendbg.cli", "attach", "--platform", args.platform]
     if args.abi:
         argv += ["--abi", args.abi, "--xen", args.abi]
-    argv += ["--ex", "xen catch hypercall multicall", "--ex", "continue"]
+    # The trace from the first hypercall: the trace pane shows what led to the multicall, and xendbg
+    # sees every registration (Esc t / Esc c show the registered trap table and callbacks).
+    argv += ["--ex", "xen trace start", "--ex", "xen catch hypercall multicall", "--ex", "continue"]
     os.chdir(ROOT)  # the project's xendbg package, whatever the current directory
     os.execv(argv[0], argv)
     return 1

@@ -3,6 +3,7 @@
   xendbg abi [--xen VERSION] [--width 32|64] [--json]
   xendbg decode [--width 32|64] [--xen VERSION] --reg NAME=VALUE ... [--mem ADDR:HEX | --mem ADDR@FILE ...] [--json]
   xendbg traps ADDR ... / xendbg multicall ADDR COUNT ...   (the same options as decode)
+  xendbg attach HOST:PORT|PORT | --platform shim32|xen64|linux64 ...   the full-screen debugger (xendbg/tui/)
 
 Arguments can also be read from a file, one a line (lines starting with # are comments):
 `xendbg decode @examples/linux-multicall.args`.
@@ -122,7 +123,8 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="xendbg", description="Debugger for Xen PV guests: offline decoding and ABI tables.",
+    parser = _Parser(prog="xendbg",
+                     description="Debugger for Xen PV guests: offline decoding, ABI tables, the full-screen debugger.",
                      epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                      fromfile_prefix_chars="@")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

@@ -531,7 +531,7 @@ class AttachApp:
             except XendbgError as exc:
                 self.panes["console"].add([("class:console.error", f"xendbg: {exc}")])
             if stopped_at is not None:
-                self._mark = ("refresh" if self.stop_reason.find(" caught ") < 0 else "refresh-at-catch", stopped_at)
+                self._mark = ("refresh-at-catch" if self.stop_reason.startswith("caught ") else "refresh", stopped_at)
                 self._stopped_at = None
             self.app.invalidate()
             if not self._refresh_again:
@@ -622,9 +622,9 @@ class AttachApp:
             kind = event.get("event")
             if kind == "catch":
                 hc = event["hypercall"]
-                self._next_reason = f"cpu {event['cpu']} caught hypercall {hc['name'] or hc['nr']} ({hc['site']})"
+                self._next_reason = f"caught {hc['name'] or hc['nr']} ({hc['site']})"
             elif kind == "entry":
-                self._next_reason = f"cpu {event['cpu']} entered {event['what']}"
+                self._next_reason = f"entered {event['what']}"
                 self.entry_text = rendered or None
             elif kind == "catch_error":
                 self.panes["console"].add([("class:console.error", event.get("message", ""))])
