@@ -170,6 +170,12 @@ def test_shim32_first_multicall_registered_state_trace_and_quit(tui, tmp_path, a
     screen = t.wait(r"vCPU 1 of 2")
     t.keys("F11")
     t.wait(r"vCPU 0 of 2")
+    t.keys("F1")
+    t.wait(r"xendbg attach: keys")
+    t.keys("F1")
+    t.keys("F7")  # into the hypervisor's int $0x82 handler
+    screen = t.wait(r"STOPPED: stepped one instruction")
+    assert "xendbg attach: keys" not in screen
     # Run to the end: the guest shuts down, QEMU exits, the screen says so and keeps the trace.
     t.type("xen catch delete")
     t.wait(r"no longer catching hypercalls")
@@ -182,9 +188,19 @@ def test_shim32_first_multicall_registered_state_trace_and_quit(tui, tmp_path, a
 
 
 def test_shim32_trap_table_rpl_finding_coloured(tui):
-    t = tui("--platform", "shim32", "--abi", "2.0", "--faulty", "--xen", "2.0",
-            "--ex", "xen catch hypercall set_trap_table", "--ex", "continue")
+    t = tui("--platform", "shim32", "--abi", "2.0", "--faulty", "--xen", "2.0")
+    t.wait(r"STOPPED: ")
+    t.keys("F8")  # catch by name: the command line, completed by gdb
+    subprocess.run(["tmux", "send-keys", "-t", t.name, "-l", "set_tr"], check=True, timeout=10)
+    t.keys("Tab")
+    t.wait(r"^\(xendbg\) xen catch hypercall set_trap_table\s*$")
+    t.keys("Enter")
+    t.wait(r"catching set_trap_table")
+    t.keys("F9")
+    t.wait(r"trace: on")
+    t.keys("F5")
     screen = t.wait(r"STOPPED: caught set_trap_table")
+    assert re.search(r"cpu0 stack_switch\(.*\) = 0", screen), screen  # traced before it
     assert re.search(r"^set_trap_table\s+nr 0", screen, re.M)
     assert re.search(r"trap table at 0x[0-9a-f]+: \d+ entries", screen)  # the detail pane: the table
     finding = r"error\s+\[selector-rpl\] trap_info\[\d\] \(vector 0x[0-9a-f]+ [^)]*\): selector 0x0818 has RPL 0"

@@ -38,6 +38,7 @@ from prompt_toolkit.layout import (
 )
 from prompt_toolkit.layout.controls import BufferControl, FormattedTextControl
 from prompt_toolkit.layout.dimension import Dimension
+from prompt_toolkit.layout.menus import CompletionsMenu
 from prompt_toolkit.layout.processors import BeforeInput
 from prompt_toolkit.styles import Style
 from prompt_toolkit.widgets import Frame
@@ -188,6 +189,7 @@ class AttachApp:
         self.running = False
         self.stop_reason = "attached: the guest is stopped"
         self.gone: str | None = None
+        self._going = False  # the target went away; its last records are being fetched
         self.threads: list[int] = []
         self.thread: int | None = None
         self.mode = ""
@@ -260,7 +262,8 @@ class AttachApp:
         help_box = ConditionalContainer(Frame(Window(FormattedTextControl(HELP), width=104, height=12),
                                               title="xendbg attach: keys"),
                                         filter=Condition(lambda: self.help_visible))
-        root = FloatContainer(body, floats=[Float(help_box)])
+        root = FloatContainer(body, floats=[Float(help_box),
+                                            Float(xcursor=True, ycursor=True, content=CompletionsMenu(max_height=12))])
         app = Application(layout=Layout(root, focused_element=self.input), key_bindings=self._keys(),
                           style=STYLE, full_screen=True, mouse_support=False)
         app.ttimeoutlen = 0.05  # Esc combinations without waiting half a second
@@ -315,7 +318,6 @@ class AttachApp:
         @kb.add("f8")
         def _(event: KeyPressEvent) -> None:
             self.input.set_document(Document("xen catch hypercall "))
-            self.input.start_completion(select_first=False)
 
         @kb.add("f9")
         def _(event: KeyPressEvent) -> None:
@@ -430,17 +432,22 @@ class AttachApp:
             self.panes["console"].add(to_formatted_text(ANSI(line)))
 
     def _target_gone(self, why: str) -> None:
-        if self.gone is None:
+        """The target (or gdb) is gone: the screen keeps the last stop; the trace gets the records the
+        trace made before the end (none is lost), then the status line says so."""
+        if self.gone is not None or self._going:
+            return
+        self._going = True
+        self.running = False
+
+        async def last_records() -> None:
+            if self.client.alive:
+                await self._collect_events()
             self.gone = why
-            self.running = False
             self.panes["console"].add([("class:console.error", f"xendbg: {why}; the screen keeps the last "
                                         "stop and the trace; F10 quits")])
-            if self.client.alive:  # the records the trace made before the end: none is lost
-                async def last_records() -> None:
-                    await self._collect_events()
-                    self.app.invalidate()
+            self.app.invalidate()
 
-                asyncio.ensure_future(last_records())
+        asyncio.ensure_future(last_records())
 
     # --- talking to gdb -------------------------------------------------------------------------------
 
