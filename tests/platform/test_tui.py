@@ -156,6 +156,11 @@ def test_shim32_first_multicall_registered_state_trace_and_quit(tui, tmp_path, a
         assert re.search(entry, screen), screen
     # The trace (--trace) shows the calls before it, strace-style, with their results.
     assert re.search(r"cpu0 set_trap_table\(traps=0x[0-9a-f]+\) = 0", screen), screen
+    t.keys("F2", "PageUp")  # the trace pane (F2 from the detail pane) scrolled back to its first lines
+    screen = t.wait(r"trace: on \(F9\)  \[1-\d+ of \d+\]")
+    assert re.search(r"cpu0 xen_version\(cmd=", screen), screen
+    t.keys("PageDown", "PageDown", "PageDown")  # back at the bottom: it follows new records again
+    t.wait(r"trace: on \(F9\)  \[\d+-(\d+) of \1\]")
     # Esc t: the registered trap table, replayed from the traced set_trap_table.
     t.keys("M-t")
     screen = t.wait(r"detail: registered trap table")
