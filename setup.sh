@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Set up everything xendbg needs on a Debian 12 machine, then run the main job or the tests.
 #
-#   ./setup.sh demo [--batch] [--platform P] [--abi A]
-#                      boot the bundled test guest under QEMU and open gdb with xendbg loaded, stopped
-#                      at its first multicall (--batch, or no terminal: run the walkthrough and exit)
+#   ./setup.sh demo [--gdb | --batch] [--platform P] [--abi A]
+#                      boot the bundled test guest under QEMU and open the full-screen debugger
+#                      (xendbg attach) stopped at its first multicall; --gdb: gdb's own prompt with
+#                      xendbg loaded instead; --batch, or no terminal: run the gdb walkthrough and exit
 #   ./setup.sh test    the whole test suite (unit tests and the QEMU platform tests)
 #   ./setup.sh env     set up only
 #
@@ -17,6 +18,7 @@ shift || true
 apt_packages() {
     # The project's own needs; the fixtures list theirs in fixtures/apt-packages.txt.
     echo python3 python3-venv libxen-dev
+    echo tmux  # the terminal tests of xendbg attach run it in tmux
     grep -v '^\s*#' fixtures/apt-packages.txt | grep -v '^\s*$'
 }
 

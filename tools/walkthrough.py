@@ -1,10 +1,11 @@
 #!/usr/bin/python3
-"""Boot a bundled guest under QEMU and open gdb on it with xendbg loaded, stopped at its first multicall.
+"""Boot a bundled guest under QEMU and open xendbg on it, stopped at its first multicall.
 
-    tools/walkthrough.py [--platform shim32|xen64|linux64] [--abi A] [--batch]
+    tools/walkthrough.py [--platform shim32|xen64|linux64] [--abi A] [--gdb | --batch]
 
-Interactive by default (a gdb prompt; quit ends QEMU too).  --batch, or a stdin that is not a
-terminal, runs the README's walkthrough commands instead and exits.  Standard library only.
+Interactive by default: the full-screen debugger, `xendbg attach` (F10 quits and ends QEMU).  --gdb
+opens gdb's own prompt with xendbg loaded instead (quit ends QEMU too).  --batch, or a terminal-less
+run, runs the README's walkthrough commands in gdb and exits.  Standard library only.
 """
 
 from __future__ import annotations
@@ -61,13 +62,32 @@ def wait_listening(port: int, runner: subprocess.Popen, seconds: float = 60) -> 
     sys.exit("walkthrough: QEMU did not open its gdbstub")
 
 
+def attach(args: argparse.Namespace) -> int:
+    """`xendbg attach` on the platform, stopped at the first multicall (it boots and ends QEMU itself)."""
+    python = ROOT / ".venv" / "bin" / "python"
+    if not python.exists():
+        sys.exit("walkthrough: no .venv: run ./setup.sh env first")
+    argv = [str(python), "-m", "xendbg.cli", "attach", "--platform", args.platform]
+    if args.abi:
+        argv += ["--abi", args.abi, "--xen", args.abi]
+    # The trace from the first hypercall: the trace pane shows what led to the multicall, and xendbg
+    # sees every registration (Esc t / Esc c show the registered trap table and callbacks).
+    argv += ["--ex", "xen trace start", "--ex", "xen catch hypercall multicall", "--ex", "continue"]
+    os.chdir(ROOT)  # the project's xendbg package, whatever the current directory
+    os.execv(argv[0], argv)
+    return 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--platform", default="shim32", help="shim32 (default), xen64 or linux64")
     ap.add_argument("--abi", help="the Xen ABI the platform emulates or expects (default: its own)")
+    ap.add_argument("--gdb", action="store_true", help="gdb's own prompt instead of the full-screen debugger")
     ap.add_argument("--batch", action="store_true", help="run the walkthrough commands and exit")
     args = ap.parse_args()
-    batch = args.batch or not sys.stdin.isatty()
+    batch = args.batch or not sys.stdin.isatty() or not sys.stdout.isatty()
+    if not batch and not args.gdb:
+        return attach(args)
     base = [sys.executable, str(RUN), args.platform] + (["--abi", args.abi] if args.abi else [])
     built = subprocess.run(base + ["--artifacts"], capture_output=True, text=True)
     if built.returncode:

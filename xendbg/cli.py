@@ -6,6 +6,7 @@
   xendbg core FILE [summary|vcpus|hypercall|multicall|traps|callbacks|check] [--symbols ELF ...]
               [--xen-syms FILE] [--xen VERSION] [--vcpu N] [--json] [--to-gdb OUT]
   xendbg trace FILE.jsonl [--stats] [--errors] [NAME ...] [--json]
+  xendbg attach HOST:PORT|PORT | --platform shim32|xen64|linux64 ...   the full-screen debugger (xendbg/tui/)
 
 Arguments can also be read from a file, one a line (lines starting with # are comments):
 `xendbg decode @examples/linux-multicall.args`.
@@ -125,7 +126,8 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="xendbg", description="Debugger for Xen PV guests: offline decoding and ABI tables.",
+    parser = _Parser(prog="xendbg",
+                     description="Debugger for Xen PV guests: offline decoding, ABI tables, the full-screen debugger.",
                      epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                      fromfile_prefix_chars="@")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -149,6 +151,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", action="store_true", help="the batch has run: show the results Xen wrote")
     _add_target_options(p)
     _add_postmortem(sub)
+
+    p = sub.add_parser("attach", help="the full-screen debugger: attach to a QEMU gdbstub (or boot a bundled "
+                                      "platform) through gdb/MI", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="keys: F1 help, F5 continue, Ctrl-C interrupt, F7 stepi, F8 catch, F9 trace, "
+                              "F6 detail pane, F11/F12 vCPU, F10 quit")
+    p.add_argument("target", nargs="?", metavar="HOST:PORT|PORT", help="the gdbstub to attach to")
+    p.add_argument("--platform", choices=("shim32", "xen64", "linux64"),
+                   help="boot this bundled platform (fixtures/run) and attach to it; quitting ends it")
+    p.add_argument("--abi", help="with --platform: the Xen ABI it emulates or expects")
+    p.add_argument("--faulty", action="store_true", help="with --platform: the guest with deliberate mistakes")
+    p.add_argument("--symbols", action="append", default=[], metavar="FILE",
+                   help="a symbol file (the guest kernel ELF, xen-syms); repeatable")
+    p.add_argument("--arch", choices=("i386", "x86-64"), help="gdb's architecture for the target")
+    p.add_argument("--xen", metavar="VERSION", help="the Xen ABI to decode with, as `set xen abi`")
+    p.add_argument("--gdb", default="gdb", metavar="PATH", help="the gdb to drive (13 or later; default: gdb)")
+    p.add_argument("--trace", metavar="FILE.jsonl", help="trace every hypercall from the start into FILE")
+    p.add_argument("--ex", action="append", default=[], metavar="COMMAND",
+                   help="a gdb or xen command to run once attached, as if typed (repeatable)")
     return parser
 
 
@@ -320,6 +340,10 @@ def run(argv: Sequence[str] | None = None, base_dir: Path | None = None) -> int:
         return _core(args)
     if args.command == "trace":
         return _trace(args)
+    if args.command == "attach":
+        from xendbg.tui.main import attach
+
+        return attach(args)
     if args.command == "abi":
         abi = _abi(args.xen, args.width)
         _emit(args, render_json.abi_listing(abi), render_text.abi_listing(abi))

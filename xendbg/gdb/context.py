@@ -35,8 +35,14 @@ def text() -> ModuleType:
     return module
 
 
+_text_sink: list[object] | None = None  # set while a caller (an MI command) renders the output itself
+
+
 def write(renderable: object) -> None:
     """Render through gdb: its width, its style setting, its pager (gdb.write is paged)."""
+    if _text_sink is not None:
+        _text_sink.append(renderable)
+        return
     width = int(gdb.parameter("width") or 0)
     color = SETTINGS.color and bool(gdb.parameter("style enabled"))
     gdb.write(text().to_string(renderable, width=width if width > 0 else 200, color=color))
@@ -63,6 +69,18 @@ def capture_json() -> Iterator[list[object]]:
         yield _json_sink
     finally:
         _json_sink = outer
+
+
+@contextmanager
+def capture_text() -> Iterator[list[object]]:
+    """Collect the renderables `xen ...` commands write, instead of printing them (MI commands render
+    them for their client: its width, colour)."""
+    global _text_sink
+    outer, _text_sink = _text_sink, []
+    try:
+        yield _text_sink
+    finally:
+        _text_sink = outer
 
 
 class GdbSymbols:

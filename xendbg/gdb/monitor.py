@@ -106,6 +106,7 @@ class Monitor:
     plan: str = ""  # one line: where and how xendbg observes hypercalls now
     moves_due: bool = False
     trace_failed: bool = False  # the trace file failed: stop the trace at the next stop
+    events: EventLog = field(default_factory=lambda: EventLog())  # for MI clients (-xen-events)
 
     # --- what to observe, and where ---------------------------------------------------------------
 
@@ -411,6 +412,44 @@ def _cpu_or_unknown() -> int:
         return -1
 
 
+# --- events for MI clients (-xen-events) ---------------------------------------------------------
+
+
+@dataclass
+class EventLog:
+    """What an MI client has not been told yet: the stop reports (catch, entry, error), kept as on_stop
+    handles them, and the trace's records, taken from the trace itself (a cursor per trace log: the
+    last record handed out).  `take` hands out each once, in order."""
+
+    reports: list[tuple[str, object]] = field(default_factory=list)
+    cursors: dict[int, tuple[TraceLog, dict | None]] = field(default_factory=dict)
+
+    def add(self, kind: str, payload: object) -> None:
+        self.reports.append((kind, payload))
+
+    def take(self, logs: list[TraceLog | None]) -> list[tuple[str, object]]:
+        """("record", dict) for each trace record not handed out yet (of `logs`, oldest log first; a
+        ("lost", n) when the trace's memory overflowed in between), then the reports."""
+        out: list[tuple[str, object]] = []
+        kept: dict[int, tuple[TraceLog, dict | None]] = {}
+        for log in logs:
+            if log is None or id(log) in kept:
+                continue
+            _, last = self.cursors.get(id(log), (log, None))
+            records = list(log.recent)
+            start = 0
+            if last is not None:
+                start = next((i + 1 for i in range(len(records) - 1, -1, -1) if records[i] is last), 0)
+                if start == 0 and len(records) == log.recent.maxlen:
+                    out.append(("lost", log.path))  # its memory rolled over: the file, if any, has them
+            out += [("record", r) for r in records[start:]]
+            kept[id(log)] = (log, records[-1] if records else last)
+        self.cursors = kept
+        out += self.reports
+        self.reports = []
+        return out
+
+
 MONITOR = Monitor()
 
 
@@ -422,13 +461,17 @@ def on_stop(event: object) -> None:
     notes = MONITOR.move_entries() if MONITOR.moves_due or "moved" in kinds else []
     try:
         for kind, payload in reports:
+            if kind in ("catch", "error"):
+                MONITOR.events.add(kind, payload)
             if kind == "catch":
                 cpu, hc, continuation = cast("tuple[int, Hypercall, bool]", payload)
                 what = ", Xen's continuation of the preempted call" if continuation else ""
                 gdb.write(f"xendbg: cpu {cpu} caught hypercall {hc.display_name} ({hc.site}{what})\n")
                 context.write(context.text().hypercall(hc))
             elif kind == "entry":
-                _report_entry(cast(int, payload))
+                entry = _report_entry(cast(int, payload))
+                if entry is not None:
+                    MONITOR.events.add("entry", entry)
             elif kind == "error":
                 gdb.write(f"{payload}\n")
         if "trace-failed" in kinds and MONITOR.trace is not None:
@@ -448,12 +491,13 @@ def on_stop(event: object) -> None:
 _ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
 
 
-def _report_entry(address: int) -> None:
+def _report_entry(address: int) -> tuple[int, int, str, object] | None:
+    """Say which entry point was entered and decode its bounce frame; (cpu, address, what, frame)."""
     from xendbg.decode.bounce import decode_bounce_frame
 
     watches = MONITOR.watches_at(address)
     if not watches:
-        return
+        return None
     target = GdbTarget()
     cpu = context.cpu_index()
     abi, _ = context.current_abi(target)
@@ -477,3 +521,4 @@ def _report_entry(address: int) -> None:
     kind = watch.kind if watch.kind != "callback" else {"nmi": "event"}.get(watch.which, watch.which)
     frame = decode_bounce_frame(target, abi, kind, target.read_register("sp"), vector=vector)
     context.write(context.text().bounce_frame(frame))
+    return cpu, address, ", ".join(w.describe() for w in watches), frame

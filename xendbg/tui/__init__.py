@@ -1,0 +1,1 @@
+"""`xendbg attach`: the full-screen debugger (prompt_toolkit), drawing what gdb's -xen-* MI commands render."""
