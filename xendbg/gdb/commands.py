@@ -838,4 +838,6 @@ def register() -> None:
     XenParameter("color", "whether xendbg colours its output (never when gdb's style is off)",
                  gdb.PARAM_BOOLEAN, None, True)
     gdb.events.stop.connect(_on_stop)
-    _Lazy("xendbg.gdb.mi_commands").register()  # -xen-* MI commands (gdb 13's gdb.MICommand)
+    from xendbg.gdb import mi_commands
+
+    mi_commands.register()  # -xen-* MI commands (gdb 13's gdb.MICommand); loads nothing heavy

@@ -27,9 +27,14 @@ the others (a trace record's "line" is its text; a catch's call is what -xen-hyp
 
 from __future__ import annotations
 
-import gdb  # type: ignore[import-not-found]
+import gdb
 
 from xendbg.errors import XendbgError
+
+TYPE_CHECKING = False  # not typing's: importing typing alone costs milliseconds at gdb start-up
+if TYPE_CHECKING:
+    from xendbg.decode import Hypercall
+    from xendbg.decode.bounce import BounceFrame
 
 # MI command name -> the xen command it answers for
 COMMANDS = {"-xen-hypercall": "hypercall", "-xen-multicall": "multicall", "-xen-traps": "traps",
@@ -87,6 +92,7 @@ def _run(name: str, argv: list[str]) -> dict[str, object]:
 
 def _events(argv: list[str]) -> dict[str, object]:
     import json
+    from typing import cast
 
     from xendbg.gdb import monitor
     from xendbg.render import json as render_json
@@ -102,11 +108,11 @@ def _events(argv: list[str]) -> dict[str, object]:
         if kind == "record":
             event = dict(payload)  # type: ignore[call-overload]
         elif kind == "catch":
-            cpu, hc, continuation = payload  # type: ignore[misc]
+            cpu, hc, continuation = cast("tuple[int, Hypercall, bool]", payload)
             event = {"event": "catch", "cpu": cpu, "continuation": continuation,
                      "hypercall": render_json.hypercall(hc)}
         elif kind == "entry":
-            cpu, address, what, frame = payload  # type: ignore[misc]
+            cpu, address, what, frame = cast("tuple[int, int, str, BounceFrame]", payload)
             event = {"event": "entry", "cpu": cpu, "address": address, "what": what,
                      "frame": render_json.bounce_frame(frame)}
             shown = text.bounce_frame(frame)

@@ -264,7 +264,7 @@ class AttachApp:
                                         filter=Condition(lambda: self.help_visible))
         root = FloatContainer(body, floats=[Float(help_box),
                                             Float(xcursor=True, ycursor=True, content=CompletionsMenu(max_height=12))])
-        app = Application(layout=Layout(root, focused_element=self.input), key_bindings=self._keys(),
+        app: Application[None] = Application(layout=Layout(root, focused_element=self.input), key_bindings=self._keys(),
                           style=STYLE, full_screen=True, mouse_support=False)
         app.ttimeoutlen = 0.05  # Esc combinations without waiting half a second
         app.after_render += self._after_render
@@ -411,7 +411,7 @@ class AttachApp:
             self.running = False
             self._stopped_at = record.get("_at")
             self.stop_reason, self.where = _stop_reason(payload or {})
-            if (payload or {}).get("thread-id"):
+            if payload and payload.get("thread-id"):
                 try:
                     self.thread = int(payload["thread-id"])
                 except ValueError:
@@ -568,7 +568,7 @@ class AttachApp:
             self.thread = int(current)
         if isinstance(answer, XendbgError):
             self.pending_json = None
-            pending_lines = [[("", str(answer))]]
+            pending_lines: list[StyleAndTextTuples] = [[("", str(answer))]]
         else:
             self.pending_json = json.loads(answer["json"])
             pending_lines = _ansi_lines(answer.get("text", ""))
