@@ -161,3 +161,24 @@ def test_linux_crash_names_the_call_and_dom0s_registered_state(crash):
     assert callbacks["callbacks"]["operation"] == "registered" and callbacks["xen"] == "4.17"
     r = core(dump, "--domain", "7", *files)
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "no domain 7" in r.stderr
+
+
+def test_xen_dump_in_gdb_reads_back_as_the_live_stop(boot_gdb, tmp_path):
+    """`xen dump FILE` at a caught set_trap_table on xen64: the dump, read with xen-syms, gives dom0's vCPU
+    0 live on its CPU and the same pending call as the live `xen hypercall --json`."""
+    from conftest import XENDBG_SCRIPT, json_blocks
+
+    booted = boot_gdb("xen64", timeout=120)
+    dump = tmp_path / "live.dump"
+    out = booted.gdb_batch(f"source {XENDBG_SCRIPT}", "set xen color off", "set xen abi 4.17",
+                           "xen catch hypercall --guest set_trap_table", "continue", "xen hypercall --json",
+                           f"xen dump {dump} -z", "xen dump", "kill", timeout=120)
+    live = json_blocks(out)[0]
+    assert live["name"] == "set_trap_table", out
+    assert f"wrote {dump}" in out and "give one FILE (usage: xen dump FILE [-z])" in out, out
+    xen_syms, guest = booted.artifacts["xen_syms"], booted.artifacts["guest"]
+    r = core(str(dump), "hypercall", "--json", "--xen-syms", xen_syms, "--symbols", guest)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == live | {"xen_source": "from Xen's image: Xen 4.17"}
+    rows = json.loads(core(str(dump), "vcpus", "--json", "--xen-syms", xen_syms, "--symbols", guest).stdout)["vcpus"]
+    assert rows[0]["registers_from"] == "live on a CPU (CPU 0, in the guest)" and rows[0]["pending"] == "set_trap_table"
