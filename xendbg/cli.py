@@ -4,7 +4,7 @@
   xendbg decode [--width 32|64] [--xen VERSION] --reg NAME=VALUE ... [--mem ADDR:HEX | --mem ADDR@FILE ...] [--json]
   xendbg traps ADDR ... / xendbg multicall ADDR COUNT ...   (the same options as decode)
   xendbg core FILE [summary|vcpus|hypercall|multicall|traps|callbacks|check] [--symbols ELF ...]
-              [--xen-syms FILE] [--xen VERSION] [--vcpu N] [--json] [--to-gdb OUT]
+              [--xen-syms FILE] [--xen VERSION] [--domain ID] [--vcpu N] [--json] [--to-gdb OUT]
   xendbg trace FILE.jsonl [--stats] [--errors] [NAME ...] [--json]
   xendbg attach HOST:PORT|PORT | --platform shim32|xen64|linux64 ...   the full-screen debugger (xendbg/tui/)
 
@@ -183,8 +183,10 @@ def _add_postmortem(sub: argparse._SubParsersAction) -> None:
                    help=f"one of {', '.join(SUBCOMMANDS)} (default: summary)")
     p.add_argument("--symbols", action="append", default=[], metavar="ELF",
                    help="the guest kernel's ELF file: symbols and evidence of the Xen version (repeatable)")
-    p.add_argument("--xen-syms", metavar="FILE", help="Xen's xen-syms: its version and symbols")
+    p.add_argument("--xen-syms", metavar="FILE", help="Xen's xen-syms: its version, symbols and data (the vCPUs of "
+                                                      "a domain and what each registered)")
     p.add_argument("--xen", metavar="VERSION", help="Xen version or ABI generation (default: from the evidence)")
+    p.add_argument("--domain", type=_number, metavar="ID", help="with --xen-syms: the domain (default: dom0)")
     p.add_argument("--vcpu", type=_number, metavar="N",
                    help="the vCPU (default: the first with a pending hypercall)")
     p.add_argument("--results", action="store_true", help="multicall: the batch has run, show its results")
@@ -204,7 +206,7 @@ def _core(args: argparse.Namespace) -> int:
     from xendbg.dump import open_core
     from xendbg.dump.commands import COMMANDS
 
-    with open_core(args.file, args.symbols, args.xen_syms, args.xen) as core:
+    with open_core(args.file, args.symbols, args.xen_syms, args.xen, args.domain) as core:
         if args.to_gdb:
             from xendbg.dump.gdbcore import write_gdb_core
 

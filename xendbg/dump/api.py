@@ -6,8 +6,10 @@
 
 The ABI comes from the same evidence as a live session (issue 5, xendbg/session.py): `xen=` when
 given, else Xen's version in `xen_syms`, the guest's Xen ELF note, its code selector, its hypercall
-page.  Registered state (trap table, callbacks) is what Xen keeps, not guest memory: a QEMU dump holds
-it only inside Xen's own data, which this reader does not walk yet.
+page.  Registered state (trap table, callbacks) is what Xen keeps, not guest memory: with `xen_syms`,
+a whole-machine dump's vCPUs are those of one domain (`domain=`, dom0 by default) as Xen's own data
+describes them (xendbg/dump/xen.py), each with its registered state; without it, or when Xen's data
+cannot be read, the vCPUs are the dump's CPUs and the registered state is unknown.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from xendbg.dump.elfcore import ElfDump
 from xendbg.dump.kdump import KdumpDump, is_flattened, is_kdump
 from xendbg.dump.symbols import ElfSymbols
 from xendbg.dump.target import DumpTarget
-from xendbg.errors import DecodeError, UsageError, XendbgError
+from xendbg.dump.xen import IN_XEN, XenData, XenSyms, XenVcpu, read_xen
+from xendbg.errors import DecodeError, TargetError, UsageError, XendbgError
 from xendbg.report import check
 from xendbg.session import AbiChoice, NoSymbols, Session, Settings, Symbols
 from xendbg.sites import find_hypercall_sites
@@ -82,6 +85,7 @@ class Vcpu:
     registers_source: str = REGISTERS_LIVE
     _pending: object = field(default=_UNSET, repr=False)
     why_not_pending: str = ""
+    xen: XenVcpu | None = None  # what Xen's data says of this vCPU (a domain's vCPU, with xen-syms)
 
     @property
     def registers(self) -> dict[str, int]:
@@ -114,6 +118,14 @@ class Vcpu:
         if self._pending is _UNSET:
             self._pending = None
             try:
+                if self.xen is not None and self.xen.in_hypercall and self.xen.frame is not None:
+                    self._pending = self._serving()
+                    return self._pending
+                if self.xen is not None and self.xen.where == IN_XEN:
+                    vector = self.xen.entry_vector
+                    raise DecodeError(f"no hypercall in progress: Xen on CPU {self.xen.physical_cpu} holds this "
+                                      f"vCPU's registers but its stack has no return into "
+                                      f"{arch.XEN_HYPERCALL_ENTRY}{f' (entry vector {vector:#x})' if vector else ''}")
                 if self.width is not None and not arch.read_code(self.target, self.pc):
                     self.target.read_memory(self.pc, 1)  # raises, saying why the code cannot be read
                     raise DecodeError(f"no hypercall pending: the code at {self.pc:#x} is not in the dump")
@@ -122,6 +134,17 @@ class Vcpu:
                 self.why_not_pending = str(exc)
         return self._pending  # type: ignore[return-value]
 
+    def _serving(self) -> Hypercall:
+        """The hypercall Xen is serving for this vCPU, from the guest frame Xen saved, decoded as a live
+        stop at the entry of pv_hypercall would decode it (guest pointers read through the guest's
+        page tables, which map Xen too)."""
+        assert self.xen is not None and self.xen.frame is not None
+        entry = self.core.symbols.address_of(arch.XEN_HYPERCALL_ENTRY)
+        if entry is None:
+            raise DecodeError(f"xen-syms has no {arch.XEN_HYPERCALL_ENTRY}")
+        at_entry = _AtEntry(self.target, entry, self.xen.frame)
+        return self.core.session.decode_here(at_entry, self.core.symbols, self.index)
+
     def abi(self) -> tuple[Abi, AbiChoice]:
         """The ABI to judge this vCPU with: its own width when in the guest, else 64-bit."""
         if self.width is not None:
@@ -129,11 +152,21 @@ class Vcpu:
         return self.core.session.abi(64)
 
     def findings(self) -> list[Finding]:
-        """Xen's rules over the pending call (registered state is not recoverable from a QEMU dump yet)."""
+        """Xen's rules over the pending call and, when Xen's data gave it, the registered state."""
         abi, _ = self.abi()
         found = check(self.pending(), self.core.session.state(self.index), abi)
-        # "nothing registered seen yet" speaks of a live session; a dump says NOT_RECOVERABLE instead.
+        # "nothing registered seen yet" speaks of a live session; a dump says why it has no state instead.
         return [f for f in found if f.rule != "state-unknown"]
+
+    @property
+    def registered(self) -> bool:
+        """Whether this vCPU's registered state was read (and checked) from Xen's data."""
+        return self.xen is not None and self.xen.state is not None
+
+    def why_not_registered(self) -> str:
+        if self.xen is not None:
+            return self.xen.why_no_state
+        return self.core.why_not_registered
 
     def symbol(self) -> str:
         sym = self.core.symbols.symbol_at(self.pc)
@@ -142,11 +175,29 @@ class Vcpu:
         return f"<{sym[0]}+{sym[1]}>" if sym[1] else f"<{sym[0]}>"
 
 
+
+class _AtEntry:
+    """A vCPU's Target seen as stopped at the first instruction of Xen's hypercall entry, whose
+    argument (RDI) is the guest frame Xen saved: what session.decode_here decodes inside Xen."""
+
+    def __init__(self, target: DumpTarget, entry: int, frame: int) -> None:
+        self.target = target
+        self.registers = {"pc": entry, "rip": entry, "rdi": frame, "cs": 0xE008}
+
+    def read_register(self, name: str) -> int:
+        name = name.lower()
+        return self.registers[name] if name in self.registers else self.target.read_register(name)
+
+    def read_memory(self, address: int, size: int) -> bytes:
+        return self.target.read_memory(address, size)
+
+
 class Core:
     """A memory dump opened for post-mortem decoding (use as a context manager, or call close())."""
 
     def __init__(self, path: str | os.PathLike[str], symbols: Sequence[str | os.PathLike[str]] = (),
-                 xen_syms: str | os.PathLike[str] | None = None, xen: str | None = None) -> None:
+                 xen_syms: str | os.PathLike[str] | None = None, xen: str | None = None,
+                 domain: int | None = None) -> None:
         self.path = os.fspath(path)
         self.xen_syms = os.fspath(xen_syms) if xen_syms is not None else None
         symbol_files = [os.fspath(p) for p in symbols]
@@ -159,6 +210,47 @@ class Core:
         self.memory, self._data = open_memory(self.path)
         self.format = self.memory.format
         self.vcpus = [Vcpu(self, cpu.index, DumpTarget(self.memory, cpu)) for cpu in self.memory.cpus]
+        self.xen_data: XenData | None = None
+        self.domain: int | None = None
+        self.why_not_registered = NOT_RECOVERABLE
+        if xen_file is not None:
+            self._read_xen(xen_file, symbol_files, domain)
+        elif domain is not None:
+            raise UsageError("--domain needs --xen-syms: the domains are found in Xen's own data")
+
+    def _read_xen(self, xen_file: str, guest_files: list[str], domain: int | None) -> None:
+        """The vCPUs of one domain from Xen's data; when that cannot be read, the CPUs stay, and
+        `why_not_registered` says what failed."""
+        try:
+            syms = XenSyms(xen_file)
+            try:
+                ranges = ElfSymbols(guest_files).ranges() if guest_files else None
+                self.xen_data = read_xen(self.memory, self.memory.cpus, syms, None, ranges)
+            finally:
+                syms.close()
+        except (DecodeError, TargetError) as exc:
+            if domain is not None:
+                raise
+            self.why_not_registered = f"not recoverable from Xen's data with {os.path.basename(xen_file)}: {exc}"
+            return
+        domains = self.xen_data.domains()
+        if domain is None:
+            domain = 0 if 0 in domains else (domains[0] if domains else None)
+        if domain is None:
+            self.why_not_registered = "Xen's domain_list holds no domain with vCPUs"
+            return
+        if domain not in domains:
+            raise UsageError(f"no domain {domain} in the dump: Xen lists {', '.join(f'd{d}' for d in domains)}")
+        self.domain = domain
+        self.why_not_registered = "; ".join(self.xen_data.problems)
+        self.vcpus = []
+        for xv in self.xen_data.vcpus:
+            if xv.domain != domain:
+                continue
+            vcpu = Vcpu(self, xv.vcpu_id, DumpTarget(self.memory, xv.cpu), xv.registers_from, xen=xv)
+            if xv.state is not None:
+                self.session.states[xv.vcpu_id] = xv.state
+            self.vcpus.append(vcpu)
 
     def vcpu(self, index: int) -> Vcpu:
         if not 0 <= index < len(self.vcpus):
@@ -180,9 +272,11 @@ class Core:
 
 
 def open_core(path: str | os.PathLike[str], symbols: Sequence[str | os.PathLike[str]] | str = (),
-              xen_syms: str | os.PathLike[str] | None = None, xen: str | None = None) -> Core:
+              xen_syms: str | os.PathLike[str] | None = None, xen: str | None = None,
+              domain: int | None = None) -> Core:
     """Open a QEMU dump (`dump-guest-memory FILE` or `-z FILE`); `symbols` are guest ELF files (a
-    single path is taken as one), `xen_syms` Xen's symbol file, `xen` a Xen version that overrides
-    the ABI evidence."""
+    single path is taken as one), `xen_syms` Xen's symbol file (then the vCPUs are those of
+    `domain`, dom0 by default, with what each registered), `xen` a Xen version that overrides the
+    ABI evidence."""
     files = [symbols] if isinstance(symbols, str | os.PathLike) else list(symbols)
-    return Core(path, files, xen_syms, xen)
+    return Core(path, files, xen_syms, xen, domain)

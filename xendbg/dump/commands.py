@@ -1,25 +1,28 @@
 """`xendbg core FILE [SUBCOMMAND]`: the live `xen` commands over a memory dump, with the same JSON.
 
-Each subcommand builds the same dataclasses as its live counterpart and hands them to xendbg/render;
-what a dump cannot tell (the registered trap table and callbacks, kept in Xen's own data) is said in
-one line instead.
+Each subcommand builds the same dataclasses as its live counterpart and hands them to xendbg/render.
+The registered trap table and callbacks come from Xen's struct vcpu (with --xen-syms, xendbg/dump/xen.py);
+where Xen's data could not be read or checked, one line says why instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from rich.console import Group, RenderableType
 from rich.text import Text
 
 from xendbg.abi import Abi, get_abi
-from xendbg.decode import decode_multicall, decode_trap_table
+from xendbg.decode import decode_multicall, decode_trap_table, rules
 from xendbg.decode.model import AbiUsed, Callbacks, Hypercall
-from xendbg.dump.api import NOT_RECOVERABLE, Core, Vcpu
+from xendbg.dump.api import Core, Vcpu
+from xendbg.dump.xen import SOURCE
 from xendbg.errors import XendbgError
 from xendbg.render import json as render_json
 from xendbg.render import text as render_text
+from xendbg.report import registered_callbacks, registered_trap_table
 from xendbg.session import AbiChoice
 from xendbg.trace import call_line
 
@@ -27,11 +30,20 @@ SUBCOMMANDS = ("summary", "vcpus", "hypercall", "multicall", "traps", "callbacks
 Emit = Callable[[Any, RenderableType], None]
 
 
-def _unrecoverable(what: str, core: Core) -> XendbgError:
-    if core.xen_syms is None:
-        return XendbgError(f"{what}: {NOT_RECOVERABLE}")
-    return XendbgError(f"{what}: not recoverable yet: it lives in Xen's struct vcpu, and xendbg does not read Xen's "
-                       f"data from a QEMU dump yet (xen-syms is used for symbols and the Xen version only)")
+def _unrecoverable(what: str, vcpu: Vcpu) -> XendbgError:
+    return XendbgError(f"{what}: {vcpu.why_not_registered()}")
+
+
+def _source(vcpu: Vcpu) -> str:
+    """Where the registered state came from (the key a dump adds to the live commands' JSON)."""
+    assert vcpu.xen is not None
+    return f"{SOURCE} at {vcpu.xen.address:#x} (d{vcpu.xen.domain}v{vcpu.xen.vcpu_id})"
+
+
+def _state_abi(core: Core, vcpu: Vcpu) -> tuple[Abi, AbiUsed]:
+    """The ABI to judge registered state with: 64-bit (Xen's data is read for 64-bit PV domains)."""
+    abi, why = core.session.abi(64)
+    return abi, AbiUsed(abi.generation, abi.width, why.reason)
 
 
 def _selected(core: Core, index: int | None) -> Vcpu:
@@ -63,10 +75,13 @@ def _abi_of(core: Core, hc: Hypercall) -> tuple[Abi, AbiChoice]:
 def vcpu_row(vcpu: Vcpu) -> dict[str, Any]:
     """One row of `vcpus` (the live `xen vcpus --json` keys, plus where the registers came from)."""
     pending = vcpu.pending()
-    # What a vCPU registered is not in a QEMU dump's guest memory: null, not 0 (unknown, not none).
+    state = vcpu.core.session.states.get(vcpu.index) if vcpu.registered else None
+    # Unknown registered state is null, not 0 (unknown, not none).
     return {"vcpu": vcpu.index, "thread": vcpu.index + 1, "mode": vcpu.mode, "width": vcpu.cpu_mode.width,
             "pc": vcpu.pc, "pending": pending.display_name if pending else None,
-            "registered_traps": None, "registered_callbacks": None, "registers_from": vcpu.registers_source}
+            "registered_traps": len(state.trap_table) if state else None,
+            "registered_callbacks": len(state.callbacks) if state else None,
+            "registers_from": vcpu.registers_source}
 
 
 def vcpus(core: Core, args: Any, emit: Emit) -> None:
@@ -101,8 +116,17 @@ def traps(core: Core, args: Any, emit: Emit) -> None:
     vcpu = _selected_or_first(core, args.vcpu)
     hc = vcpu.pending()
     if hc is None or hc.name != "set_trap_table" or not hc.args[0].value:
-        pending = f"vCPU {vcpu.index}'s pending hypercall is {hc.display_name}; " if hc else ""
-        raise _unrecoverable(f"{pending}the registered trap table", core)
+        if not vcpu.registered:
+            pending = f"vCPU {vcpu.index}'s pending hypercall is {hc.display_name}; " if hc else ""
+            raise _unrecoverable(f"{pending}the registered trap table", vcpu)
+        state = core.session.state(vcpu.index)
+        abi, used = _state_abi(core, vcpu)
+        table, found = registered_trap_table(state, abi)
+        if state.table is not None:
+            table = replace(table, note=state.table.note)
+        emit(render_json.trap_table_report(table, found, used) | {"registered_from": _source(vcpu)},
+             render_text.trap_table_report(table, found, used))
+        return
     abi, why = _abi_of(core, hc)
     table, found = decode_trap_table(vcpu.target, abi, hc.args[0].value)
     found += why.findings()
@@ -114,8 +138,14 @@ def callbacks(core: Core, args: Any, emit: Emit) -> None:
     vcpu = _selected_or_first(core, args.vcpu)
     hc = vcpu.pending()
     if hc is None or not isinstance(hc.detail, Callbacks):
-        pending = f"vCPU {vcpu.index}'s pending hypercall is {hc.display_name}; " if hc else ""
-        raise _unrecoverable(f"{pending}the registered callbacks", core)
+        if not vcpu.registered:
+            pending = f"vCPU {vcpu.index}'s pending hypercall is {hc.display_name}; " if hc else ""
+            raise _unrecoverable(f"{pending}the registered callbacks", vcpu)
+        abi, used = _state_abi(core, vcpu)
+        registered, fast, found = registered_callbacks(core.session.state(vcpu.index), abi)
+        emit(render_json.callbacks_report(registered, fast, found, used) | {"registered_from": _source(vcpu)},
+             render_text.callbacks_report(registered, fast, found, used))
+        return
     emit(render_json.hypercall(hc), Group(render_text.callbacks(hc.detail), render_text.findings(hc.findings)))
 
 
@@ -123,8 +153,10 @@ def check(core: Core, args: Any, emit: Emit) -> None:
     vcpu = _selected_or_first(core, args.vcpu)
     hc = vcpu.pending()
     found = vcpu.findings()
-    emit(render_json.check_report(hc, found),
-         Group(render_text.check_report(hc, found), Text(f"registered state: {NOT_RECOVERABLE}", style="dim")))
+    note = _source(vcpu) if vcpu.registered else vcpu.why_not_registered()
+    extra = {"registered_from": note} if vcpu.registered else {}
+    emit(render_json.check_report(hc, found) | extra,
+         Group(render_text.check_report(hc, found), Text(f"registered state: {note}", style="dim")))
 
 
 def _selected_or_first(core: Core, index: int | None) -> Vcpu:
@@ -142,7 +174,9 @@ def summary(core: Core, args: Any, emit: Emit) -> None:
     for vcpu in core.vcpus:
         hc = vcpu.pending()
         found = vcpu.findings()
-        row = vcpu_row(vcpu) | {"paging": vcpu.target.paging.describe(),
+        row = vcpu_row(vcpu) | {"domain": vcpu.xen.domain if vcpu.xen else None,
+                                "physical_cpu": vcpu.xen.physical_cpu if vcpu.xen else vcpu.index,
+                                "paging": vcpu.target.paging.describe(),
                                 "hypercall": render_json.hypercall(hc) if hc else None,
                                 "not_pending": None if hc else vcpu.why_not_pending,
                                 "findings": [render_json.finding(f) for f in found]}
@@ -157,13 +191,48 @@ def summary(core: Core, args: Any, emit: Emit) -> None:
         else:
             call = Text(f"  pending: none ({vcpu.why_not_pending})", style="dim")
         parts += [head, where, call]
+        registered, lines = _registered(vcpu)
+        row["registered"] = registered
+        parts += lines
         if found:
             parts.append(render_text.findings(found))
-    note = f"registered state: {NOT_RECOVERABLE}"
-    parts.append(Text(note, style="dim"))
-    data = {"schema": render_json.SCHEMA_VERSION, "file": core.path, "format": core.format, "vcpus": rows,
-            "registered_state": note}
+    if core.domain is not None:
+        parts.insert(1, Text(f"domain d{core.domain} (Xen's domains: "
+                             f"{', '.join(f'd{d}' for d in core.xen_data.domains())}), registered state {SOURCE}"
+                             if core.xen_data else ""))
+    note = (f"registered state: {SOURCE}" if core.vcpus and all(v.registered for v in core.vcpus) else
+            f"registered state: {core.why_not_registered}")
+    if core.why_not_registered:
+        parts.append(Text(note if not note.endswith(SOURCE) else f"{note} ({core.why_not_registered})", style="dim"))
+    data = {"schema": render_json.SCHEMA_VERSION, "file": core.path, "format": core.format, "domain": core.domain,
+            "vcpus": rows, "registered_state": note}
     emit(data, Group(*parts))
+
+
+def _registered(vcpu: Vcpu) -> tuple[dict[str, Any] | None, list[RenderableType]]:
+    """A vCPU's registered state for the summary: the trap table and callbacks Xen holds, the kernel
+    stack and the guest's CR3 (JSON, and a few text lines)."""
+    if not vcpu.registered or vcpu.xen is None:
+        return None, [Text(f"  registered: unknown ({vcpu.why_not_registered()})", style="dim")]
+    state = vcpu.core.session.state(vcpu.index)
+    abi, _ = _state_abi(vcpu.core, vcpu)
+    table, _ = registered_trap_table(state, abi)
+    callbacks, _, _ = registered_callbacks(state, abi)
+    xv = vcpu.xen
+    data = {"registered_from": _source(vcpu), "trap_table": render_json.trap_table(table),
+            "callbacks": render_json.detail(callbacks), "kernel_ss": xv.kernel_ss, "kernel_sp": xv.kernel_sp,
+            "cr3": xv.guest_cr3}
+    selectors = sorted({e.cs for e in table.entries})
+    traps = Text(f"  registered: {len(table.entries)} trap {rules.vector_list([e.vector for e in table.entries])}"
+                 if table.entries else "  registered: no trap table")
+    if selectors:
+        traps.append(f" (code selector{'s' if len(selectors) > 1 else ''} "
+                     f"{', '.join(f'{cs:#x} RPL {cs & 3}' for cs in selectors)})")
+    cbs = Text("  callbacks: " + (", ".join(f"{c.kind} {c.address:#x}{' (masks events)' if c.flags else ''}"
+                                            for c in callbacks.entries) or "none"))
+    stack = Text(f"  kernel stack {xv.kernel_ss or 0:#x}:{xv.kernel_sp or 0:#x}, CR3 {xv.guest_cr3 or 0:#x}",
+                 style="dim")
+    return data, [traps, cbs, stack]
 
 
 COMMANDS: dict[str, Callable[[Core, Any, Emit], None]] = {

@@ -14,43 +14,43 @@ PT_LOAD = 1
 
 
 class ElfSymbols:
-    """Address <-> name over the defined symbols of several ELF files (their loaded ranges only)."""
+    """Address <-> name over the defined symbols of several ELF files: an address is named from the
+    file whose loaded ranges hold it (a guest kernel's address never takes a name from xen-syms)."""
 
     def __init__(self, paths: list[str]) -> None:
         self.paths = list(paths)
-        symbols: list[ElfSymbol] = []
-        self._ranges: list[tuple[int, int]] = []
-        for path in self.paths:
-            found, ranges = _read(path)
-            symbols += found
-            self._ranges += ranges
-        # Prefer sized functions over untyped labels at the same address (gdb's choice too).
-        symbols.sort(key=lambda s: (s.value, s.type != 2, s.name))
+        self._files: list[tuple[list[tuple[int, int]], list[int], list[ElfSymbol]]] = []
         self._by_name: dict[str, int] = {}
-        for sym in symbols:
-            self._by_name.setdefault(sym.name, sym.value)
-        unique: list[ElfSymbol] = []
-        for sym in symbols:
-            if not unique or unique[-1].value != sym.value:
-                unique.append(sym)
-        self._symbols = unique
-        self._values = [s.value for s in unique]
-
-    def _loaded(self, address: int) -> bool:
-        return any(start <= address < end for start, end in self._ranges)
+        for path in self.paths:
+            symbols, ranges = _read(path)
+            # Prefer sized functions over untyped labels at the same address (gdb's choice too).
+            symbols.sort(key=lambda s: (s.value, s.type != 2, s.name))
+            for sym in symbols:
+                self._by_name.setdefault(sym.name, sym.value)
+            unique: list[ElfSymbol] = []
+            for sym in symbols:
+                if not unique or unique[-1].value != sym.value:
+                    unique.append(sym)
+            self._files.append((ranges, [s.value for s in unique], unique))
 
     def symbol_at(self, address: int) -> tuple[str, int] | None:
-        i = bisect.bisect_right(self._values, address) - 1
-        if i < 0 or not self._loaded(address):
-            return None
-        sym = self._symbols[i]
-        return sym.name, address - sym.value
+        for ranges, values, symbols in self._files:
+            if not any(start <= address < end for start, end in ranges):
+                continue
+            i = bisect.bisect_right(values, address) - 1
+            if i >= 0:
+                return symbols[i].name, address - symbols[i].value
+        return None
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """(start, end) of every PT_LOAD of the files: where their code and data are loaded."""
+        return [r for ranges, _, _ in self._files for r in ranges]
 
     def address_of(self, name: str) -> int | None:
         return self._by_name.get(name)
 
     def __len__(self) -> int:
-        return len(self._symbols)
+        return sum(len(symbols) for _, _, symbols in self._files)
 
 
 def _read(path: str) -> tuple[list[ElfSymbol], list[tuple[int, int]]]:

@@ -830,6 +830,7 @@ def register() -> None:
     XenTraceStop()
     XenTraceShow()
     XenStats()
+    __import__("xendbg.gdb.dump", fromlist=["XenDump"]).XenDump()  # xen dump FILE (xendbg/gdb/dump.py)
     XenParameter("abi", f"the Xen ABI generation xendbg decodes with (auto: from the evidence, in this order: a "
                  f"xen_version result seen, Xen's own image, the guest's Xen ELF note, its code selector, its "
                  f"hypercall page; else {NEWEST}, the newest, with a warning)", gdb.PARAM_ENUM, ABI_CHOICES, "auto")
