@@ -197,6 +197,7 @@ class XenPrefix(gdb.Command):
 Decoding:  xen hypercall (xen hc), xen multicall, xen traps, xen callbacks, xen check, xen vcpus
 Stopping:  xen catch hypercall [NAME|NR ...], xen break callback|trap|fasttrap
 Tracing:   xen trace start|stop|show, xen stats
+Dumps:     xen dump FILE [-z] (then: xendbg core FILE)
 Settings:  set xen abi auto|2.0|3.0|..., set xen width auto|32|64, set xen color on|off
 Every decoding command takes --json (the schema is in docs/json-schema.md)."""
 
@@ -830,7 +831,9 @@ def register() -> None:
     XenTraceStop()
     XenTraceShow()
     XenStats()
-    __import__("xendbg.gdb.dump", fromlist=["XenDump"]).XenDump()  # xen dump FILE (xendbg/gdb/dump.py)
+    from xendbg.gdb.dump import XenDump
+
+    XenDump()
     XenParameter("abi", f"the Xen ABI generation xendbg decodes with (auto: from the evidence, in this order: a "
                  f"xen_version result seen, Xen's own image, the guest's Xen ELF note, its code selector, its "
                  f"hypercall page; else {NEWEST}, the newest, with a warning)", gdb.PARAM_ENUM, ABI_CHOICES, "auto")
