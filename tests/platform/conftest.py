@@ -35,6 +35,8 @@ sys.path.insert(0, str(FIXTURES))
 
 from platforms.common import Transcript, parse_transcript  # noqa: E402
 
+from xendbg.mi.attach import listening  # noqa: E402 - the same /proc check xendbg attach makes
+
 XENDBG_SCRIPT = ROOT / "gdbscripts" / "xendbg.py"  # what a user `source`s in gdb
 
 
@@ -68,21 +70,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def listening(port: int) -> bool:
-    """True once something listens on 127.0.0.1:port (read from /proc: connecting would consume
-    QEMU's single gdbstub connection)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            cols = row.split()
-            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                return True
-    return False
 
 
 @dataclasses.dataclass
@@ -136,11 +123,12 @@ def platform_run() -> Callable[..., RunResult]:
 class Booted:
     """A platform started with --gdb, waiting for gdb before its first instruction."""
 
-    def __init__(self, platform: str, abi: str | None, faulty: bool, timeout: float) -> None:
+    def __init__(self, platform: str, abi: str | None, faulty: bool, timeout: float,
+                 extra: tuple[str, ...] = ()) -> None:
         self.artifacts = build(platform, abi, faulty)
         self.port = free_port()
         self.timeout = timeout
-        argv = runner_argv(platform, abi, faulty, ["--gdb", str(self.port), "--timeout", str(timeout)])
+        argv = runner_argv(platform, abi, faulty, ["--gdb", str(self.port), "--timeout", str(timeout), *extra])
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         while not listening(self.port):

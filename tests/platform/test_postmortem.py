@@ -8,10 +8,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import ROOT, Booted, json_blocks, listening, runner_argv
+from conftest import ROOT, Booted, json_blocks
 from conftest import XENDBG_SCRIPT as SCRIPT
 
 pytestmark = pytest.mark.platform
@@ -38,22 +37,8 @@ class BootedWithQmp(Booted):
     """Booted, with `--qmp SOCKET` added to the runner's arguments."""
 
     def __init__(self, platform: str, abi: str | None, tmp_path, timeout: float = 90) -> None:
-        from conftest import build, free_port
-
-        self.artifacts = build(platform, abi, False)
-        self.port = free_port()
-        self.timeout = timeout
         self.qmp = str(tmp_path / "qmp.sock")
-        argv = runner_argv(platform, abi, False, ["--gdb", str(self.port), "--qmp", self.qmp,
-                                                  "--timeout", str(timeout)])
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
-        while not listening(self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                out, err = self.proc.communicate()
-                raise RuntimeError(f"QEMU did not open its gdbstub: {err.strip() or out[-500:]}")
-            time.sleep(0.02)
-        self._mi = None
+        super().__init__(platform, abi, False, timeout, ("--qmp", self.qmp))
 
 
 def core(*argv: str) -> subprocess.CompletedProcess[str]:

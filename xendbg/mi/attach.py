@@ -76,7 +76,7 @@ def check_symbols(paths: list[str]) -> None:
             raise UsageError(f"no symbol file {path}")
 
 
-def _listening(port: int) -> bool:
+def listening(port: int) -> bool:
     """Whether something listens on 127.0.0.1:port, read from /proc: connecting would take QEMU's only
     gdbstub connection."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -129,7 +129,7 @@ class Platform:
 
     def wait(self, seconds: float = 60) -> None:
         deadline = time.monotonic() + seconds
-        while not _listening(self.port):
+        while not listening(self.port):
             proc = self.proc
             if proc is None or proc.poll() is not None or time.monotonic() > deadline:
                 err = proc.stderr.read().decode(errors="replace").strip() if proc and proc.stderr else ""
