@@ -246,9 +246,8 @@ def _callback_op(ctx: _Ctx, args: list[Arg]) -> Detail:
         ctx.add(Finding("callback-type", "error",
                         f"callback type {ctype} is unknown: Xen fails the call with -ENOSYS"))
     if cmd == "CALLBACKOP_unregister":
-        if kind in ("event", "failsafe", "syscall", "syscall32", "sysenter"):
-            ctx.add(Finding("callback-unregister", "error",
-                            f"the {kind} callback cannot be unregistered: Xen fails the call with -EINVAL"))
+        if tname is not None:
+            ctx.add(rules.check_unregister(abi, kind))
         return Callbacks("unregister", (Callback(kind, 0),))
     flags = int(reg["flags"])  # type: ignore[arg-type]
     address = int(reg["address"])  # type: ignore[arg-type]
