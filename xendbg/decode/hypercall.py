@@ -568,9 +568,10 @@ def _decode(target: Target, abi: Abi, nr: int, raw_args: list[int] | tuple[int, 
         if nr == _tables.HYPERCALL["2.0"]["set_fast_trap"] and not abi.has_fast_trap:
             ctx.add(rules.check_fast_trap(abi, 0, None))  # says set_fast_trap was removed in 3.0
         else:
-            ctx.add(rules.unknown_hypercall(abi, nr, where))
+            ctx.add(rules.unknown_hypercall(abi, nr))
         args = tuple(Arg(f"arg{i}", "ulong", v) for i, v in enumerate(raw[:5]))
-        return Hypercall(nr, None, args, abi.generation, abi.width, findings=tuple(ctx.findings), site=site)
+        return Hypercall(nr, None, args, abi.generation, abi.width, findings=_located(ctx.findings, where),
+                         site=site)
     raw += [0] * (len(hc.args) - len(raw))
     args = [_arg(ctx, spec, value) for spec, value in zip(hc.args, raw, strict=False)]
     subop = _subop(args)
@@ -581,10 +582,13 @@ def _decode(target: Target, abi: Abi, nr: int, raw_args: list[int] | tuple[int, 
         detail = _DETAILS[hc.signature](ctx, args)
     elif hc.name in _DETAILS:
         detail = _DETAILS[hc.name](ctx, args)
-    if where:
-        ctx.findings = [Finding(f.rule, f.severity, f"{where}: {f.message}") for f in ctx.findings]
     return Hypercall(nr, hc.name, tuple(args), abi.generation, abi.width, hc.former_names, subop, detail,
-                     tuple(ctx.findings), site)
+                     _located(ctx.findings, where), site)
+
+
+def _located(findings: list[Finding], where: str) -> tuple[Finding, ...]:
+    """Findings of a batched call say which entry they are about ("multicall entry 2: ...")."""
+    return tuple(Finding(f.rule, f.severity, f"{where}: {f.message}") if where else f for f in findings)
 
 
 def decode_call(target: Target, abi: Abi, nr: int, args: list[int] | tuple[int, ...], *,

@@ -143,10 +143,9 @@ def check_nested_multicall(abi: Abi, index: int) -> Finding:
                    f"multicalls and sets its result to -EINVAL")
 
 
-def unknown_hypercall(abi: Abi, nr: int, where: str = "") -> Finding:
-    prefix = f"{where}: " if where else ""
+def unknown_hypercall(abi: Abi, nr: int) -> Finding:
     return Finding("unknown-hypercall", "error",
-                   f"{prefix}hypercall number {nr} does not exist in Xen {abi.generation} "
+                   f"hypercall number {nr} does not exist in Xen {abi.generation} "
                    f"({abi.width}-bit PV): the call fails with -ENOSYS")
 
 
