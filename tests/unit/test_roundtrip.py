@@ -5,16 +5,17 @@ hypervisor code at each tag).  The expected findings are spelled out here, not c
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from tests.unit.budget import budget
 from tests.unit.images import pack, pack_many
 from xendbg.abi import GENERATIONS, get_abi
 from xendbg.decode import Callbacks, StructFields, decode_call, decode_multicall, decode_trap_table
 from xendbg.target import InMemoryTarget
 
 TABLE, CTXT = 0x10000, 0x40000
-SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = budget(100)
 OLD = ("2.0", "3.0")  # refuse a wrong-RPL code selector with -EPERM; from 3.0.2 Xen raises the RPL itself
 KERNEL_RPL = {32: 1, 64: 3}  # GUEST_KERNEL_RPL: ring 1 on x86_32, ring 3 on x86_64
 

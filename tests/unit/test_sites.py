@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
+from tests.unit.budget import budget
 from xendbg.abi import get_abi
 from xendbg.errors import DecodeError
 from xendbg.sites import (
@@ -488,7 +489,7 @@ def test_unreadable_paths(tmp_path):
         find_hypercall_sites(tmp_path)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@budget(300, HealthCheck.function_scoped_fixture)
 @given(data=st.data())
 def test_corruption_gives_a_result_or_a_decode_error(tmp_path, data):
     image = bytearray(data.draw(st.sampled_from([full_image_32, full_image_64]))())
