@@ -275,3 +275,110 @@ def test_mca_is_hypercall_48_on_x86():
 def test_decode_call_pads_missing_arguments_with_zero():
     hc = decode_call(InMemoryTarget(), get_abi("4.17", 64), 17, [])
     assert [(a.name, a.value) for a in hc.args] == [("cmd", 0), ("arg", 0)]
+
+
+# --- the messages a user reads, word for word ------------------------------------------------------------
+
+def test_selector_rule_messages():
+    from xendbg.decode import rules
+
+    assert rules.check_code_selector(get_abi("2.0", 32), 0x0819, "x") == []  # the flat kernel CS itself
+    (f,) = rules.check_code_selector(get_abi("2.0", 32), 0x0818, "trap_info[3]")
+    assert f.message == ("trap_info[3]: selector 0x0818 has RPL 0, but a 32-bit PV kernel runs in ring 1: "
+                         "Xen 2.0 rejects the call with -EPERM")
+    (f,) = rules.check_code_selector(get_abi("3.0", 64), 0xE030, "event callback")
+    assert f.message == ("event callback: selector 0xe030 has RPL 0, but a 64-bit PV kernel runs in ring 3: "
+                         "Xen 3.0 rejects the call with -EPERM")
+    (f,) = rules.check_code_selector(get_abi("3.0", 32), 7168 << 3 | 1, "cs")
+    assert (f.rule, f.severity, f.message) == (
+        "selector-reserved", "error", "cs: selector 0xe001 names GDT entry 7168, one of Xen's reserved entries: "
+        "Xen 3.0 rejects the call with -EPERM")
+    assert rules.check_code_selector(get_abi("2.0", 32), 255 << 3 | 1, "cs") == []  # below the reserved entries
+    assert rules_of(rules.check_code_selector(get_abi("2.0", 32), 256 << 3 | 1, "cs")) == [("selector-reserved",
+                                                                                          "error")]
+    assert rules_of(rules.check_code_selector(get_abi("2.0", 32), 295 << 3 | 1, "cs")) == [("selector-reserved",
+                                                                                          "error")]
+    assert rules.check_code_selector(get_abi("2.0", 32), 296 << 3 | 1, "cs") == []
+    assert rules.check_code_selector(get_abi("2.0", 32), 260 << 3 | 4 | 1, "cs") == []  # an LDT selector
+    (f,) = rules.check_code_selector(get_abi("4.17", 32), 0xE018, "vCPU 1 initial CS")
+    assert f.message == ("vCPU 1 initial CS: selector 0xe018 has RPL 0; Xen 4.17 silently raises it to the 32-bit "
+                         "PV kernel's RPL 1 (0xe019)")
+    (f,) = rules.check_code_selector(get_abi("3.0.2", 64), 0xE031, "cs")
+    assert f.message.endswith("raises it to the 64-bit PV kernel's RPL 3 (0xe033)")
+    (f,) = rules.check_code_selector(get_abi("4.17", 32), 0xE01B, "failsafe callback")
+    assert (f.severity, f.message) == ("warning", "failsafe callback: selector 0xe01b has RPL 3, above the 32-bit PV "
+                                       "kernel's ring 1: Xen accepts it and will enter this code in ring 3")
+    assert rules.check_code_selector(get_abi("4.17", 32), 0x0811, "cs") == []  # right RPL, any entry from 3.0.2
+
+
+def test_canonical_address_messages():
+    from xendbg.decode import rules
+
+    assert rules.check_code_address(get_abi("4.17", 32), 0xFFFFFFFF, "x") == []  # 32-bit: nothing to check
+    assert rules.check_code_address(get_abi("4.17", 64), 0x00007FFFFFFFFFFF, "x") == []
+    assert rules.check_code_address(get_abi("4.17", 64), 0xFFFF800000000000, "x") == []
+    (f,) = rules.check_code_address(get_abi("4.0", 64), 0x0000800000000000, "syscall callback")
+    assert f.message == ("syscall callback: address 0x0000800000000000 is not canonical: Xen 4.0 rejects the "
+                         "call with -EINVAL")
+    (f,) = rules.check_code_address(get_abi("3.0.3", 64), 0xFFFF7FFFFFFFFFFF, "trap")
+    assert f.message == ("trap: address 0xffff7fffffffffff is not canonical: Xen 3.0.3 cannot enter it: the guest "
+                         "will take a fault on delivery")
+
+
+def test_canonical_boundaries():
+    assert arch.is_canonical(0) and arch.is_canonical(2**47 - 1) and arch.is_canonical(2**64 - 2**47)
+    assert arch.is_canonical(2**64 - 1)
+    assert not arch.is_canonical(2**47) and not arch.is_canonical(2**64 - 2**47 - 1)
+    assert not arch.is_canonical(2**63) and not arch.is_canonical(2**48)
+
+
+def test_fast_trap_messages():
+    from xendbg.decode import rules
+
+    (f,) = rules.check_fast_trap(get_abi("3.0", 32), 0x80, None)
+    assert (f.rule, f.message) == ("fast-trap-removed", "set_fast_trap does not exist in Xen 3.0 (removed in 3.0): "
+                                   "the call fails with -ENOSYS")
+    assert [(f.rule, f.severity, f.message) for f in rules.check_fast_trap(get_abi("2.0", 32), 0, None)] == [
+        ("fast-trap-disable", "info", "vector 0 disables the fast trap")]
+    vector, unknown = rules.check_fast_trap(get_abi("2.0", 32), 0x81, None)
+    (flag,) = rules.check_fast_trap(get_abi("2.0", 32), 0x20, True)
+    assert vector.message == ("vector 0x81 cannot be a fast trap: Xen 2.0 accepts only 0x80 and 0x20-0x2f and fails "
+                              "the call with -EPERM")
+    assert flag.message == ("the trap-table entry for vector 0x20 asks Xen to clear the event mask on entry, which a "
+                            "fast trap cannot do: Xen 2.0 fails the call with -EPERM")
+    assert (unknown.rule, unknown.severity) == ("fast-trap-handler-unknown", "info")
+    (f,) = rules.check_fast_trap(get_abi("2.0", 32), 0x2F, None)
+    assert f.message == ("xendbg has not seen a trap-table entry for vector 0x2f; Xen installs whatever entry the "
+                         "guest registered last")
+    assert rules.check_fast_trap(get_abi("2.0", 32), 0x80, False) == []
+    assert rules.check_fast_trap(get_abi("2.0", 32), 0x20, False) == []
+
+
+def test_multicall_and_unknown_hypercall_messages():
+    from xendbg.decode import rules
+
+    f = rules.check_nested_multicall(get_abi("2.0", 32), 2)
+    assert (f.rule, f.severity, f.message) == (
+        "multicall-nested", "error", "entry 2 is itself a multicall: Xen 2.0 skips it without running it and leaves "
+        "an undefined value in its result slot")
+    assert rules.check_nested_multicall(get_abi("4.17", 64), 0).message == (
+        "entry 0 is itself a multicall: Xen 4.17 refuses nested multicalls and sets its result to -EINVAL")
+    f = rules.unknown_hypercall(get_abi("3.0.2", 32), 77)
+    assert (f.rule, f.severity, f.message) == (
+        "unknown-hypercall", "error", "hypercall number 77 does not exist in Xen 3.0.2 (32-bit PV): the call fails "
+        "with -ENOSYS")
+    f = rules.unreadable("trap table", 0x1000)
+    assert (f.rule, f.severity, f.message) == ("unreadable-memory", "error", "trap table at 0x1000 cannot be read: "
+                                               "Xen would fail the call with -EFAULT")
+
+
+def test_selector_text_and_vector_list():
+    from xendbg.decode import rules
+
+    assert rules.selector_text(get_abi("4.17", 32), 0xE019) == "0xe019 (FLAT_RING1_CS, RPL 1)"
+    assert rules.selector_text(get_abi("4.17", 32), 0xE01A) == "0xe01a (RPL 2)"
+    assert rules.selector_text(get_abi("2.0", 64), 0x082B) == "0x082b (FLAT_RING3_CS64, RPL 3)"
+    assert rules.vector_list([14]) == "vector 0xe"
+    assert rules.vector_list([1, 2]) == "vectors 0x1, 0x2"
+    assert rules.vector_list([0, 1, 2, 3, 5, 0x80]) == "vectors 0x0-0x3, 0x5, 0x80"
+    assert rules.vector_list([3, 4, 5, 7, 8, 10, 11, 12]) == "vectors 0x3-0x5, 0x7, 0x8, 0xa-0xc"
