@@ -317,3 +317,45 @@ def test_set_trap_table_detail_is_a_table():
     abi = get_abi("4.17", 64)
     hc = call("4.17", 64, 0, TABLE, memory=[(TABLE, pack_many(abi, "trap_info", [{"vector": 0, "address": 0}]))])
     assert hc.detail == TrapTable(TABLE, (), True, "")
+
+
+# --- what each detail records besides its fields --------------------------------------------------------
+
+def test_details_record_their_struct_and_address():
+    hc = call("2.0", 32, 6, 2 | 3 << 8)
+    assert hc.detail == StructFields("sched_op", 0, (("reason", 3),))
+    abi = get_abi("4.17", 64)
+    timer = pack(abi, "vcpu_set_singleshot_timer", timeout_abs_ns=5, flags=1)
+    hc = call("4.17", 64, 24, 8, 0, BUF, memory=[(BUF, timer)])
+    assert hc.detail == StructFields("vcpu_set_singleshot_timer", BUF, (("timeout_abs_ns", 5), ("flags", 1)))
+    hc = call("4.17", 64, 18, 0, 2, BUF, memory=[(BUF, b"ok")])
+    assert hc.detail == Text(BUF, "ok", False)
+
+
+def test_iret_reads_the_stack_pointer_by_its_protocol_name():
+    from tests.unit.test_arch import StrictTarget
+
+    for width, sp in ((32, "esp"), (64, "rsp")):
+        frame = bytes(8 * 9)
+        hc = decode_call(StrictTarget({sp: 0x8000}, [(0x8000, frame)]), get_abi("4.17", width), 23, ())
+        assert isinstance(hc.detail, StructFields) and hc.detail.address == 0x8000
+
+
+def test_decode_in_xen_frame_entries_and_state():
+    from xendbg.abi.layouts import ERA_3, layout, pack_u
+    from xendbg.decode import GuestState, TrapEntry, decode_in_xen
+
+    lay = layout("cpu_user_regs", 64, ERA_3)
+    frame = bytearray(lay.size)
+    for name, value in (("rax", 11), ("rbx", 0x80), ("rip", 0xC0100000), ("cs", 0x0819)):
+        f = lay.field(name)
+        size = {"u64": 8, "u32": 4, "u16": 2}[f.kind]
+        frame[f.offset:f.offset + size] = pack_u(value, size)
+    target = InMemoryTarget({"rdi": 0x1000}, [(0x1000, bytes(frame))])
+    state = GuestState()
+    state.trap_table[0x80] = TrapEntry(0, 0x80, "int 0x80", 3, 3, False, 0x0819, 1, 0xC0008000)
+    hc = decode_in_xen(target, "do_entry_int82", lambda width: get_abi("2.0", width), state=state)
+    assert (hc.name, hc.width) == ("set_fast_trap", 32)
+    assert hc.site == "in Xen at do_entry_int82(), from the guest's saved registers (guest PC 0xc0100000)"
+    assert hc.detail.handler is state.trap_table[0x80]  # the state reaches the decoder
+    assert hc.findings == ()

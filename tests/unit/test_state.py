@@ -279,3 +279,20 @@ def decode_multicall_results(abi, memory):
     batch, found = decode_multicall(InMemoryTarget(memory=memory), abi, 0x8000, 2, results=True)
     _, hc = decoded("4.17", 64, 13, 0x8000, 2, memory=memory)
     return replace(hc, detail=batch), found
+
+
+def test_check_state_reports_trap_table_and_callback_findings_together():
+    from xendbg.decode import Callback
+
+    abi = get_abi("3.0", 32)
+    state = GuestState()
+    apply(state, abi, decoded("3.0", 32, 0, TABLE, memory=table(abi, [
+        {"vector": 14, "cs": 0xE019, "address": 0xC00010E0}]))[1])
+    state.trap_table[3] = state.trap_table[14].__class__(**{**state.trap_table[14].__dict__, "vector": 3,
+                                                            "cs": 0xE01B})
+    state.callbacks["event"] = Callback("event", 0xC0100000, 0xE018, 0)
+    assert [f.message for f in check_state(state, abi)] == [
+        "trap table entries for vector 0x3: selector 0xe01b has RPL 3, but a 32-bit PV kernel runs in ring 1: Xen "
+        "3.0 rejects the call with -EPERM",
+        "event callback: selector 0xe018 has RPL 0, but a 32-bit PV kernel runs in ring 1: Xen 3.0 rejects the call "
+        "with -EPERM"]
