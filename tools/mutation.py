@@ -3,8 +3,9 @@
 
     .venv/bin/python tools/mutation.py                  # every module, one bounded mutmut run each
     .venv/bin/python tools/mutation.py decode arch      # some modules
+    .venv/bin/python tools/mutation.py --survivors decode   # rerun only last time's survivors (new tests)
     .venv/bin/python tools/mutation.py --report         # only the counts of the last runs
-    .venv/bin/python tools/mutation.py --write-doc      # ... and the score table of docs/mutation-survivors.md
+    .venv/bin/python tools/mutation.py --report --write-doc  # ... into docs/mutation-survivors.md too
 
 mutmut's configuration is [tool.mutmut] in pyproject.toml; it mutates a copy of the tree in
 mutants/ (git-ignored; --fresh removes it, needed after editing xendbg/ itself).  Each run is niced
@@ -54,10 +55,15 @@ def mutmut() -> list[str]:
     return [str(exe)]
 
 
-def run(module: str, seconds: int, jobs: int) -> int:
-    cmd = ["nice", "-n", "10", "timeout", str(seconds), *mutmut(), "run", "--max-children", str(jobs),
-           PATTERNS[module]]
-    print(f"== {module}: {' '.join(cmd[4:])} (at most {seconds} s)", flush=True)
+def run(module: str, seconds: int, jobs: int, names: list[str] | None = None) -> int:
+    """One bounded mutmut run over a module's mutants (or only `names`, e.g. its survivors)."""
+    targets = names if names is not None else [PATTERNS[module]]
+    if not targets:
+        print(f"== {module}: nothing to rerun", flush=True)
+        return 0
+    cmd = ["nice", "-n", "10", "timeout", str(seconds), *mutmut(), "run", "--max-children", str(jobs), *targets]
+    shown = PATTERNS[module] if names is None else f"{len(names)} survivors of {module}"
+    print(f"== {module}: mutmut run {shown} (at most {seconds} s)", flush=True)
     MUTANTS.mkdir(exist_ok=True)
     with open(MUTANTS / "run.log", "a", encoding="utf-8") as log:
         # XENDBG_MUTATION: the property tests draw fewer examples, from a fixed seed (tests/unit/budget.py)
@@ -156,6 +162,8 @@ def main() -> int:
     parser.add_argument("modules", nargs="*", metavar="MODULE",
                         help=f"modules to run: {', '.join(MODULES)} (default: all)")
     parser.add_argument("--report", action="store_true", help="do not run mutmut, only count the last results")
+    parser.add_argument("--survivors", action="store_true",
+                        help="rerun only the mutants that survived last time (after adding tests)")
     parser.add_argument("--fresh", action="store_true", help="remove mutants/ first (after editing xendbg/)")
     parser.add_argument("--timeout", type=int, default=2400, help="bound of each module's run, seconds")
     parser.add_argument("--jobs", type=int, default=2, help="mutmut worker processes")
@@ -169,7 +177,11 @@ def main() -> int:
         if args.fresh and MUTANTS.exists():
             shutil.rmtree(MUTANTS)
         for module in modules:
-            run(module, args.timeout, args.jobs)
+            names = None
+            if args.survivors:
+                names = [name for path, codes in results().items() if module_of(path) == module
+                         for name, code in codes.items() if classify(code) in ("survived", "no tests")]
+            run(module, args.timeout, args.jobs, names)
     by_file = results()
     equivalent = documented_equivalents()
     scores = table(by_file, list(MODULES) if args.write_doc else modules, equivalent)
