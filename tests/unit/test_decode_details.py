@@ -359,3 +359,114 @@ def test_decode_in_xen_frame_entries_and_state():
     assert hc.site == "in Xen at do_entry_int82(), from the guest's saved registers (guest PC 0xc0100000)"
     assert hc.detail.handler is state.trap_table[0x80]  # the state reaches the decoder
     assert hc.findings == ()
+
+
+def test_unknown_hypercall_arguments_and_call_fields():
+    hc = decode_call(InMemoryTarget(), get_abi("3.0.2", 32), 77, (1, 2, 3, 4, 5, 6), site="at int 0x82")
+    assert [(a.name, a.kind, a.value) for a in hc.args] == [(f"arg{i}", "ulong", i + 1) for i in range(5)]
+    assert (hc.name, hc.generation, hc.width, hc.site) == (None, "3.0.2", 32, "at int 0x82")
+    assert [f.message for f in hc.findings] == ["hypercall number 77 does not exist in Xen 3.0.2 (32-bit PV): the "
+                                                "call fails with -ENOSYS"]
+    hc = call("4.17", 64, 17, 0, 0)
+    assert (hc.generation, hc.width, hc.site) == ("4.17", 64, "")
+    assert call("4.17", 64, 5, 0).args[0].text is None  # int 0 is not negative
+
+
+def test_callback_op_details_and_messages():
+    abi = get_abi("4.17", 32)
+    reg = pack(abi, "callback_register", type=0, cs=0xE018, address=0xC0100000)
+    hc = call("4.17", 32, 30, 0, BUF, memory=[(BUF, reg)])
+    assert hc.detail.operation == "register"
+    assert [f.message for f in hc.findings] == ["event callback: selector 0xe018 has RPL 0; Xen 4.17 silently raises "
+                                                "it to the 32-bit PV kernel's RPL 1 (0xe019)"]
+    abi = get_abi("4.17", 64)
+    reg = pack(abi, "callback_register", type=2, address=0x0000800000000000)
+    assert [f.message for f in call("4.17", 64, 30, 0, BUF, memory=[(BUF, reg)]).findings] == [
+        "syscall callback: address 0x0000800000000000 is not canonical: Xen 4.17 rejects the call with -EINVAL"]
+    unreg = pack(abi, "callback_unregister", type=4)
+    hc = call("4.17", 64, 30, 1, BUF, memory=[(BUF, unreg)])
+    assert hc.detail.operation == "unregister" and hc.detail.entries[0].address == 0
+
+
+def test_set_callbacks_messages():
+    assert [f.message for f in call("3.0", 32, 4, 0xE019, 1, 0xE01A, 2).findings] == [
+        "failsafe callback: selector 0xe01a has RPL 2, but a 32-bit PV kernel runs in ring 1: Xen 3.0 rejects the "
+        "call with -EPERM"]
+    assert [f.message for f in call("4.17", 64, 4, 0, 0x0000800000000000, 0).findings] == [
+        "failsafe callback: address 0x0000800000000000 is not canonical: Xen 4.17 rejects the call with -EINVAL"]
+
+
+def test_fixed_up_ldt_selector_keeps_its_table_bit():
+    assert [f.message for f in call("4.17", 32, 4, 0x000C, 1, 0xE019, 2).findings] == [
+        "event callback: selector 0x000c has RPL 0; Xen 4.17 silently raises it to the 32-bit PV kernel's RPL 1 "
+        "(0x000d)"]
+
+
+def test_multicall_batch_edges():
+    abi = get_abi("4.17", 64)
+    rows = pack_many(abi, "multicall_entry", [{"op": 17, "args": [0, 0]}] * 3)
+    batch, found = decode_multicall(InMemoryTarget(memory=[(BUF, rows)]), abi, BUF, 300)
+    assert [(f.rule, f.severity) for f in found] == [("multicall-count", "warning"), ("unreadable-memory", "error")]
+    assert found[1].message == f"multicall entry 3 at {BUF + 3 * 64:#x} cannot be read: Xen would fail the call " \
+                               "with -EFAULT"
+    nested = pack_many(abi, "multicall_entry", [{"op": 13, "args": [BUF, 1]}])
+    batch, _ = decode_multicall(InMemoryTarget(memory=[(BUF, nested)]), abi, BUF, 1, results=False)
+    call_ = batch.entries[0].call
+    assert (call_.nr, call_.generation, call_.width, batch.entries[0].result_text) == (13, "4.17", 64, None)
+
+
+def test_multicall_entries_see_the_registered_state():
+    from xendbg.decode import GuestState, TrapEntry
+
+    abi = get_abi("2.0", 32)
+    state = GuestState()
+    state.trap_table[0x80] = TrapEntry(0, 0x80, "int 0x80", 3, 3, True, 0x0819, 1, 0xC0008000)
+    rows = pack_many(abi, "multicall_entry", [{"op": 11, "args": [0x80, 0, 0, 0, 0, 0, 0]}])
+    batch, _ = decode_multicall(InMemoryTarget(memory=[(BUF, rows)]), abi, BUF, 1, state=state)
+    assert [f.rule for f in batch.entry_findings()] == ["fast-trap-interrupt-flag"]
+    assert batch.entries[0].call.detail.handler is state.trap_table[0x80]
+
+
+def test_trap_table_limit_between_chunks_and_unreadable_fields():
+    abi = get_abi("4.17", 64)
+    rows = [{"vector": i, "cs": 0xE033, "address": 0xFFFFFFFF81000000 + i} for i in range(50)]
+    target = InMemoryTarget(memory=[(TABLE, pack_many(abi, "trap_info", rows))])
+    table, found = decode_trap_table(target, abi, TABLE, limit=40)
+    assert len(table.entries) == 40 and table.terminated is False
+    assert [f.rule for f in found] == ["trap-table-unterminated"]
+    table, found = decode_trap_table(InMemoryTarget(memory=[(TABLE, pack_many(abi, "trap_info", rows[:2]))]), abi,
+                                     TABLE)
+    assert (table.address, table.terminated, table.note) == (TABLE, False, "unreadable")
+    rows = [{"vector": 3, "cs": 0xE033, "address": 0x0000800000000000}, {"vector": 0, "address": 0}]
+    _, found = decode_trap_table(InMemoryTarget(memory=[(TABLE, pack_many(abi, "trap_info", rows))]), abi, TABLE)
+    assert [f.message for f in found] == ["trap_info[0] (vector 0x3 #BP): address 0x0000800000000000 is not "
+                                          "canonical: Xen 4.17 rejects the call with -EINVAL"]
+
+
+def test_vcpu_initialise_detail_and_message():
+    abi = get_abi("4.17", 32)
+    ctxt = pack(abi, "vcpu_guest_context", user_regs={"cs": 0xE018}, event_callback_cs=0xE019,
+                failsafe_callback_cs=0xE019)
+    hc = call("4.17", 32, 24, 0, 3, BUF, memory=[(BUF, ctxt)])
+    assert (hc.detail.struct, hc.detail.address) == ("vcpu_guest_context", BUF)
+    assert [f.message for f in hc.findings] == ["vCPU 3 initial CS: selector 0xe018 has RPL 0; Xen 4.17 silently "
+                                                "raises it to the 32-bit PV kernel's RPL 1 (0xe019)"]
+
+
+def test_decode_pending_uses_the_code_it_is_given():
+    from xendbg.decode import decode_pending
+
+    regs = registers(64, 0, pc=0x7000)
+    target = InMemoryTarget(regs, [(0x7000, b"\xc3" * 32)])  # memory says ret: not a hypercall
+    hc = decode_pending(target, get_abi("4.17", 64), code_at_pc=stub(64, 17))
+    assert hc.name == "xen_version" and target.reads == 0
+
+
+def test_decode_in_xen_reads_rdi_by_its_protocol_name():
+    from tests.unit.test_arch import StrictTarget
+    from xendbg.abi.layouts import ERA_3, layout
+    from xendbg.decode import decode_in_xen
+
+    frame = bytes(layout("cpu_user_regs", 64, ERA_3).size)
+    hc = decode_in_xen(StrictTarget({"rdi": 0x1000}, [(0x1000, frame)]), "pv_hypercall", lambda w: get_abi("4.17", w))
+    assert hc.name == "set_trap_table"

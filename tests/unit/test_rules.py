@@ -336,14 +336,16 @@ def test_fast_trap_messages():
     from xendbg.decode import rules
 
     (f,) = rules.check_fast_trap(get_abi("3.0", 32), 0x80, None)
-    assert (f.rule, f.message) == ("fast-trap-removed", "set_fast_trap does not exist in Xen 3.0 (removed in 3.0): "
-                                   "the call fails with -ENOSYS")
+    assert (f.rule, f.severity, f.message) == (
+        "fast-trap-removed", "error", "set_fast_trap does not exist in Xen 3.0 (removed in 3.0): the call fails "
+        "with -ENOSYS")
     assert [(f.rule, f.severity, f.message) for f in rules.check_fast_trap(get_abi("2.0", 32), 0, None)] == [
         ("fast-trap-disable", "info", "vector 0 disables the fast trap")]
     vector, unknown = rules.check_fast_trap(get_abi("2.0", 32), 0x81, None)
     (flag,) = rules.check_fast_trap(get_abi("2.0", 32), 0x20, True)
     assert vector.message == ("vector 0x81 cannot be a fast trap: Xen 2.0 accepts only 0x80 and 0x20-0x2f and fails "
                               "the call with -EPERM")
+    assert (flag.rule, flag.severity) == ("fast-trap-interrupt-flag", "error")
     assert flag.message == ("the trap-table entry for vector 0x20 asks Xen to clear the event mask on entry, which a "
                             "fast trap cannot do: Xen 2.0 fails the call with -EPERM")
     assert (unknown.rule, unknown.severity) == ("fast-trap-handler-unknown", "info")

@@ -296,3 +296,42 @@ def test_check_state_reports_trap_table_and_callback_findings_together():
         "3.0 rejects the call with -EPERM",
         "event callback: selector 0xe018 has RPL 0, but a 32-bit PV kernel runs in ring 1: Xen 3.0 rejects the call "
         "with -EPERM"]
+
+
+def test_replay_edges():
+    abi = get_abi("4.17", 64)
+    state = GuestState()
+    # Unregistering a callback xendbg never saw registered changes nothing and does not fail.
+    unreg = pack(abi, "callback_unregister", type=4)
+    assert apply(state, abi, decoded("4.17", 64, 30, 1, 0x9000, memory=[(0x9000, unreg)])[1]) == [
+        "callbacks unregistered: nmi"]
+    # An empty table (its first entry is the terminator) is not a NULL table: nothing is cleared.
+    state.trap_table[3] = "old"  # type: ignore[assignment]
+    assert apply(state, abi, decoded("4.17", 64, 0, TABLE, memory=table(abi, []))[1]) == [
+        "trap table: 0 of 0 entries applied"]
+    assert state.trap_table == {3: "old"}
+    # A result of 0 is success.
+    changes = apply(state, abi, decoded("4.17", 64, 4, 0xFFFFFFFF81001000, 0, 0)[1], result=0)
+    assert changes == ["callbacks registered: event, failsafe, syscall"]
+
+
+def test_replay_of_a_batch_goes_on_after_a_refused_entry():
+    abi = get_abi("4.17", 64)
+    entries = pack_many(abi, "multicall_entry", [
+        {"op": 4, "result": 2**64 - 22, "args": [1, 2, 3]},  # refused
+        {"op": 0, "result": 0, "args": [TABLE]},
+        {"op": 4, "result": 0, "args": [0xFFFFFFFF81001000, 0, 0]}])
+    memory = [(0x8000, entries)] + table(abi, [{"vector": 14, "cs": 0xE033, "address": 0xFFFFFFFF810000E0}])
+    from dataclasses import replace
+
+    from xendbg.decode import decode_multicall
+
+    batch, _ = decode_multicall(InMemoryTarget(memory=memory), abi, 0x8000, 3, results=True)
+    _, hc = decoded("4.17", 64, 13, 0x8000, 3, memory=memory)
+    state = GuestState()
+    assert apply(state, abi, replace(hc, detail=batch)) == [
+        "multicall entry 1: trap table: 1 of 1 entries applied",
+        "multicall entry 2: callbacks registered: event, failsafe, syscall"]
+    assert state.history[-1] == ("multicall: multicall entry 1: trap table: 1 of 1 entries applied; multicall entry "
+                                 "2: callbacks registered: event, failsafe, syscall")
+    assert state.callbacks["event"].address == 0xFFFFFFFF81001000
