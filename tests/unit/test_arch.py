@@ -220,3 +220,41 @@ def test_conventions():
     assert arch.pv_convention(64).arg_registers == ("rdi", "rsi", "rdx", "r10", "r8")
     assert arch.pv_args(StrictTarget(regs64()), 64) == (1, 2, 3, 4, 5)
     assert arch.pv_args(StrictTarget(regs32()), 32) == (1, 2, 3, 4, 5)
+
+
+# --- the guest's width decides how the code at PC is disassembled ---------------------------------------
+
+def test_disassembly_follows_the_guest_width():
+    # 64-bit: movabs $imm64, %rax; syscall.  Read as 32-bit code, its last immediate byte starts a
+    # `mov $imm32, %eax` that swallows the syscall.
+    code64 = bytes.fromhex("48b8" + "1100000000000" + "0b8" + "0f05c3cccc")
+    site = arch.find_hypercall_site(code64, PC, 64)
+    assert (site.kind, site.address, site.stub_nr) == ("stub", PC + 10, None)  # movabs is not a stub's mov
+    assert arch.find_hypercall_site(code64, PC, 32) is None
+    # 32-bit: dec %eax; mov $24, %eax; int $0x82.  Read as 64-bit code, 48 b8 is a movabs over the int.
+    code32 = bytes.fromhex("48b818000000cd82c3")
+    assert arch.find_hypercall_site(code32, PC, 32) == arch.Site("stub", "x86_32-pv", "int 0x82", PC + 6, 24)
+    assert arch.find_hypercall_site(code32, PC, 64) is None
+    page = b"".join(bytes.fromhex(f"48b8{nr:02x}000000cd82c3").ljust(32, b"\xcc") for nr in range(3))
+    assert arch.hypercall_page_stubs(page, 0x5000, 32) == {0: 0x5000, 1: 0x5020, 2: 0x5040}
+    assert arch.hypercall_page_stubs(page, 0x5000, 64) == {}
+    assert arch.stub_number(page[32:64], 0x5020, 32) == 1
+
+
+def test_only_a_mov_into_eax_names_the_stub():
+    site = arch.find_hypercall_site(bytes.fromhex("83c0050f05c3"), PC, 64)  # add $5, %eax; syscall
+    assert (site.kind, site.stub_nr) == ("stub", None)
+
+
+def test_number_register_fallback_is_masked_to_the_width():
+    assert arch.read_result(StrictTarget({"rax": 0x1_FFFF_FFF2}), 32) == -14
+    assert arch.read_result(StrictTarget({"eax": 0xFFFFFFEA, "rax": 5}), 32) == -22  # EAX is the 32-bit result
+    call = arch.pending_call(StrictTarget({"eip": PC, "rax": 0x1_0000_0011, "ebx": 0, "ecx": 0, "edx": 0,
+                                           "esi": 0, "edi": 0}), 32, code_at_pc=b"")
+    assert call.nr == 0x11
+
+
+def test_read_code_stops_at_the_end_of_the_page():
+    page_end = 0x8000
+    target = InMemoryTarget(memory=[(page_end - 6, b"\x90\x90\x90\x90\x0f\x05")])
+    assert arch.read_code(target, page_end - 6) == b"\x90\x90\x90\x90\x0f\x05"
