@@ -284,3 +284,27 @@ def test_frame_sources(version, width, kind, source):
     target = stack(width, sp, *([0xC0100000, 0xE019, 0x202, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] if width == 32 else
                                 [0] * 16))
     assert decode_bounce_frame(target, get_abi(version, width), kind, sp).source == source
+
+
+def test_frame_fields_and_notes_word_for_word():
+    f = decode("2.0", 32, "fasttrap", 0x08048020, 0x082B, 0x202, 0xBFFFF100, 0x0833, vector=0x80)
+    assert (f.guest_mode, f.generation, f.tag, f.eflags, f.error_code) == ("user", "2.0", "RELEASE-2.0.0", 0x202,
+                                                                            None)
+    assert f.notes == ("a fast trap enters the handler through a real IDT gate: the CPU built this frame",)
+    f = decode("2.0", 32, "event", 0xC0100600, 0x0819, 0x202)
+    assert f.notes == ("Xen 2.0 masks events before delivering one and does not save the old mask",)
+    f = decode("2.0", 32, "trap", 0x2, 0xC0101234, 0x0819, 0x246, vector=13)
+    assert f.notes == ()
+    f = decode("4.0", 32, "trap", 0x2, 0xC0101234, 0xE019, 0x246, vector=14)
+    assert f.notes == ("the faulting address is in vcpu_info.arch.cr2, not on the stack",)
+    assert decode("4.0", 32, "trap", 0x2, 0xC0101234, 0xE019, 0x246, vector=13).notes == ()
+    assert decode("4.0", 32, "event", 0xC0101234, 0xE019, 0x246).notes == ()
+    f = decode("4.17", 64, "event", 0x3, 0x4, 0x401000, 0xE033, 0x202, 0x7FFFFFFFE000, 0xE02B)
+    assert (f.guest_mode, f.ring, f.cs_name) == ("user", 3, "FLAT_RING3_CS64")
+    f = decode("4.17", 64, "event", 0x3, 0x4, 0xFFFFFFFF81000000, 0xE030, 0x202, 0xFFFFC90000001000, 0xE02B)
+    assert (f.guest_mode, f.cs_name) == ("kernel", "FLAT_RING3_CS64")  # RPL 0 in the frame: the kernel
+    f = decode("4.17", 64, "event", 0x3, 0x4, 0xFFFFFFFF81000000, 0xE034, 0x202, 0xFFFFC90000001000, 0xE02B)
+    assert f.cs_name is None  # an LDT selector is not Xen's flat one
+    old = decode("3.0", 64, "failsafe", 0x1, 0x2, 0, 0, 0, 0, 0x401000, 0xE033, 0x202, 0x7FFFFFFFE000, 0xE02B)
+    assert old.notes == ("Xen 3.0.0-3.0.2 load_segments() builds this frame without the upcall mask (CS bits 32-39 "
+                         "read 0, RFLAGS.IF is the real one)",)
