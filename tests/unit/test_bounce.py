@@ -308,3 +308,9 @@ def test_frame_fields_and_notes_word_for_word():
     old = decode("3.0", 64, "failsafe", 0x1, 0x2, 0, 0, 0, 0, 0x401000, 0xE033, 0x202, 0x7FFFFFFFE000, 0xE02B)
     assert old.notes == ("Xen 3.0.0-3.0.2 load_segments() builds this frame without the upcall mask (CS bits 32-39 "
                          "read 0, RFLAGS.IF is the real one)",)
+
+
+def test_only_64_bit_frames_name_a_kernel_cs_by_its_raised_rpl():
+    # 64-bit: Xen clears the RPL of a kernel frame's CS; 0xe030 is the kernel's FLAT_RING3_CS64.
+    assert decode("4.17", 64, "event", 0, 0, 0x1000, 0xE031, 0x202, 0x2000, 0xE02B).cs_name is None
+    assert decode("4.0", 32, "event", 0xC0100000, 0xE028, 0x246).cs_name is None  # not FLAT_RING3_CS (0xe02b)
