@@ -123,14 +123,26 @@ def test_trace_survives_kill_9_of_qemu(boot_gdb, tmp_path) -> None:
     assert "xendbg ready" in console(f"source {SCRIPT}")
     assert "tracing every hypercall" in console(f"xen trace start --file {log}")
     mi.write("-exec-continue", timeout_sec=10)
-    time.sleep(6)  # the guest runs, traced, for a while
+
+    def calls_in_file() -> int:
+        return log.read_text().count('"event":"call"') if log.exists() else 0
+
+    def gdb_saw_qemu_die(responses: list[dict]) -> bool:
+        return any(r["type"] == "notify" and r["message"] == "thread-group-exited" or
+                   "Remote connection closed" in str(r.get("payload")) for r in responses)
+
+    # Let the guest run, traced, until the file holds a good number of calls (draining gdb's output
+    # meanwhile), then kill QEMU under it.
+    deadline = time.monotonic() + 90
+    while calls_in_file() <= 50:
+        assert time.monotonic() < deadline, f"only {calls_in_file()} calls traced in 90 s"
+        mi.get_gdb_response(timeout_sec=0.5, raise_error_on_timeout=False)
     os.kill(booted.qemu_pid(), signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # gdb notices the connection closing
-        if any(r["type"] == "notify" and r["message"] == "thread-group-exited" or
-               "Remote connection closed" in str(r.get("payload")) for r in mi.get_gdb_response(
-                   timeout_sec=1, raise_error_on_timeout=False)):
-            break
+    noticed = False
+    while not noticed and time.monotonic() < deadline:
+        noticed = gdb_saw_qemu_die(mi.get_gdb_response(timeout_sec=1, raise_error_on_timeout=False))
+    assert noticed, "gdb never noticed that QEMU died (no thread-group-exited, no 'Remote connection closed')"
     records = [json.loads(line) for line in log.read_text().splitlines()]  # every line is whole JSON
     calls = [r for r in records if r["event"] == "call"]
     assert len(calls) > 50

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import FIXTURES, free_port
@@ -127,16 +126,15 @@ def test_faulty_scenario(platform_run, abi: str) -> None:
     assert t.done and rc(t, "trap.page_fault") == 0 and rc(t, "int80") == 0
 
 
-def test_boot_time() -> None:
-    """Boot to the first hypercall well under a second; the whole scenario in a few."""
+def test_boot_reaches_the_first_hypercall() -> None:
+    """A plain QEMU run (no gdb) boots, reaches the first hypercall and runs the whole scenario.
+    How long that takes is measured in bench/, not asserted here."""
     opts = common.Options("shim32", "4.0", timeout=20)
     shim32.build(opts)
-    start = time.monotonic()
     out = common.run_qemu(shim32.qemu_argv(opts), opts.timeout)
-    total = time.monotonic() - start
     assert out.ok, out.reason + out.transcript.text()
-    assert out.first_hypercall is not None and out.first_hypercall < 1.0, out.first_hypercall
-    assert total < 5.0, total
+    assert out.first_hypercall is not None, out.transcript.text()
+    assert out.transcript.done
 
 
 def test_runner_reports_timeout() -> None:

@@ -225,3 +225,92 @@ def test_renderers():
     assert obj["type"] == "bounce_frame" and obj["saved_upcall_mask"] == 1 and obj["cr2"] is None
     assert [s["name"] for s in obj["fields"]] == ["error_code", "eip", "cs", "eflags"]
     assert obj["fields"][2] == {"address": SP32 + 8, "name": "cs", "value": 0x1E019}
+
+
+# --- what each refusal and each frame's source say, word for word ------------------------------------
+
+@pytest.mark.parametrize("version,width,kind,vector,error,message", [
+    ("3.0", 32, "fasttrap", 0x80, DecodeError, "Xen 3.0 has no fast traps (set_fast_trap went in 3.0)"),
+    ("2.0", 64, "event", None, DecodeError, "Xen 2.0 runs no 64-bit PV guests (x86_64/entry.S is empty at "
+                                            "RELEASE-2.0.0)"),
+    ("4.17", 32, "syscall", None, DecodeError, "only 64-bit PV guests get a bounce frame for syscall "
+                                               "(x86_64/entry.S)"),
+    ("4.17", 64, "trap", None, UsageError, "a trap frame needs its vector (it says whether Xen pushed an error "
+                                           "code)"),
+    ("4.17", 64, "event", 14, UsageError, "event frames have no vector"),
+    ("4.17", 64, "failsafe", 14, UsageError, "failsafe frames have no vector"),
+    ("4.17", 64, "syscall", 14, UsageError, "syscall frames have no vector"),
+    ("4.17", 64, "interrupt", None, UsageError, "unknown frame kind 'interrupt' (expected one of event, failsafe, "
+                                                "trap, syscall, fasttrap)"),
+])
+def test_refusal_messages(version, width, kind, vector, error, message):
+    with pytest.raises(error) as info:
+        decode_bounce_frame(InMemoryTarget(), get_abi(version, width), kind, 0x1000, vector)
+    assert str(info.value) == message
+
+
+def test_fast_trap_and_forced_error_code_frames():
+    f = decode("2.0", 32, "fasttrap", 0xC0100102, 0x0819, 0x202, vector=0x80)
+    assert f.error_code is None and f.source == "the CPU, through the IDT gate of set_fast_trap (traps.c)"
+    f = decode("4.0", 32, "trap", 7, 0xC0100102, 0xE019, 0x202, vector=0x80, has_error_code=True)
+    assert f.error_code == 7 and f.ip == 0xC0100102
+    f = decode("4.0", 32, "trap", 0xC0100102, 0xE019, 0x202, vector=14, has_error_code=False)
+    assert f.error_code is None and f.ip == 0xC0100102
+
+
+def test_stack_pointer_register_by_width():
+    from tests.unit.test_arch import StrictTarget
+
+    for version, width, sp, frame in (("4.0", 32, SP32, (0xC0100700, 0xE019, 0x246)),
+                                      ("4.17", 64, SP64, (0, 0, 0xFFFFFFFF81000000, 0xE033, 0x246, 0x1000, 0xE02B))):
+        target = StrictTarget({"esp" if width == 32 else "rsp": sp},
+                              [(sp, b"".join(v.to_bytes(width // 8, "little") for v in frame))])
+        assert decode_bounce_frame(target, get_abi(version, width), "event").address == sp
+
+
+@pytest.mark.parametrize("version,width,kind,source", [
+    ("2.0", 32, "event", "x86_32/entry.S create_bounce_frame"),
+    ("3.0", 32, "failsafe", "x86_32/entry.S create_bounce_frame"),
+    ("4.0", 32, "event", "x86_32/entry.S create_bounce_frame (x86_64/compat/entry.S on a 64-bit Xen)"),
+    ("4.17", 32, "event", "x86_64/compat/entry.S compat_create_bounce_frame"),
+    ("4.17", 32, "failsafe", "domain.c load_segments"),
+    ("3.0", 64, "event", "x86_64/entry.S create_bounce_frame"),
+    ("4.0", 64, "failsafe", "x86_64/entry.S create_bounce_frame or domain.c load_segments"),
+    ("4.22", 64, "failsafe", "domain.c load_segments"),
+    ("4.22", 64, "syscall", "x86_64/entry.S create_bounce_frame"),
+])
+def test_frame_sources(version, width, kind, source):
+    sp = SP32 if width == 32 else SP64
+    target = stack(width, sp, *([0xC0100000, 0xE019, 0x202, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] if width == 32 else
+                                [0] * 16))
+    assert decode_bounce_frame(target, get_abi(version, width), kind, sp).source == source
+
+
+def test_frame_fields_and_notes_word_for_word():
+    f = decode("2.0", 32, "fasttrap", 0x08048020, 0x082B, 0x202, 0xBFFFF100, 0x0833, vector=0x80)
+    assert (f.guest_mode, f.generation, f.tag, f.eflags, f.error_code) == ("user", "2.0", "RELEASE-2.0.0", 0x202,
+                                                                            None)
+    assert f.notes == ("a fast trap enters the handler through a real IDT gate: the CPU built this frame",)
+    f = decode("2.0", 32, "event", 0xC0100600, 0x0819, 0x202)
+    assert f.notes == ("Xen 2.0 masks events before delivering one and does not save the old mask",)
+    f = decode("2.0", 32, "trap", 0x2, 0xC0101234, 0x0819, 0x246, vector=13)
+    assert f.notes == ()
+    f = decode("4.0", 32, "trap", 0x2, 0xC0101234, 0xE019, 0x246, vector=14)
+    assert f.notes == ("the faulting address is in vcpu_info.arch.cr2, not on the stack",)
+    assert decode("4.0", 32, "trap", 0x2, 0xC0101234, 0xE019, 0x246, vector=13).notes == ()
+    assert decode("4.0", 32, "event", 0xC0101234, 0xE019, 0x246).notes == ()
+    f = decode("4.17", 64, "event", 0x3, 0x4, 0x401000, 0xE033, 0x202, 0x7FFFFFFFE000, 0xE02B)
+    assert (f.guest_mode, f.ring, f.cs_name) == ("user", 3, "FLAT_RING3_CS64")
+    f = decode("4.17", 64, "event", 0x3, 0x4, 0xFFFFFFFF81000000, 0xE030, 0x202, 0xFFFFC90000001000, 0xE02B)
+    assert (f.guest_mode, f.cs_name) == ("kernel", "FLAT_RING3_CS64")  # RPL 0 in the frame: the kernel
+    f = decode("4.17", 64, "event", 0x3, 0x4, 0xFFFFFFFF81000000, 0xE034, 0x202, 0xFFFFC90000001000, 0xE02B)
+    assert f.cs_name is None  # an LDT selector is not Xen's flat one
+    old = decode("3.0", 64, "failsafe", 0x1, 0x2, 0, 0, 0, 0, 0x401000, 0xE033, 0x202, 0x7FFFFFFFE000, 0xE02B)
+    assert old.notes == ("Xen 3.0.0-3.0.2 load_segments() builds this frame without the upcall mask (CS bits 32-39 "
+                         "read 0, RFLAGS.IF is the real one)",)
+
+
+def test_only_64_bit_frames_name_a_kernel_cs_by_its_raised_rpl():
+    # 64-bit: Xen clears the RPL of a kernel frame's CS; 0xe030 is the kernel's FLAT_RING3_CS64.
+    assert decode("4.17", 64, "event", 0, 0, 0x1000, 0xE031, 0x202, 0x2000, 0xE02B).cs_name is None
+    assert decode("4.0", 32, "event", 0xC0100000, 0xE028, 0x246).cs_name is None  # not FLAT_RING3_CS (0xe02b)

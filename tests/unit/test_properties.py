@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import struct
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.unit.budget import budget
 from xendbg.abi import GENERATIONS, get_abi
 from xendbg.decode import decode_call, decode_multicall, decode_pending, decode_trap_table
 from xendbg.errors import XendbgError
@@ -44,21 +45,21 @@ def _only_own_errors(call) -> None:
         assert "\n" not in str(exc), "errors are one line"
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@budget(300)
 @given(targets())
 def test_pending_decode_never_raises_foreign_errors(case):
     abi, target = case
     _only_own_errors(lambda: decode_pending(target, abi))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@budget(300)
 @given(targets(), st.integers(0, 80), st.lists(st.one_of(pointers, words), min_size=0, max_size=6))
 def test_any_number_any_arguments(case, nr, args):
     abi, target = case
     _only_own_errors(lambda: decode_call(target, abi, nr, args))
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@budget(200)
 @given(targets(), pointers, st.integers(0, 2**32 - 1))
 def test_tables_and_batches(case, address, count):
     abi, target = case

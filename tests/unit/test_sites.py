@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import struct
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
+from tests.unit.budget import budget
 from xendbg.abi import get_abi
 from xendbg.errors import DecodeError
 from xendbg.sites import (
@@ -35,6 +38,7 @@ OLD_IRET_STUB = bytes.fromhex("6a00 e9 00000000")  # pushq $0; jmp hypercall_ire
 NOT_A_STUB = bytes.fromhex("31c0 c3")  # xor %eax,%eax; ret
 
 PF_X, PF_W, PF_R = 1, 2, 4
+SHF_WRITE, SHF_ALLOC, SHF_EXECINSTR = 1, 2, 4
 EM = {32: 3, 64: 62}
 
 
@@ -65,18 +69,20 @@ class Image:
 
         note_bytes = b"".join(_note(*n) for n in self.notes)
         nphdr = len(self.segments) + (1 if self.notes and self.note_segment else 0)
-        phdrs, sections = [], [(0, 0, 0, 0, 0, 0, 0)]  # (name, type, addr, offset, size, link, entsize)
+        # (name, type, flags, addr, offset, size, link, info, entsize)
+        phdrs, sections = [], [(0, 0, 0, 0, 0, 0, 0, 0, 0)]
         shstr = bytearray(b"\0")
 
         def section(name: str, sh_type: int, addr: int, offset: int, size: int, link: int = 0,
-                    entsize: int = 0) -> None:
-            sections.append((len(shstr), sh_type, addr, offset, size, link, entsize))
+                    entsize: int = 0, flags: int = 0, info: int = 0) -> None:
+            sections.append((len(shstr), sh_type, flags, addr, offset, size, link, info, entsize))
             shstr.extend(name.encode() + b"\0")
 
         for vaddr, data, flags in self.segments:
             offset = place(data)
             phdrs.append((1, flags, offset, vaddr, len(data)))
-            section(".text" if flags & PF_X else ".data", 1, vaddr, offset, len(data))
+            section(".text" if flags & PF_X else ".data", 1, vaddr, offset, len(data),
+                    flags=SHF_ALLOC | (SHF_EXECINSTR if flags & PF_X else 0) | (SHF_WRITE if flags & PF_W else 0))
         if self.notes:
             offset = place(note_bytes)
             if self.note_segment:
@@ -96,11 +102,12 @@ class Image:
             entries = [_sym(w, 0, 0, 0)] + [_sym(w, *row) for row in rows]
             sym_offset = place(b"".join(entries))
             strtab_index = len(sections) + 1
-            section(".symtab", 2, 0, sym_offset, sum(map(len, entries)), strtab_index, len(entries[0]))
+            # sh_info: the index of the first global symbol (entry 0 is the only local one)
+            section(".symtab", 2, 0, sym_offset, sum(map(len, entries)), strtab_index, len(entries[0]), info=1)
             section(".strtab", 3, 0, place(strtab), len(strtab))
         shstrndx = len(sections)
         section(".shstrtab", 3, 0, 0, 0)
-        sections[-1] = sections[-1][:3] + (place(bytes(shstr)), len(shstr)) + sections[-1][5:]
+        sections[-1] = sections[-1][:4] + (place(bytes(shstr)), len(shstr)) + sections[-1][6:]
         shoff = ehsize + phentsize * nphdr + sum(len(b) for b in blobs)
 
         ident = self.ident or (b"\x7fELF" + bytes([1 if w == 32 else 2, 1, 1]) + b"\0" * 9)
@@ -109,14 +116,14 @@ class Image:
             ehdr = struct.pack("<HHIIIIIHHHHHH", 2, machine, 1, 0, ehsize, shoff, 0, ehsize, phentsize, nphdr,
                                shentsize, len(sections), shstrndx)
             ph = [struct.pack("<IIIIIIII", t, off, va, va, sz, sz, fl, 16) for t, fl, off, va, sz in phdrs]
-            sh = [struct.pack("<IIIIIIIIII", n, t, 0, a, off, sz, ln, 0, 1, es)
-                  for n, t, a, off, sz, ln, es in sections]
+            sh = [struct.pack("<IIIIIIIIII", n, t, fl, a, off, sz, ln, inf, 1, es)
+                  for n, t, fl, a, off, sz, ln, inf, es in sections]
         else:
             ehdr = struct.pack("<HHIQQQIHHHHHH", 2, machine, 1, 0, ehsize, shoff, 0, ehsize, phentsize, nphdr,
                                shentsize, len(sections), shstrndx)
             ph = [struct.pack("<IIQQQQQQ", t, fl, off, va, va, sz, sz, 16) for t, fl, off, va, sz in phdrs]
-            sh = [struct.pack("<IIQQQQIIQQ", n, t, 0, a, off, sz, ln, 0, 1, es)
-                  for n, t, a, off, sz, ln, es in sections]
+            sh = [struct.pack("<IIQQQQIIQQ", n, t, fl, a, off, sz, ln, inf, 1, es)
+                  for n, t, fl, a, off, sz, ln, inf, es in sections]
         return ident + ehdr + b"".join(ph) + b"".join(blobs) + b"".join(sh)
 
 
@@ -146,6 +153,100 @@ TEXT32, PAGE32 = 0xC0100000, 0xC0101000
 def linux64(code: bytes, **kw) -> Image:
     """A 64-bit kernel with `code` at TEXT64 + 0x100, after padding that matches nothing."""
     return Image(64, segments=[(TEXT64, b"\xcc" * 0x100 + code + b"\xcc" * 0x40, PF_R | PF_X)], **kw)
+
+
+# --- the images themselves, as binutils reads them ------------------------------------------------
+# The builder and the reader under test are written by the same hands: readelf checks once that each
+# kind of image is the ELF file it is meant to be, so both cannot share a mistake about the format.
+
+def readelf(path: Path) -> str:
+    out = subprocess.run(["readelf", "-W", "-h", "-l", "-S", "-s", "-n", str(path)], capture_output=True,
+                         text=True, check=False)
+    assert out.returncode == 0 and out.stderr == "", out.stderr  # no error, and no warning either
+    return out.stdout
+
+
+READELF_IMAGES = {
+    "64-symbols-note-legacy": linux64(PV_STUB_RET,
+                                      symbols={"hypercall_page": PAGE64, "xen_hypercall_pv": TEXT64 + 0x100},
+                                      notes=[(b"Xen", XEN_ELFNOTE_HYPERCALL_PAGE, struct.pack("<Q", PAGE64))],
+                                      xen_guest=b"GUEST_OS=linux,HYPERCALL_PAGE=0x1"),
+    "32-symbols": Image(32, segments=[(TEXT32, b"\x53\x56\x57" + INT82_STUB, PF_R | PF_X)],
+                        symbols={"hypercall_page": PAGE32, "xen_int82": TEXT32 + 3, "hypercall": TEXT32}),
+    "32-notes-in-section-only": Image(
+        32, segments=[(0xC0000000, b"\x90" * 16, PF_R | PF_X), (PAGE32, b"\0" * 64, PF_R | PF_W)],
+        notes=[(b"GNU", XEN_ELFNOTE_HYPERCALL_PAGE, b"\x01" * 8), (b"Xen", XEN_ELFNOTE_VIRT_BASE, b"\0" * 4),
+               (b"Xen", XEN_ELFNOTE_HYPERCALL_PAGE, struct.pack("<I", PAGE32))], note_segment=False),
+    "64-several-segments": Image(64, segments=[(TEXT64, b"\xcc" * 8 + PV_STUB_RET, PF_R | PF_X),
+                                               (PAGE64, b"\0" * 64, PF_R | PF_W),
+                                               (0xFFFFFFFF83000000, IRET_STUB, PF_R | PF_W | PF_X)]),
+    "32-shared-suffix-symbols": Image(32, segments=[(TEXT32, INT82_STUB + b"\x90" * 16, PF_R | PF_X)],
+                                      raw_symbols=(b"\0my_xen_int82\0", [(1, TEXT32 + 0x10, 1), (4, TEXT32, 1)])),
+}
+
+
+def _symbols_of(image: Image) -> dict[str, int]:
+    if image.symbols is not None:
+        return image.symbols
+    if image.raw_symbols is None:
+        return {}
+    strtab, rows = image.raw_symbols
+    return {strtab[row[0]:strtab.index(b"\0", row[0])].decode(): row[1] for row in rows}
+
+
+@pytest.mark.parametrize("name", READELF_IMAGES)
+def test_readelf_reads_each_kind_of_image_as_intended(tmp_path, name):
+    image = READELF_IMAGES[name]
+    path = tmp_path / f"{name}.elf"
+    path.write_bytes(image.build())
+    text = readelf(path)
+    w = image.width
+    assert re.search(rf"^\s+Class:\s+ELF{w}$", text, re.M)
+    assert re.search(r"^\s+Data:\s+2's complement, little endian$", text, re.M)
+    assert re.search(r"^\s+Type:\s+EXEC ", text, re.M)
+    assert re.search(r"^\s+Machine:\s+" + ("Intel 80386" if w == 32 else "Advanced Micro Devices X86-64") + "$",
+                     text, re.M)
+    # Program headers: one PT_LOAD per segment at its address with its permissions, then the PT_NOTE.
+    loads = re.findall(r"^\s+LOAD\s+0x[0-9a-f]+ 0x([0-9a-f]+) 0x[0-9a-f]+ 0x([0-9a-f]+) 0x[0-9a-f]+ (...) ",
+                       text, re.M)
+    flags = lambda f: ("R" if f & PF_R else " ") + ("W" if f & PF_W else " ") + ("E" if f & PF_X else " ")  # noqa: E731
+    assert [(int(va, 16), int(size, 16), fl) for va, size, fl in loads] == [
+        (va, len(data), flags(f)) for va, data, f in image.segments]
+    assert len(re.findall(r"^\s+NOTE\s", text, re.M)) == (1 if image.notes and image.note_segment else 0)
+    # Sections, in order, and each code or data section mapped into its own segment.
+    names = re.findall(r"^\s+\[\s*[1-9]\d*\]\s+(\S+)", text, re.M)
+    expected = [".text" if f & PF_X else ".data" for _, _, f in image.segments]
+    expected += [".note.Xen"] * bool(image.notes) + ["__xen_guest"] * (image.xen_guest is not None)
+    expected += [".symtab", ".strtab"] * (image.symbols is not None or image.raw_symbols is not None)
+    assert names == expected + [".shstrtab"]
+    mapping = re.findall(r"^\s+(\d\d)\s+(\S.*?)\s*$", text.split("Section to Segment mapping:")[1], re.M)
+    assert [sections for _, sections in mapping[:len(image.segments)]] == expected[:len(image.segments)]
+    # Symbols: every name at its value, global functions in section 1.
+    symbols = _symbols_of(image)
+    if symbols:
+        assert f"Symbol table '.symtab' contains {len(symbols) + 1} entries:" in text
+    digits = 8 if w == 32 else 16
+    for symbol, value in symbols.items():
+        assert re.search(rf"^\s+\d+: {value:0{digits}x}\s+0 FUNC\s+GLOBAL DEFAULT\s+1 {symbol}$", text, re.M), symbol
+    # Notes: owner, size and, for Xen's, the value (readelf has no names for Xen's note types).
+    shown = re.findall(r"^\s+(\S+)\s+0x([0-9a-f]{8})\s(.*)$", text.split("Displaying notes found in:")[-1], re.M)
+    assert [(owner, int(size, 16)) for owner, size, _ in shown] == [(n.decode(), len(d)) for n, _, d in image.notes]
+    for (owner, _, rest), (_, _, desc) in zip(shown, image.notes, strict=True):
+        if owner == "Xen":
+            assert rest.rstrip().endswith("description data: " + " ".join(f"{b:02x}" for b in desc))
+
+
+@pytest.mark.parametrize("build", ["32", "64"])
+def test_readelf_reads_the_images_the_corruption_tests_start_from(tmp_path, build):
+    data = full_image_32() if build == "32" else full_image_64()
+    path = tmp_path / "full.elf"
+    path.write_bytes(data)
+    text = readelf(path)
+    assert "Displaying notes found in: .note.Xen" in text
+    page = PAGE32 if build == "32" else PAGE64
+    assert "description data: " + " ".join(f"{b:02x}" for b in page.to_bytes(int(build) // 8, "little")) in text
+    assert ("xen_int82" in text) == (build == "32")
+    assert ("__xen_guest" in text) == (build == "64")
 
 
 # --- the hypercall page ----------------------------------------------------------------------------
@@ -388,7 +489,7 @@ def test_unreadable_paths(tmp_path):
         find_hypercall_sites(tmp_path)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@budget(300, HealthCheck.function_scoped_fixture)
 @given(data=st.data())
 def test_corruption_gives_a_result_or_a_decode_error(tmp_path, data):
     image = bytearray(data.draw(st.sampled_from([full_image_32, full_image_64]))())

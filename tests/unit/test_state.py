@@ -173,3 +173,165 @@ def test_replay_is_independent_of_how_the_call_was_decoded():
     apply(state, abi, hc)
     assert {k: c.address for k, c in state.callbacks.items()} == {
         "event": 0xFFFFFFFF81001000, "failsafe": 0xFFFFFFFF81002000, "syscall": 0}
+
+
+# --- what replay and check_state say, word for word ----------------------------------------------------
+
+def test_check_state_messages():
+    from xendbg.decode import Callback, TrapTable
+
+    abi = get_abi("4.17", 64)
+    state = GuestState()
+    (f,) = check_state(state, abi)
+    assert (f.rule, f.severity, f.message) == (
+        "state-unknown", "info", "xendbg has seen no registration from this vCPU yet (it sees the hypercalls made "
+        "while xen catch, xen trace or xen break is active)")
+    _, hc = decoded("4.17", 64, 0, TABLE, memory=table(abi, [
+        {"vector": 3, "cs": 0xE030, "address": 0xFFFFFFFF81000030},
+        {"vector": 6, "cs": 0xE030, "address": 0xFFFFFFFF81000060},
+        {"vector": 14, "cs": 0xE033, "address": 0xFFFFFFFF810000E0}]))
+    apply(state, abi, hc)
+    state.trap_table[13] = state.trap_table[14].__class__(**{**state.trap_table[14].__dict__, "vector": 13,
+                                                             "address": 0x0000900000000000})
+    state.callbacks["failsafe"] = Callback("failsafe", 0xFFFF900000000000)
+    assert [(f.rule, f.severity, f.message) for f in check_state(state, abi)] == [
+        ("non-canonical", "error", "trap table entry for vector 0xd: address 0x0000900000000000 is not canonical: "
+                                   "Xen 4.17 rejects the call with -EINVAL"),
+        ("selector-rpl", "info", "trap table entries for vectors 0x3, 0x6: selector 0xe030 has RPL 0; Xen 4.17 "
+                                 "silently raises it to the 64-bit PV kernel's RPL 3 (0xe033)"),
+        ("no-event-callback", "warning", "no event callback registered: Xen cannot deliver event-channel upcalls")]
+    del state.trap_table[14]
+    (f,) = [f for f in check_state(state, abi) if f.rule == "no-page-fault-handler"]
+    assert (f.severity, f.message) == ("warning", "the trap table has no page-fault (#PF, vector 14) handler: Xen "
+                                       "has nowhere to bounce the guest's page faults (Xen 4.17, for one, logs "
+                                       "'Unhandled: vec 14')")
+    state.table = None  # no set_trap_table seen: xendbg cannot tell what Xen's table holds
+    assert "no-page-fault-handler" not in [f.rule for f in check_state(state, abi)]
+    state.table = TrapTable(0, (), True)
+    assert "no-page-fault-handler" in [f.rule for f in check_state(state, abi)]
+
+
+def test_fast_trap_replay_messages_and_staleness():
+    from xendbg.decode import FastTrap
+
+    abi = get_abi("2.0", 32)
+    state = GuestState()
+    changes = apply(state, abi, decoded("2.0", 32, 0, TABLE, memory=table(abi, [
+        {"vector": 0x80, "flags": 3, "cs": 0x0819, "address": 0xC0008000},
+        {"vector": 14, "cs": 0x0819, "address": 0xC00010E0}]))[1])
+    assert changes == ["trap table: 2 of 2 entries applied"]
+    assert state.history == ["set_trap_table: trap table: 2 of 2 entries applied"]
+    target = InMemoryTarget(registers(32, 11, 0x80, pc=PC), [(PC, stub(32, 11))])
+    assert apply(state, abi, decode_pending(target, abi, state=state)) == ["fast trap: vector 0x80"]
+    assert state.fast_trap == FastTrap(0x80, "int 0x80", state.trap_table[0x80])
+    bad = InMemoryTarget(registers(32, 11, 0x81, pc=PC), [(PC, stub(32, 11))])
+    assert apply(state, abi, decode_pending(bad, abi, state=state)) == ["set_fast_trap refused: nothing changes"]
+    assert state.fast_trap.vector == 0x80
+    moved = state.trap_table[0x80].__class__(**{**state.trap_table[0x80].__dict__, "address": 0xC0009000})
+    state.trap_table[0x80] = moved
+    (f,) = check_state(state, abi)
+    assert (f.rule, f.severity, f.message) == (
+        "fast-trap-stale", "warning", "the fast-trap gate for vector 0x80 still enters 0xc0008000; the trap table "
+        "now says 0xc0009000: Xen 2.0 copies the handler at set_fast_trap time, so call it again")
+    del state.trap_table[0x80]  # no entry now: nothing to compare with
+    assert [f.rule for f in check_state(state, abi)] == []
+    off = InMemoryTarget(registers(32, 11, 0, pc=PC), [(PC, stub(32, 11))])
+    assert apply(state, abi, decode_pending(off, abi, state=state)) == ["fast trap disabled"]
+    assert state.fast_trap is None
+
+
+def test_null_table_replay_messages():
+    for version, message, cleared in (("4.17", "trap table cleared (NULL table)", True),
+                                      ("3.0", "NULL trap table: refused (-EFAULT)", False)):
+        abi = get_abi(version, 32)
+        state = GuestState()
+        state.trap_table[3] = "old entry"  # type: ignore[assignment]
+        assert apply(state, abi, decoded(version, 32, 0, 0)[1]) == [message]
+        assert (state.trap_table == {}) is cleared and (state.table is not None) is cleared
+
+
+def test_replay_of_callbacks_and_batches_messages():
+    abi = get_abi("4.17", 64)
+    state = GuestState()
+    assert apply(state, abi, decoded("4.17", 64, 4, 0xFFFFFFFF81001000, 0xFFFFFFFF81002000, 0)[1]) == [
+        "callbacks registered: event, failsafe, syscall"]
+    entries = pack_many(abi, "multicall_entry", [
+        {"op": 30, "result": 0, "args": [0, 0x9000]},
+        {"op": 30, "result": 2**64 - 22, "args": [0, 0x9100]}])  # refused by Xen: not applied
+    memory = [(0x8000, entries), (0x9000, pack(abi, "callback_register", type=4, address=0xFFFFFFFF81003000)),
+              (0x9100, pack(abi, "callback_register", type=0, address=0xFFFFFFFF81004000))]
+    batch, _ = decode_multicall_results(abi, memory)
+    changes = apply(state, abi, batch, result=-1)  # a multicall's own result says nothing of its entries
+    assert changes == ["multicall entry 0: callbacks registered: nmi"]
+    assert state.callbacks["event"].address == 0xFFFFFFFF81001000
+    assert state.history[-1] == "multicall: multicall entry 0: callbacks registered: nmi"
+    before = list(state.history)
+    assert apply(state, abi, decoded("4.17", 64, 17, 0, 0)[1]) == []  # xen_version registers nothing
+    assert state.history == before
+
+
+def decode_multicall_results(abi, memory):
+    """A multicall as the trace sees it once Xen has run it: entries with their results."""
+    from dataclasses import replace
+
+    from xendbg.decode import decode_multicall
+
+    batch, found = decode_multicall(InMemoryTarget(memory=memory), abi, 0x8000, 2, results=True)
+    _, hc = decoded("4.17", 64, 13, 0x8000, 2, memory=memory)
+    return replace(hc, detail=batch), found
+
+
+def test_check_state_reports_trap_table_and_callback_findings_together():
+    from xendbg.decode import Callback
+
+    abi = get_abi("3.0", 32)
+    state = GuestState()
+    apply(state, abi, decoded("3.0", 32, 0, TABLE, memory=table(abi, [
+        {"vector": 14, "cs": 0xE019, "address": 0xC00010E0}]))[1])
+    state.trap_table[3] = state.trap_table[14].__class__(**{**state.trap_table[14].__dict__, "vector": 3,
+                                                            "cs": 0xE01B})
+    state.callbacks["event"] = Callback("event", 0xC0100000, 0xE018, 0)
+    assert [f.message for f in check_state(state, abi)] == [
+        "trap table entries for vector 0x3: selector 0xe01b has RPL 3, but a 32-bit PV kernel runs in ring 1: Xen "
+        "3.0 rejects the call with -EPERM",
+        "event callback: selector 0xe018 has RPL 0, but a 32-bit PV kernel runs in ring 1: Xen 3.0 rejects the call "
+        "with -EPERM"]
+
+
+def test_replay_edges():
+    abi = get_abi("4.17", 64)
+    state = GuestState()
+    # Unregistering a callback xendbg never saw registered changes nothing and does not fail.
+    unreg = pack(abi, "callback_unregister", type=4)
+    assert apply(state, abi, decoded("4.17", 64, 30, 1, 0x9000, memory=[(0x9000, unreg)])[1]) == [
+        "callbacks unregistered: nmi"]
+    # An empty table (its first entry is the terminator) is not a NULL table: nothing is cleared.
+    state.trap_table[3] = "old"  # type: ignore[assignment]
+    assert apply(state, abi, decoded("4.17", 64, 0, TABLE, memory=table(abi, []))[1]) == [
+        "trap table: 0 of 0 entries applied"]
+    assert state.trap_table == {3: "old"}
+    # A result of 0 is success.
+    changes = apply(state, abi, decoded("4.17", 64, 4, 0xFFFFFFFF81001000, 0, 0)[1], result=0)
+    assert changes == ["callbacks registered: event, failsafe, syscall"]
+
+
+def test_replay_of_a_batch_goes_on_after_a_refused_entry():
+    abi = get_abi("4.17", 64)
+    entries = pack_many(abi, "multicall_entry", [
+        {"op": 4, "result": 2**64 - 22, "args": [1, 2, 3]},  # refused
+        {"op": 0, "result": 0, "args": [TABLE]},
+        {"op": 4, "result": 0, "args": [0xFFFFFFFF81001000, 0, 0]}])
+    memory = [(0x8000, entries)] + table(abi, [{"vector": 14, "cs": 0xE033, "address": 0xFFFFFFFF810000E0}])
+    from dataclasses import replace
+
+    from xendbg.decode import decode_multicall
+
+    batch, _ = decode_multicall(InMemoryTarget(memory=memory), abi, 0x8000, 3, results=True)
+    _, hc = decoded("4.17", 64, 13, 0x8000, 3, memory=memory)
+    state = GuestState()
+    assert apply(state, abi, replace(hc, detail=batch)) == [
+        "multicall entry 1: trap table: 1 of 1 entries applied",
+        "multicall entry 2: callbacks registered: event, failsafe, syscall"]
+    assert state.history[-1] == ("multicall: multicall entry 1: trap table: 1 of 1 entries applied; multicall entry "
+                                 "2: callbacks registered: event, failsafe, syscall")
+    assert state.callbacks["event"].address == 0xFFFFFFFF81001000

@@ -75,3 +75,47 @@ def test_result_text_and_call_line():
     assert result_text(-38) == "-38 (ENOSYS)"
     assert result_text(0) == "0" and result_text(0x40011) == "0x40011"
     assert call_line(call(4, 0xFFFFFFFF81000000, 0, 0)).startswith("set_callbacks(event_address=0xffffffff81000000")
+
+
+def test_trace_log_records_in_order_with_their_fields(tmp_path):
+    path = tmp_path / "t.jsonl"
+    log = TraceLog(str(path), ("multicall", "vcpu_op"))
+    hc = call(17, 0, 0)
+    first = log.call(2, hc, "guest at syscall")
+    log.error(1, "probe at 0x7000", "cannot read memory at 0x0")
+    log.preempted(2, first, "xen_version")
+    log.close()
+    log.close()  # a second stop writes nothing more
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["event"] for r in records] == ["start", "call", "error", "preempted", "stop"]
+    start, rec, err, pre, _ = records
+    assert {k: start[k] for k in ("schema", "names")} == {"schema": 1, "names": ["multicall", "vcpu_op"]}
+    assert isinstance(start["pid"], int) and all(isinstance(r["t"], float) for r in records)
+    assert {k: rec[k] for k in ("seq", "cpu", "where", "name", "nr", "line")} == {
+        "seq": 1, "cpu": 2, "where": "guest at syscall", "name": "xen_version", "nr": 17,
+        "line": "xen_version(cmd=XENVER_version, arg=0x0)"}
+    assert rec["hypercall"]["args"][0]["text"] == "XENVER_version"
+    assert err == {**err, "seq": 2, "cpu": 1, "where": "probe at 0x7000", "error": "cannot read memory at 0x0"}
+    assert pre == {**pre, "seq": 1, "cpu": 2, "name": "xen_version"}
+    assert log.written == 5 and len(log.recent) == 5
+
+
+def test_trace_without_a_file_keeps_the_recent_records_only():
+    log = TraceLog(None, ())
+    for _ in range(1005):
+        log.call(0, call(17, 0, 0), "guest")
+    assert len(log.recent) == 1000 and log.recent[-1]["seq"] == 1005 and log.written == 0
+    log.close()
+    assert log.recent[-1]["event"] == "call"  # nothing to stop without a file
+
+
+def test_show_lines_stamps_and_resumed_results():
+    records = [{"event": "call", "seq": 1, "cpu": 0, "t": 1.5, "line": "a()"},
+               {"event": "call", "seq": 2, "cpu": 1, "t": 2.25, "line": "b()"},
+               {"event": "return", "seq": 2, "cpu": 1, "t": 2.5, "name": "b", "result": -1},
+               {"event": "return", "seq": 1, "cpu": 0, "t": 3.0, "name": "a", "result": 0},
+               {"event": "return", "seq": 9, "name": "c", "result": 5}]
+    assert show_lines(records) == ["  1.500000 cpu0 a()",
+                                   "  2.250000 cpu1 b() = -1 (EPERM)",
+                                   "  3.000000 cpu0 <... a resumed> = 0",
+                                   "  0.000000 cpu? <... c resumed> = 5"]

@@ -8,6 +8,7 @@ they read the target and return dataclasses, and never print.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from xendbg import arch
 from xendbg.abi import DOMIDS, TRAP_FLAG_DPL_MASK, TRAP_FLAG_IF, Abi, _tables, result_name
@@ -248,9 +249,8 @@ def _callback_op(ctx: _Ctx, args: list[Arg]) -> Detail:
         ctx.add(Finding("callback-type", "error",
                         f"callback type {ctype} is unknown: Xen fails the call with -ENOSYS"))
     if cmd == "CALLBACKOP_unregister":
-        if kind in ("event", "failsafe", "syscall", "syscall32", "sysenter"):
-            ctx.add(Finding("callback-unregister", "error",
-                            f"the {kind} callback cannot be unregistered: Xen fails the call with -EINVAL"))
+        if tname is not None:
+            ctx.add(rules.check_unregister(abi, kind))
         return Callbacks("unregister", (Callback(kind, 0),))
     flags = int(reg["flags"])
     address = int(reg["address"])
@@ -580,9 +580,10 @@ def _decode(target: Target, abi: Abi, nr: int, raw_args: list[int] | tuple[int, 
         if nr == _tables.HYPERCALL["2.0"]["set_fast_trap"] and not abi.has_fast_trap:
             ctx.add(rules.check_fast_trap(abi, 0, None))  # says set_fast_trap was removed in 3.0
         else:
-            ctx.add(rules.unknown_hypercall(abi, nr, where))
+            ctx.add(rules.unknown_hypercall(abi, nr))
         unknown = tuple(Arg(f"arg{i}", "ulong", v) for i, v in enumerate(raw[:5]))
-        return Hypercall(nr, None, unknown, abi.generation, abi.width, findings=tuple(ctx.findings), site=site)
+        return Hypercall(nr, None, unknown, abi.generation, abi.width, findings=_located(ctx.findings, where),
+                         site=site)
     raw += [0] * (len(hc.args) - len(raw))
     args = [_arg(ctx, spec, value) for spec, value in zip(hc.args, raw, strict=False)]
     subop = _subop(args)
@@ -593,10 +594,13 @@ def _decode(target: Target, abi: Abi, nr: int, raw_args: list[int] | tuple[int, 
         detail = _DETAILS[hc.signature](ctx, args)
     elif hc.name in _DETAILS:
         detail = _DETAILS[hc.name](ctx, args)
-    if where:
-        ctx.findings = [Finding(f.rule, f.severity, f"{where}: {f.message}") for f in ctx.findings]
     return Hypercall(nr, hc.name, tuple(args), abi.generation, abi.width, hc.former_names, subop, detail,
-                     tuple(ctx.findings), site)
+                     _located(ctx.findings, where), site)
+
+
+def _located(findings: list[Finding], where: str) -> tuple[Finding, ...]:
+    """Findings of a batched call say which entry they are about ("multicall entry 2: ...")."""
+    return tuple(replace(f, message=f"{where}: {f.message}") if where else f for f in findings)
 
 
 def decode_call(target: Target, abi: Abi, nr: int, args: list[int] | tuple[int, ...], *,

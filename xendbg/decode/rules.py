@@ -10,7 +10,8 @@ Read from the hypervisor at each tag:
 - RELEASE-2.0.0 set_fast_trap: only vector 0x80 or 0x20-0x2f, and not one whose trap-table entry
   asks for the event mask to be cleared (Xen cannot virtualise an interrupt gate); 0 disables.
 - RELEASE-4.17.0 xen/arch/x86/pv/callback.c: 64-bit addresses must be canonical (-EINVAL);
-  unknown callback types get -ENOSYS; event/failsafe/syscall callbacks cannot be unregistered.
+  unknown callback types get -ENOSYS; event/failsafe (and, from a 64-bit guest, syscall) callbacks
+  cannot be unregistered (-EINVAL), other types but nmi not at all (-ENOSYS).
 - do_multicall: RELEASE-2.0.0 x86_32/entry.S detects a nested multicall by its return address and
   skips it, leaving an undefined value in the result slot; RELEASE-3.0.0 and later
   xen/common/multicall.c refuse re-entry with -EINVAL.
@@ -106,6 +107,26 @@ def check_fast_trap(abi: Abi, vector: int, interrupt_flag: bool | None) -> list[
     return findings
 
 
+# Callback types Xen refuses to unregister (-EINVAL); any other type but nmi gets -ENOSYS.
+# unregister_guest_callback (64-bit) and compat_unregister_guest_callback (32-bit) in
+# xen/arch/x86/pv/callback.c at RELEASE-4.17.0, the same lists in x86_64/traps.c and
+# x86_64/compat/traps.c at RELEASE-4.0.0.  At 3.0.3-branched every type but nmi got -EINVAL.
+_UNREGISTER_EINVAL = {64: ("event", "failsafe", "syscall", "syscall32", "sysenter"),
+                      32: ("event", "failsafe", "syscall32", "sysenter")}
+
+
+def check_unregister(abi: Abi, kind: str) -> list[Finding]:
+    """callback_op(CALLBACKOP_unregister) of a known callback type `kind`."""
+    if kind == "nmi":
+        return []
+    if not at_least(abi.generation, "4.0") or kind in _UNREGISTER_EINVAL[abi.width]:
+        return [Finding("callback-unregister", "error",
+                        f"the {kind} callback cannot be unregistered: Xen fails the call with -EINVAL")]
+    return [Finding("callback-unregister", "error",
+                    f"Xen {abi.generation} cannot unregister a {kind} callback of a {abi.width}-bit PV guest: "
+                    f"the call fails with -ENOSYS")]
+
+
 def check_nested_multicall(abi: Abi, index: int) -> Finding:
     if abi.multicall_result_in_args:
         return Finding("multicall-nested", "error",
@@ -116,10 +137,9 @@ def check_nested_multicall(abi: Abi, index: int) -> Finding:
                    f"multicalls and sets its result to -EINVAL")
 
 
-def unknown_hypercall(abi: Abi, nr: int, where: str = "") -> Finding:
-    prefix = f"{where}: " if where else ""
+def unknown_hypercall(abi: Abi, nr: int) -> Finding:
     return Finding("unknown-hypercall", "error",
-                   f"{prefix}hypercall number {nr} does not exist in Xen {abi.generation} "
+                   f"hypercall number {nr} does not exist in Xen {abi.generation} "
                    f"({abi.width}-bit PV): the call fails with -ENOSYS")
 
 
