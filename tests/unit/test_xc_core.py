@@ -71,6 +71,7 @@ def test_pv64_reads_like_a_live_stop(tmp_path):
         # the dump's xen_version note is the evidence a live xen_version() call would be
         assert hc.generation == "4.17" and "xen_version() = 4.17" in hc.abi_reason
         assert v1.registers_source.startswith("offline (no VGCF_online)")
+        assert v1.pending() is None and "the vCPU is offline" in v1.why_not_pending
         assert v1.physical_cpu is None and v0.physical_cpu is None
 
 

@@ -129,6 +129,9 @@ class Vcpu:
                 if self.xen is not None and self.xen.in_hypercall and self.xen.frame is not None:
                     self._pending = self._serving()
                     return self._pending
+                if self.context is not None and not self.context.online:
+                    raise DecodeError("no hypercall pending: the vCPU is offline (its vcpu_guest_context lacks "
+                                      "VGCF_online), its registers are stale")
                 if self.xen is not None and self.xen.where == IN_XEN:
                     vector = self.xen.entry_vector
                     raise DecodeError(f"no hypercall in progress: Xen on CPU {self.xen.physical_cpu} holds this "
