@@ -338,9 +338,9 @@ class Core:
 def open_core(path: str | os.PathLike[str], symbols: Sequence[str | os.PathLike[str]] | str = (),
               xen_syms: str | os.PathLike[str] | None = None, xen: str | None = None,
               domain: int | None = None) -> Core:
-    """Open a QEMU dump (`dump-guest-memory FILE` or `-z FILE`); `symbols` are guest ELF files (a
-    single path is taken as one), `xen_syms` Xen's symbol file (then the vCPUs are those of
-    `domain`, dom0 by default, with what each registered), `xen` a Xen version that overrides the
-    ABI evidence."""
+    """Open a QEMU dump (`dump-guest-memory FILE` or `-z FILE`) or an `xl dump-core` file (one domain,
+    its registered state in its vcpu_guest_contexts); `symbols` are guest ELF files (a single path is
+    taken as one), `xen_syms` Xen's symbol file (then the vCPUs of a QEMU dump are those of `domain`,
+    dom0 by default, with what each registered), `xen` a Xen version that overrides the ABI evidence."""
     files = [symbols] if isinstance(symbols, str | os.PathLike) else list(symbols)
     return Core(path, files, xen_syms, xen, domain)
