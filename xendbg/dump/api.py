@@ -9,7 +9,9 @@ given, else Xen's version in `xen_syms`, the guest's Xen ELF note, its code sele
 page.  Registered state (trap table, callbacks) is what Xen keeps, not guest memory: with `xen_syms`,
 a whole-machine dump's vCPUs are those of one domain (`domain=`, dom0 by default) as Xen's own data
 describes them (xendbg/dump/xen.py), each with its registered state; without it, or when Xen's data
-cannot be read, the vCPUs are the dump's CPUs and the registered state is unknown.
+cannot be read, the vCPUs are the dump's CPUs and the registered state is unknown.  An `xl dump-core`
+file (xendbg/dump/xccore.py) is one domain: its vCPUs, registers and registered state are its
+vcpu_guest_contexts.
 """
 
 from __future__ import annotations
@@ -26,22 +28,25 @@ from xendbg.dump.elfcore import ElfDump
 from xendbg.dump.kdump import KdumpDump, is_flattened, is_kdump
 from xendbg.dump.symbols import ElfSymbols
 from xendbg.dump.target import DumpTarget
-from xendbg.dump.xen import IN_XEN, XenData, XenSyms, XenVcpu, read_xen
+from xendbg.dump.xccore import SOURCE as CONTEXT_SOURCE
+from xendbg.dump.xccore import XcCoreDump, XcCoreVcpu, is_xc_core
+from xendbg.dump.xen import IN_XEN, SOURCE, XenData, XenSyms, XenVcpu, read_xen
 from xendbg.errors import DecodeError, TargetError, UsageError, XendbgError
 from xendbg.report import check
 from xendbg.session import AbiChoice, NoSymbols, Session, Settings, Symbols
-from xendbg.sites import find_hypercall_sites
+from xendbg.sites import ElfFile, find_hypercall_sites
 
 REGISTERS_LIVE = "live on a CPU"  # a QEMU dump holds each CPU's registers as they were
 NOT_RECOVERABLE = ("not recoverable from this dump without xen-syms: what a vCPU registered (trap table, "
                    "callbacks) lives in Xen's struct vcpu, not in guest memory, and xendbg does not read Xen's "
                    "data from a dump yet")
 
-Dump = ElfDump | KdumpDump
+Dump = ElfDump | KdumpDump | XcCoreDump
 
 
 def open_memory(path: str) -> tuple[Dump, mmap.mmap]:
-    """The dump at `path` (plain ELF or kdump-compressed), mapped read-only, never read whole."""
+    """The dump at `path` (QEMU's plain ELF or kdump-compressed, or `xl dump-core`), mapped read-only,
+    never read whole."""
     try:
         with open(path, "rb") as file:
             size = os.fstat(file.fileno()).st_size
@@ -52,6 +57,8 @@ def open_memory(path: str) -> tuple[Dump, mmap.mmap]:
         raise DecodeError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
         if data[:4] == b"\x7fELF":
+            if is_xc_core(ElfFile(path, data)):
+                return XcCoreDump(path, data), data
             return ElfDump(path, data), data
         if is_flattened(data) or is_kdump(data):
             return KdumpDump(path, data), data
@@ -61,7 +68,7 @@ def open_memory(path: str) -> tuple[Dump, mmap.mmap]:
     head = data[:8]
     data.close()
     raise DecodeError(f"{path}: not a memory dump (starts {head.hex()}): xendbg reads QEMU's dump-guest-memory "
-                      f"files, plain ELF or -z")
+                      f"files, plain ELF or -z, and xl dump-core files")
 
 
 def _evidence(session: Session, symbols: Sequence[str], xen_syms: str | None) -> None:
@@ -86,6 +93,7 @@ class Vcpu:
     _pending: object = field(default=_UNSET, repr=False)
     why_not_pending: str = ""
     xen: XenVcpu | None = None  # what Xen's data says of this vCPU (a domain's vCPU, with xen-syms)
+    context: XcCoreVcpu | None = None  # its vcpu_guest_context, in an xl dump-core file
 
     @property
     def registers(self) -> dict[str, int]:
@@ -121,6 +129,9 @@ class Vcpu:
                 if self.xen is not None and self.xen.in_hypercall and self.xen.frame is not None:
                     self._pending = self._serving()
                     return self._pending
+                if self.context is not None and not self.context.online:
+                    raise DecodeError("no hypercall pending: the vCPU is offline (its vcpu_guest_context lacks "
+                                      "VGCF_online), its registers are stale")
                 if self.xen is not None and self.xen.where == IN_XEN:
                     vector = self.xen.entry_vector
                     raise DecodeError(f"no hypercall in progress: Xen on CPU {self.xen.physical_cpu} holds this "
@@ -161,12 +172,39 @@ class Vcpu:
     @property
     def registered(self) -> bool:
         """Whether this vCPU's registered state was read (and checked) from Xen's data."""
+        if self.context is not None:
+            return self.context.state is not None
         return self.xen is not None and self.xen.state is not None
 
     def why_not_registered(self) -> str:
+        if self.context is not None:
+            return self.context.why_no_state
         if self.xen is not None:
             return self.xen.why_no_state
         return self.core.why_not_registered
+
+    def registered_from(self) -> str:
+        """Where the registered state came from (the key a dump adds to the live commands' JSON)."""
+        if self.context is not None:
+            return f"{self.core.registered_source} {self.context.index} (.xen_prstatus)"
+        assert self.xen is not None
+        return f"{SOURCE} at {self.xen.address:#x} (d{self.xen.domain}v{self.xen.vcpu_id})"
+
+    def registered_stack(self) -> tuple[int | None, int | None, int | None]:
+        """kernel_ss, kernel_sp and the guest's CR3 as Xen keeps them."""
+        held = self.context if self.context is not None else self.xen
+        return (held.kernel_ss, held.kernel_sp, held.guest_cr3) if held is not None else (None, None, None)
+
+    @property
+    def state_width(self) -> int:
+        """The width to judge the registered state with (Xen's data is read for 64-bit PV domains)."""
+        return self.context.width if self.context is not None else 64
+
+    @property
+    def physical_cpu(self) -> int | None:
+        if self.context is not None:
+            return None  # Xen does not say where a domain's vCPU ran
+        return self.xen.physical_cpu if self.xen is not None else self.index
 
     def symbol(self) -> str:
         sym = self.core.symbols.symbol_at(self.pc)
@@ -213,10 +251,36 @@ class Core:
         self.xen_data: XenData | None = None
         self.domain: int | None = None
         self.why_not_registered = NOT_RECOVERABLE
-        if xen_file is not None:
+        self.registered_source = SOURCE
+        if isinstance(self.memory, XcCoreDump):
+            self._read_contexts(self.memory, xen_file, domain, settings.abi == "auto")
+        elif xen_file is not None:
             self._read_xen(xen_file, symbol_files, domain)
         elif domain is not None:
             raise UsageError("--domain needs --xen-syms: the domains are found in Xen's own data")
+
+    def _read_contexts(self, memory: XcCoreDump, xen_file: str | None, domain: int | None, infer: bool) -> None:
+        """An xl dump-core file: one domain, whose vCPUs and registered state are its vcpu_guest_contexts
+        (and the Xen version its xen_version note gives, the evidence of a live xen_version call)."""
+        if xen_file is not None or domain is not None:
+            self.close()
+            raise UsageError("--xen-syms and --domain read Xen's data in a whole-machine QEMU dump; an xl dump-core "
+                             "file is one domain, with its registered state in its vcpu_guest_contexts")
+        self.registered_source = CONTEXT_SOURCE
+        if memory.xen_version is not None and infer:
+            self.session.evidence.reported = (memory.xen_version, "as the dump's xen_version note says")
+        problems = []
+        for vcpu, context in zip(self.vcpus, memory.vcpus, strict=True):
+            vcpu.context = context
+            vcpu.registers_source = context.registers_from
+            state, why = (None, "an HVM guest registers no PV trap table or callbacks") if memory.hvm else \
+                context.registered()
+            context.state, context.why_no_state = state, why
+            if state is not None:
+                self.session.states[vcpu.index] = state
+            else:
+                problems.append(why)
+        self.why_not_registered = "; ".join(dict.fromkeys(problems))
 
     def _read_xen(self, xen_file: str, guest_files: list[str], domain: int | None) -> None:
         """The vCPUs of one domain from Xen's data; when that cannot be read, the CPUs stay, and
@@ -274,9 +338,9 @@ class Core:
 def open_core(path: str | os.PathLike[str], symbols: Sequence[str | os.PathLike[str]] | str = (),
               xen_syms: str | os.PathLike[str] | None = None, xen: str | None = None,
               domain: int | None = None) -> Core:
-    """Open a QEMU dump (`dump-guest-memory FILE` or `-z FILE`); `symbols` are guest ELF files (a
-    single path is taken as one), `xen_syms` Xen's symbol file (then the vCPUs are those of
-    `domain`, dom0 by default, with what each registered), `xen` a Xen version that overrides the
-    ABI evidence."""
+    """Open a QEMU dump (`dump-guest-memory FILE` or `-z FILE`) or an `xl dump-core` file (one domain,
+    its registered state in its vcpu_guest_contexts); `symbols` are guest ELF files (a single path is
+    taken as one), `xen_syms` Xen's symbol file (then the vCPUs of a QEMU dump are those of `domain`,
+    dom0 by default, with what each registered), `xen` a Xen version that overrides the ABI evidence."""
     files = [symbols] if isinstance(symbols, str | os.PathLike) else list(symbols)
     return Core(path, files, xen_syms, xen, domain)

@@ -36,13 +36,12 @@ def _unrecoverable(what: str, vcpu: Vcpu) -> XendbgError:
 
 def _source(vcpu: Vcpu) -> str:
     """Where the registered state came from (the key a dump adds to the live commands' JSON)."""
-    assert vcpu.xen is not None
-    return f"{SOURCE} at {vcpu.xen.address:#x} (d{vcpu.xen.domain}v{vcpu.xen.vcpu_id})"
+    return vcpu.registered_from()
 
 
 def _state_abi(core: Core, vcpu: Vcpu) -> tuple[Abi, AbiUsed]:
-    """The ABI to judge registered state with: 64-bit (Xen's data is read for 64-bit PV domains)."""
-    abi, why = core.session.abi(64)
+    """The ABI to judge registered state with: the width of the guest that registered it."""
+    abi, why = core.session.abi(vcpu.state_width)
     return abi, AbiUsed(abi.generation, abi.width, why.reason)
 
 
@@ -175,7 +174,7 @@ def summary(core: Core, args: Any, emit: Emit) -> None:
         hc = vcpu.pending()
         found = vcpu.findings()
         row = vcpu_row(vcpu) | {"domain": vcpu.xen.domain if vcpu.xen else None,
-                                "physical_cpu": vcpu.xen.physical_cpu if vcpu.xen else vcpu.index,
+                                "physical_cpu": vcpu.physical_cpu,
                                 "paging": vcpu.target.paging.describe(),
                                 "hypercall": render_json.hypercall(hc) if hc else None,
                                 "not_pending": None if hc else vcpu.why_not_pending,
@@ -200,10 +199,11 @@ def summary(core: Core, args: Any, emit: Emit) -> None:
         parts.insert(1, Text(f"domain d{core.domain} (Xen's domains: "
                              f"{', '.join(f'd{d}' for d in core.xen_data.domains())}), registered state {SOURCE}"
                              if core.xen_data else ""))
-    note = (f"registered state: {SOURCE}" if core.vcpus and all(v.registered for v in core.vcpus) else
+    source = core.registered_source
+    note = (f"registered state: {source}" if core.vcpus and all(v.registered for v in core.vcpus) else
             f"registered state: {core.why_not_registered}")
     if core.why_not_registered:
-        parts.append(Text(note if not note.endswith(SOURCE) else f"{note} ({core.why_not_registered})", style="dim"))
+        parts.append(Text(note if not note.endswith(source) else f"{note} ({core.why_not_registered})", style="dim"))
     data = {"schema": render_json.SCHEMA_VERSION, "file": core.path, "format": core.format, "domain": core.domain,
             "vcpus": rows, "registered_state": note}
     emit(data, Group(*parts))
@@ -212,16 +212,16 @@ def summary(core: Core, args: Any, emit: Emit) -> None:
 def _registered(vcpu: Vcpu) -> tuple[dict[str, Any] | None, list[RenderableType]]:
     """A vCPU's registered state for the summary: the trap table and callbacks Xen holds, the kernel
     stack and the guest's CR3 (JSON, and a few text lines)."""
-    if not vcpu.registered or vcpu.xen is None:
+    if not vcpu.registered:
         return None, [Text(f"  registered: unknown ({vcpu.why_not_registered()})", style="dim")]
     state = vcpu.core.session.state(vcpu.index)
     abi, _ = _state_abi(vcpu.core, vcpu)
     table, _ = registered_trap_table(state, abi)
     callbacks, _, _ = registered_callbacks(state, abi)
-    xv = vcpu.xen
+    kernel_ss, kernel_sp, cr3 = vcpu.registered_stack()
     data = {"registered_from": _source(vcpu), "trap_table": render_json.trap_table(table),
-            "callbacks": render_json.detail(callbacks), "kernel_ss": xv.kernel_ss, "kernel_sp": xv.kernel_sp,
-            "cr3": xv.guest_cr3}
+            "callbacks": render_json.detail(callbacks), "kernel_ss": kernel_ss, "kernel_sp": kernel_sp,
+            "cr3": cr3}
     selectors = sorted({e.cs for e in table.entries})
     traps = Text(f"  registered: {len(table.entries)} trap {rules.vector_list([e.vector for e in table.entries])}"
                  if table.entries else "  registered: no trap table")
@@ -230,7 +230,7 @@ def _registered(vcpu: Vcpu) -> tuple[dict[str, Any] | None, list[RenderableType]
                      f"{', '.join(f'{cs:#x} RPL {cs & 3}' for cs in selectors)})")
     cbs = Text("  callbacks: " + (", ".join(f"{c.kind} {c.address:#x}{' (masks events)' if c.flags else ''}"
                                             for c in callbacks.entries) or "none"))
-    stack = Text(f"  kernel stack {xv.kernel_ss or 0:#x}:{xv.kernel_sp or 0:#x}, CR3 {xv.guest_cr3 or 0:#x}",
+    stack = Text(f"  kernel stack {kernel_ss or 0:#x}:{kernel_sp or 0:#x}, CR3 {cr3 or 0:#x}",
                  style="dim")
     return data, [traps, cbs, stack]
 

@@ -212,12 +212,12 @@ def _frame_cpu(model: CpuState, regs: dict[str, object], cr3: int | None, index:
     return CpuState(index, True, gprs, segments, (cr0, cr1, cr2, cr3 if cr3 is not None else model_cr3, cr4))
 
 
-def _trap_entries(raw: bytes) -> tuple[dict[int, TrapEntry], str | None]:
+def trap_entries(raw: bytes, width: int = 64) -> tuple[dict[int, TrapEntry], str | None]:
     """The used entries of a 256-entry trap_ctxt, or why it is not one (a used entry off its index)."""
-    lay = layout("trap_info", 64, ERA_3)
+    lay = layout("trap_info", width, ERA_3)
     entries: dict[int, TrapEntry] = {}
     for index in range(_TRAP_ENTRIES):
-        row = unpack(lay, raw[index * lay.size:(index + 1) * lay.size], 64, ERA_3)
+        row = unpack(lay, raw[index * lay.size:(index + 1) * lay.size], width, ERA_3)
         address = int(row["address"])
         vector, flags, cs = int(row["vector"]), int(row["flags"]), int(row["cs"])
         if address == 0:
@@ -393,7 +393,7 @@ def _state(reader: _Reader, memory: PhysicalMemory, lay: xl.VcpuLayout, v: int, 
         raw = reader.read(table, _TRAP_ENTRIES * 16)
     except TargetError as exc:
         return None, f"{name}: arch.pv.trap_ctxt ({table:#x}) is unreadable ({exc}): not this build's layout"
-    entries, wrong = _trap_entries(raw)
+    entries, wrong = trap_entries(raw)
     if wrong:
         return None, f"{name}: arch.pv.trap_ctxt at {table:#x} is not a trap table by vector ({wrong})"
     guest = DumpTarget(memory, _cpu_with(cr3))
