@@ -36,9 +36,12 @@ MODULES: dict[str, tuple[str, ...]] = {
     "trace": ("trace.py",),
     "render": ("render/",),
     "abi": ("abi/",),
+    "session": ("session.py",),
+    "observe": ("observe.py",),
+    "report": ("report.py",),
+    "names": ("names.py",),
 }
-PATTERNS = {"decode": "xendbg.decode.*", "arch": "xendbg.arch.*", "trace": "xendbg.trace.*",
-            "render": "xendbg.render.*", "abi": "xendbg.abi.*"}
+PATTERNS = {module: f"xendbg.{files[0].removesuffix('/').removesuffix('.py')}.*" for module, files in MODULES.items()}
 
 # mutmut's exit codes (mutmut/stats.py): what a mutant's test run ended with.
 KILLED = {1, 3}
