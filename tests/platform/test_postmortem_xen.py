@@ -121,14 +121,19 @@ def test_linux_crash_names_the_call_and_dom0s_registered_state(crash):
     assert summary["domain"] == 0 and summary["registered_state"] == "registered state: from Xen's struct vcpu"
     rows = summary["vcpus"]
     assert [row["vcpu"] for row in rows] == [0, 1]
-    crashing = [row for row in rows if row["hypercall"]]
-    assert len(crashing) == 1, rows  # only the vCPU Xen is serving has a pending call
-    hc = crashing[0]["hypercall"]
-    assert hc["name"] == "sched_op" and hc["subop"] == "SCHEDOP_shutdown"
-    assert hc["detail"]["fields"]["reason"] == "SHUTDOWN_crash"
+    def crash_call(row: dict) -> bool:
+        hc = row["hypercall"]
+        return bool(hc) and hc["name"] == "sched_op" and hc["subop"] == "SCHEDOP_shutdown" and \
+            (hc["detail"] or {}).get("fields", {}).get("reason") == "SHUTDOWN_crash"
+
+    crashing = [row for row in rows if crash_call(row)]
+    assert len(crashing) == 1, rows  # one vCPU asked Xen to crash the domain
     assert crashing[0]["registers_from"].startswith("inside Xen on CPU")
-    other = [row for row in rows if not row["hypercall"]][0]
-    assert "no hypercall in progress" in other["not_pending"]
+    # The other vCPU was idle, or (on a loaded machine) itself inside Xen serving a call of its own:
+    # either way it says which.
+    (other,) = [row for row in rows if row is not crashing[0]]
+    assert other["hypercall"] or "no hypercall in progress" in other["not_pending"]
+    assert not other["hypercall"] or other["registers_from"].startswith("inside Xen on CPU")
 
     raw = RawDump(dump)
     try:
