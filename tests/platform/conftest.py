@@ -136,11 +136,12 @@ def platform_run() -> Callable[..., RunResult]:
 class Booted:
     """A platform started with --gdb, waiting for gdb before its first instruction."""
 
-    def __init__(self, platform: str, abi: str | None, faulty: bool, timeout: float) -> None:
+    def __init__(self, platform: str, abi: str | None, faulty: bool, timeout: float,
+                 extra: tuple[str, ...] = ()) -> None:
         self.artifacts = build(platform, abi, faulty)
         self.port = free_port()
         self.timeout = timeout
-        argv = runner_argv(platform, abi, faulty, ["--gdb", str(self.port), "--timeout", str(timeout)])
+        argv = runner_argv(platform, abi, faulty, ["--gdb", str(self.port), "--timeout", str(timeout), *extra])
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         while not listening(self.port):
@@ -224,11 +225,13 @@ class Booted:
 
 @pytest.fixture
 def boot_gdb() -> Iterator[Callable[..., Booted]]:
-    """Factory: boot_gdb(platform, abi=None, faulty=False, timeout=60) -> Booted; stopped at teardown."""
+    """Factory: boot_gdb(platform, abi=None, faulty=False, timeout=60, extra=()) -> Booted (extra: more
+    fixtures/run options, e.g. --xentrace); stopped at teardown."""
     booted: list[Booted] = []
 
-    def start(platform: str, abi: str | None = None, faulty: bool = False, timeout: float = 60) -> Booted:
-        b = Booted(platform, abi, faulty, timeout)
+    def start(platform: str, abi: str | None = None, faulty: bool = False, timeout: float = 60,
+              extra: tuple[str, ...] = ()) -> Booted:
+        b = Booted(platform, abi, faulty, timeout, extra)
         booted.append(b)
         return b
 

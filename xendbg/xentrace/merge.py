@@ -154,14 +154,15 @@ class BufferFeed:
         if event.kind == "subcall":
             self.stats.batched[hc.display_name] += 1
             self.log.add({"event": "subcall", "source": SOURCE, "cpu": r.cpu, "tsc": r.tsc, "name": hc.name,
-                            "nr": hc.nr, "line": _line(hc), "in": self.open.get(r.cpu)})
+                            "nr": hc.nr, "line": _line(hc), "in": self.open.get(r.cpu),
+                            "recorded": [list(a) for a in event.call.args]})
             return 1
         earlier = self.open.get(r.cpu) if event.continues else None
         if earlier is not None:
             self.log.preempted(r.cpu, earlier, hc.display_name)
         else:
             self.stats.count_call(hc)
-        seq = _call(self.log, r, hc, earlier)
+        seq = _call(self.log, r, hc, earlier, event.call)
         self.open[r.cpu] = seq
         return 1
 
@@ -172,7 +173,7 @@ def _line(hc: Hypercall) -> str:
     return call_line(hc)
 
 
-def _call(log: TraceLog, record: Record, hc: Hypercall, continues: int | None) -> int:
+def _call(log: TraceLog, record: Record, hc: Hypercall, continues: int | None, call: CallRecord) -> int:
     """A `call` record with the buffer's source and TSC (the probe trace's keys, plus these two)."""
     from xendbg.render import json as render_json
 
@@ -180,7 +181,7 @@ def _call(log: TraceLog, record: Record, hc: Hypercall, continues: int | None) -
     log.calls += 1 if continues is None else 0
     out: dict[str, Any] = {"event": "call", "seq": log.seq, "cpu": record.cpu, "where": "xen", "name": hc.name,
                            "nr": hc.nr, "line": _line(hc), "hypercall": render_json.hypercall(hc),
-                           "source": SOURCE, "tsc": record.tsc}
+                           "source": SOURCE, "tsc": record.tsc, "recorded": [list(a) for a in call.args]}
     if continues is not None:
         out["continues"] = continues
     log.add(out)
