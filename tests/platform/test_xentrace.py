@@ -41,8 +41,8 @@ def test_buffers_agree_with_probes_and_the_batch(boot_gdb, tmp_path) -> None:
                            "python import gdb; n = int(gdb.parse_and_eval('$rsi')); "
                            "print('RAW', bytes(gdb.selected_inferior().read_memory(int(gdb.parse_and_eval('$rdi')) "
                            "& (1 << 64) - 1, 64 * n)).hex())",
-                           "delete", "hbreak pv_hypercall", "continue", "continue", "continue", "xen stats --json", "xen trace stop",
-                           "delete", "detach", timeout=140)
+                           "delete", "hbreak pv_hypercall", "continue", "continue", "continue", "xen stats --json",
+                           "xen trace stop", "delete", "detach", timeout=140)
     assert "Traceback" not in out and "trace stopped" in out, out[-3000:]
     raw = bytes.fromhex(re.search(r"^RAW ([0-9a-f]+)$", out, re.M).group(1))
     batch = [struct.unpack_from("<8Q", raw, at) for at in range(0, len(raw), ENTRY)]
