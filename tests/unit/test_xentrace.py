@@ -290,3 +290,20 @@ def test_xentrace_file_round_trip() -> None:
     data = window(0, cpu0) + window(1, cpu1) + window(0, cpu0[:1])
     assert struct.unpack_from("<IiI", data) == (0x0001F003 | 2 << 28, 0, sum(r.size for r in cpu0))
     assert read_bytes(data) == {0: cpu0 + cpu0[:1], 1: cpu1}
+
+
+def test_cli_reads_and_rewrites_xentrace_files(tmp_path, capsys) -> None:
+    from xendbg.cli import run
+
+    path, copy = tmp_path / "trace.bin", tmp_path / "copy.bin"
+    path.write_bytes(window(0, [Record(0, ev.HYPERCALL_V2, 10, hypercall(VCPU_OP, (0, 0), (1, 1))),
+                                Record(0, ev.LOST_RECORDS, 11, (7, 0, 0, 0))])
+                     + window(1, [Record(1, ev.HYPERCALL_V2, 5, hypercall(SCHED_OP, (0, 2)))]))
+    assert run(["trace", str(path), "--xentrace-out", str(copy)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "sched_op(cmd=SCHEDOP_shutdown)" in lines[0] and "cpu1" in lines[0]
+    assert "vcpu_op(cmd=VCPUOP_initialise, vcpuid=0x1)" in lines[1] or "vcpu_op(cmd=VCPUOP_initialise" in lines[1]
+    assert "<gap: Xen lost 7 trace records" in lines[2]
+    assert read_bytes(copy.read_bytes()) == read_bytes(path.read_bytes())
+    assert run(["trace", str(path), "--stats", "--json"]) == 0
+    assert '"name": "sched_op"' in capsys.readouterr().out
