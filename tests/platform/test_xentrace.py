@@ -10,6 +10,7 @@ import struct
 
 import pytest
 from conftest import XENDBG_SCRIPT as SCRIPT
+from conftest import json_blocks
 
 pytestmark = pytest.mark.platform
 
@@ -93,3 +94,42 @@ def test_full_buffer_is_a_gap(boot_gdb, tmp_path) -> None:
     assert gaps and all(g["lost"] > 0 for g in gaps), out[-2000:]
     assert re.search(r"<gap: Xen lost \d+ trace records on this CPU>", out)
     assert re.search(r"\d+ records lost", out)
+
+
+def test_whole_boot_to_panic(boot_gdb, tmp_path) -> None:
+    """Linux's whole boot to its root-mount panic at the default size with the timed drain: nothing
+    lost, every record counted by `xen stats`, and the last call is dom0's shutdown."""
+    log = tmp_path / "boot.jsonl"
+    booted = boot_gdb("linux64", timeout=150, extra=("--xentrace",))
+    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "set xen abi 4.17",
+                           f"xen trace start --buffers --only hypercalls --file {log}", "hbreak domain_shutdown",
+                           "continue", "xen stats --json", "xen trace stop", "delete", "detach", timeout=140)
+    assert "Fatal signal" not in out and "Traceback" not in out, out[-3000:]
+    got = records(log)
+    calls = [r for r in got if r["event"] == "call"]
+    stats = next(b for b in json_blocks(out) if "hypercalls" in b)["hypercalls"]
+    assert sum(row["calls"] for row in stats) == len([r for r in calls if "continues" not in r]) > 20000
+    assert sum(row["in_multicalls"] for row in stats) == len([r for r in got if r["event"] == "subcall"])
+    assert not [r for r in got if r["event"] == "gap"]
+    assert [r["seq"] for r in calls] == list(range(calls[0]["seq"], calls[0]["seq"] + len(calls)))
+    assert calls[-1]["line"] == "sched_op(cmd=SCHEDOP_shutdown)"
+    drains = int(re.search(r"in (\d+) drains", out).group(1))
+    assert drains > 5  # the timer drained while the guest ran
+
+
+def test_enable_at_boot(boot_gdb, tmp_path) -> None:
+    """Xen booted without trace options: `xen trace enable` from the reset sets them at init_trace_bufs."""
+    log = tmp_path / "enabled.jsonl"
+    booted = boot_gdb("linux64", timeout=120)
+    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "xen trace enable --pages 64",
+                           f"xen trace start --buffers --only hypercalls --file {log}", "hbreak do_multicall",
+                           "continue", "xen trace stop", "delete", "detach", timeout=110)
+    assert "when Xen reaches init_trace_bufs" in out, out[-2000:]
+    calls = [r for r in records(log) if r["event"] == "call"]
+    assert len(calls) > 1000 and calls[-1]["name"] == "multicall"
+
+
+def _json_blocks(out: str) -> list[dict]:
+    from conftest import json_blocks
+
+    return json_blocks(out)
