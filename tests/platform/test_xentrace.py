@@ -128,8 +128,3 @@ def test_enable_at_boot(boot_gdb, tmp_path) -> None:
     calls = [r for r in records(log) if r["event"] == "call"]
     assert len(calls) > 1000 and calls[-1]["name"] == "multicall"
 
-
-def _json_blocks(out: str) -> list[dict]:
-    from conftest import json_blocks
-
-    return json_blocks(out)
