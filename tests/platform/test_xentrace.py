@@ -128,3 +128,25 @@ def test_enable_at_boot(boot_gdb, tmp_path) -> None:
     calls = [r for r in records(log) if r["event"] == "call"]
     assert len(calls) > 1000 and calls[-1]["name"] == "multicall"
 
+
+
+def test_detail_probes_merge_with_the_buffers(boot_gdb, tmp_path) -> None:
+    """--detail: full decodes of the named calls from probes in Xen, every other call from the buffers,
+    in the order the calls happened (the buffers are drained at each probe hit before its record)."""
+    log = tmp_path / "detail.jsonl"
+    booted = boot_gdb("linux64", timeout=150, extra=("--xentrace",))
+    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "set xen abi 4.17",
+                           f"xen trace start --buffers --only hypercalls --detail callback_op,set_trap_table "
+                           f"--file {log}", "hbreak do_multicall", "continue", "xen trace stop", "delete", "detach",
+                           timeout=140)
+    assert "full decodes of callback_op, set_trap_table" in out, out[-2000:]
+    calls = [r for r in records(log) if r["event"] == "call"]
+    detailed = [r for r in calls if r["name"] in ("callback_op", "set_trap_table")]
+    assert detailed and all("source" not in r and r["hypercall"]["detail"] for r in detailed)
+    kinds = {r["hypercall"]["detail"]["callbacks"][0]["kind"] for r in detailed if r["name"] == "callback_op"}
+    assert {"event", "failsafe", "syscall"} <= kinds
+    assert all(r["source"] == "xen-buffers" for r in calls if r not in detailed)
+    assert [r["seq"] for r in calls] == list(range(1, len(calls) + 1))  # one sequence
+    # The buffers' TSCs around each detailed call are in order: nothing drained late.
+    tscs = [r["tsc"] for r in calls if "tsc" in r]
+    assert tscs == sorted(tscs)

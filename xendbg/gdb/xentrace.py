@@ -91,11 +91,17 @@ class BufferTrace:
 
     # --- the timer ------------------------------------------------------------------------------
 
-    def start_timer(self) -> None:
+    def _catch(self) -> None:
+        """The SIGINT catchpoint, (re)created: a user's `delete` removes it like any other."""
+        if self.catchpoint is not None and self.catchpoint.is_valid():
+            return
         gdb.execute("catch signal SIGINT", to_string=True)
         self.catchpoint = gdb.breakpoints()[-1]
         self.catchpoint.silent = True
         self.catchpoint.condition = f"${_FUNCTION}()"
+
+    def start_timer(self) -> None:
+        self._catch()
         self._thread = threading.Thread(target=self._tick_loop, name="xendbg-xentrace", daemon=True)
         self._thread.start()
 
@@ -109,6 +115,7 @@ class BufferTrace:
             thread = gdb.selected_thread()
             if thread is None or not thread.is_running() or self.tick_pending:
                 return
+            self._catch()
             self.tick_pending = True
             gdb.execute("interrupt", to_string=True)
         except gdb.error:
