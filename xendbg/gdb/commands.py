@@ -196,7 +196,7 @@ class XenPrefix(gdb.Command):
 
 Decoding:  xen hypercall (xen hc), xen multicall, xen traps, xen callbacks, xen check, xen vcpus
 Stopping:  xen catch hypercall [NAME|NR ...], xen break callback|trap|fasttrap
-Tracing:   xen trace start|stop|show, xen stats
+Tracing:   xen trace start|stop|show|enable, xen stats (start --buffers: Xen's own trace buffers)
 Dumps:     xen dump FILE [-z] (then: xendbg core FILE)
 Settings:  set xen abi auto|2.0|3.0|..., set xen width auto|32|64, set xen color on|off
 Every decoding command takes --json (the schema is in docs/json-schema.md)."""
