@@ -194,8 +194,12 @@ def _add_postmortem(sub: argparse._SubParsersAction) -> None:
                                                    "that gdb opens (gdb GUEST_ELF OUT)")
     p.add_argument("--json", action="store_true", help="print JSON (see docs/json-schema.md)")
 
-    p = sub.add_parser("trace", help="filter and count a recorded trace (xen trace start --file F.jsonl)")
-    p.add_argument("file", help="the JSONL trace")
+    p = sub.add_parser("trace", help="filter and count a recorded trace (xen trace start --file F.jsonl, or a "
+                                     "xentrace file)")
+    p.add_argument("file", help="the JSONL trace, or a binary file of xentrace (xen trace start --buffers "
+                                "--xentrace-out, or xentrace on a real host)")
+    p.add_argument("--xentrace-out", metavar="OUT", help="a xentrace file: write its records again to OUT, "
+                                                         "one window per CPU (what xentrace_format reads)")
     p.add_argument("names", nargs="*", metavar="NAME", help="only these hypercalls (names or numbers)")
     p.add_argument("--stats", action="store_true", help="counts like strace -c (the xen stats table)")
     p.add_argument("--errors", action="store_true", help="only calls that failed")
@@ -220,6 +224,22 @@ def _trace(args: argparse.Namespace) -> int:
     from xendbg.dump.tracefile import read_trace, select, stats
     from xendbg.trace import show_lines
 
+    records_of_xentrace = _xentrace_records(args)
+    if records_of_xentrace is not None:
+        records = (select(records_of_xentrace, args.names, args.errors) if args.names or args.errors
+                   else records_of_xentrace)
+        if args.stats:
+            rows = stats(records).rows()
+            _emit(args, {"schema": render_json.SCHEMA_VERSION, "hypercalls": rows}, render_text.stats_table(rows))
+        elif args.json:
+            print(render_json.dumps(records))
+        else:
+            lines = show_lines(records)
+            print("\n".join(lines) if lines else "(no hypercalls in the trace match)")
+        return 0
+    if args.xentrace_out:
+        raise UsageError(f"--xentrace-out takes a xentrace file; {args.file} is a JSONL trace, which holds no "
+                         f"raw records (trace with xen trace start --buffers --xentrace-out)")
     trace = read_trace(args.file)
     if trace.cut_off:
         print(f"xendbg: warning: {trace.cut_off}", file=sys.stderr)
@@ -234,6 +254,34 @@ def _trace(args: argparse.Namespace) -> int:
     lines = show_lines(records)
     print("\n".join(lines) if lines else "(no hypercalls in the trace match)")
     return 0
+
+
+def _xentrace_records(args: argparse.Namespace) -> list[dict] | None:
+    """The trace records of a xentrace file (None when the file is not one), decoded as the live
+    buffer trace decodes them; with --xentrace-out its raw records are written again."""
+    from collections import deque
+
+    from xendbg.trace import Stats, TraceLog
+    from xendbg.xentrace.merge import BufferFeed
+    from xendbg.xentrace.xtfile import CPU_CHANGE_HEADER, XentraceWriter, read_file
+
+    try:
+        with open(args.file, "rb") as file:
+            head = file.read(4)
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
+    if len(head) < 4 or int.from_bytes(head, "little") != CPU_CHANGE_HEADER:
+        return None
+    per_cpu = read_file(args.file)
+    if args.xentrace_out:
+        out = XentraceWriter(args.xentrace_out)
+        out.write(per_cpu)
+        out.close()
+    log = TraceLog(None, ())
+    log.recent = deque()  # a file is read whole: keep every record
+    abi = get_abi(NEWEST, 64)
+    BufferFeed(log, Stats(), lambda: abi).feed(per_cpu)
+    return [r for r in log.recent if r["event"] not in ("start", "stop")]
 
 
 def _abi(version: str, width: int) -> Abi:

@@ -136,6 +136,10 @@ class TraceLog:
         except OSError:
             pass  # not a regular file (/dev/full, a pipe): nothing to cut
 
+    def add(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Log a record another source built (Xen's trace buffers: xendbg/xentrace/merge.py)."""
+        return self._emit(record)
+
     def call(self, cpu: int, hc: Hypercall, where: str, continues: int | None = None) -> int:
         """A call entering; `continues` is the seq of the preempted call Xen is continuing with it."""
         self.seq += 1
@@ -193,4 +197,10 @@ def show_lines(records: list[dict[str, Any]]) -> list[str]:
                 lines.append(f"{stamp}<... {r['name']} resumed>{tail}")
         elif event == "error":
             lines.append(f"{stamp}xendbg could not decode {r['where']}: {r['error']}")
+        elif event == "gap":  # Xen's trace buffer was full (xendbg/xentrace)
+            lines.append(f"{stamp}<gap: Xen lost {r['lost']} trace records on this CPU>")
+        elif event == "subcall":
+            lines.append(f"{stamp}  | {r['line']}")
+        elif event == "xen":
+            lines.append(f"{stamp}[{r['name']}] {r.get('fields') or r.get('words') or ''}".rstrip())
     return lines

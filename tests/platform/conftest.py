@@ -212,11 +212,13 @@ class Booted:
 
 @pytest.fixture
 def boot_gdb() -> Iterator[Callable[..., Booted]]:
-    """Factory: boot_gdb(platform, abi=None, faulty=False, timeout=60) -> Booted; stopped at teardown."""
+    """Factory: boot_gdb(platform, abi=None, faulty=False, timeout=60, extra=()) -> Booted (extra: more
+    fixtures/run options, e.g. --xentrace); stopped at teardown."""
     booted: list[Booted] = []
 
-    def start(platform: str, abi: str | None = None, faulty: bool = False, timeout: float = 60) -> Booted:
-        b = Booted(platform, abi, faulty, timeout)
+    def start(platform: str, abi: str | None = None, faulty: bool = False, timeout: float = 60,
+              extra: tuple[str, ...] = ()) -> Booted:
+        b = Booted(platform, abi, faulty, timeout, extra)
         booted.append(b)
         return b
 

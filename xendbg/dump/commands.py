@@ -18,6 +18,7 @@ from xendbg.abi import Abi, get_abi
 from xendbg.decode import decode_multicall, decode_trap_table, rules
 from xendbg.decode.model import AbiUsed, Callbacks, Hypercall
 from xendbg.dump.api import Core, Vcpu
+from xendbg.dump.target import DumpTarget
 from xendbg.dump.xen import SOURCE
 from xendbg.errors import XendbgError
 from xendbg.render import json as render_json
@@ -26,7 +27,7 @@ from xendbg.report import registered_callbacks, registered_trap_table
 from xendbg.session import AbiChoice
 from xendbg.trace import call_line
 
-SUBCOMMANDS = ("summary", "vcpus", "hypercall", "multicall", "traps", "callbacks", "check")
+SUBCOMMANDS = ("summary", "vcpus", "hypercall", "multicall", "traps", "callbacks", "check", "trace")
 Emit = Callable[[Any, RenderableType], None]
 
 
@@ -235,7 +236,47 @@ def _registered(vcpu: Vcpu) -> tuple[dict[str, Any] | None, list[RenderableType]
     return data, [traps, cbs, stack]
 
 
+def trace(core: Core, args: Any, emit: Emit) -> None:
+    """The flight recorder: the records still in Xen's trace buffers (cons to prod on each CPU), the
+    last hypercalls before the dump, decoded as the live `xen trace start --buffers` decodes them."""
+    from collections import deque
+
+    from xendbg.errors import TargetError, UsageError
+    from xendbg.trace import Stats, TraceLog, show_lines
+    from xendbg.xentrace.buffers import TraceBuffers
+    from xendbg.xentrace.merge import BufferFeed
+
+    if core.xen_syms is None:
+        raise UsageError("trace reads Xen's own trace buffers: give --xen-syms")
+    targets = [v.target for v in core.vcpus] + [DumpTarget(core.memory, cpu) for cpu in core.memory.cpus]
+    problem: XendbgError | None = None
+    for target in targets:  # the first CPU whose page tables map Xen
+        buffers = TraceBuffers(target, core.symbols, core.memory.read)
+        try:
+            per_cpu = buffers.contents()
+            break
+        except UsageError as exc:
+            raise UsageError(f"{exc}".replace("Xen's trace buffers are not allocated",
+                                              "Xen's trace buffers were never allocated in this dump")) from None
+        except TargetError as exc:
+            problem = exc
+    else:
+        raise XendbgError(f"no CPU of the dump maps Xen's trace buffers: {problem}")
+    log = TraceLog(None, ())
+    log.recent = deque()  # a dump is read whole: keep every record
+    abi, _ = core.session.abi(64)
+    feed = BufferFeed(log, Stats(), lambda: abi)
+    feed.feed(per_cpu)
+    records = [r for r in log.recent if r["event"] not in ("start", "stop")]
+    lines = show_lines(records)
+    head = Text(f"{sum(len(r) for r in per_cpu.values())} records in Xen's trace buffers of {len(per_cpu)} CPUs "
+                f"({buffers.pages} pages each), {feed.lost} reported lost", style="bold")
+    emit({"schema": render_json.SCHEMA_VERSION, "cpus": len(per_cpu), "pages": buffers.pages,
+          "lost": feed.lost, "records": records},
+         Group(head, Text("\n".join(lines) if lines else "(the buffers are empty)")))
+
+
 COMMANDS: dict[str, Callable[[Core, Any, Emit], None]] = {
     "summary": summary, "vcpus": vcpus, "hypercall": hypercall, "multicall": multicall, "traps": traps,
-    "callbacks": callbacks, "check": check,
+    "callbacks": callbacks, "check": check, "trace": trace,
 }

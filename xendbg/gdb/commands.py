@@ -196,7 +196,7 @@ class XenPrefix(gdb.Command):
 
 Decoding:  xen hypercall (xen hc), xen multicall, xen traps, xen callbacks, xen check, xen vcpus
 Stopping:  xen catch hypercall [NAME|NR ...], xen break callback|trap|fasttrap
-Tracing:   xen trace start|stop|show, xen stats
+Tracing:   xen trace start|stop|show|enable, xen stats (start --buffers: Xen's own trace buffers)
 Dumps:     xen dump FILE [-z] (then: xendbg core FILE)
 Settings:  set xen abi auto|2.0|3.0|..., set xen width auto|32|64, set xen color on|off
 Every decoding command takes --json (the schema is in docs/json-schema.md)."""
@@ -617,6 +617,8 @@ class XenBreakDelete(_XenCommand):
 class XenTrace(gdb.Command):
     """Log hypercalls strace-style:
   xen trace start [--file F.jsonl] [NAME|NR ...]
+  xen trace start --buffers [--only hypercalls] [--detail NAMES]   (Xen's own trace buffers)
+  xen trace enable [--pages N] [--mask M]
   xen trace stop
   xen trace show [N] [--json]
 Without a subcommand: whether a trace is running."""
@@ -626,9 +628,13 @@ Without a subcommand: whether a trace is running."""
 
     def invoke(self, arg: str, from_tty: bool) -> None:
         if arg.strip():
-            raise gdb.GdbError(f"unknown xen trace subcommand {arg.split()[0]!r} (start, stop, show)")
+            raise gdb.GdbError(f"unknown xen trace subcommand {arg.split()[0]!r} (start, stop, show, enable)")
         loaded = sys.modules.get("xendbg.gdb.monitor")
         trace = loaded.MONITOR.trace if loaded is not None else None
+        buffers = sys.modules.get("xendbg.gdb.xentrace")
+        if buffers is not None and buffers.ACTIVE.trace is not None:
+            gdb.write(f"tracing from Xen's buffers: {buffers.summary(buffers.ACTIVE.trace)}\n")
+            return
         if trace is None:
             gdb.write("no trace is running (xen trace start)\n")
             return
@@ -637,15 +643,25 @@ Without a subcommand: whether a trace is running."""
 
 class XenTraceStart(_XenCommand):
     """Trace every hypercall (or those named): xen trace start [--file F.jsonl] [NAME|NR ...]
+  or from Xen's own trace buffers: xen trace start --buffers [--only hypercalls] [--detail NAMES]
+                                   [--file F.jsonl] [--xentrace-out F.bin]
 
 Each call is logged with its decoded arguments and, when it comes back, its result (errno name).
 With --file every record is appended to F as one JSON line and flushed at once: if the target dies,
 the file holds every record up to its last hypercall; if the file cannot be written, the trace
 stops with one line and keeps its records in memory.  The guest does not stop; `xen trace show`
-lists the records, `xen stats` counts them."""
+lists the records, `xen stats` counts them.
 
-    usage = "xen trace start [--file F.jsonl] [NAME|NR ...]"
-    valued = ("--file",)
+--buffers (xen-syms loaded, Xen booted with tbuf_size=PAGES tevt_mask=0x0020f000 or `xen trace
+enable`): every hypercall and multicall subcall Xen records, read at each stop and on a timer that
+interrupts the guest briefly (set xen trace-interval, default 0.5 s), with the few arguments Xen
+records; --detail NAMES adds probes for full decodes of those calls; --xentrace-out writes the raw
+records in xentrace's file format.  Writes to target memory: xendbg advances each buffer's
+consumer index (cons) as it reads, and nothing else."""
+
+    usage = "xen trace start [--file F.jsonl] [NAME|NR ...] | --buffers [--only hypercalls] [--detail NAMES] ..."
+    flags = ("--buffers",)
+    valued = ("--file", "--only", "--detail", "--xentrace-out")
     nargs = (0, 1000)
 
     def __init__(self) -> None:
@@ -657,6 +673,13 @@ lists the records, `xen stats` counts them."""
     def run(self, flags: dict[str, str], words: list[str]) -> None:
         from xendbg.trace import Stats, TraceLog
 
+        if "--buffers" in flags:  # Xen's own trace buffers (xendbg/gdb/xentrace.py)
+            from xendbg.gdb import xentrace
+
+            gdb.write(f"xendbg: {xentrace.start_command(flags, words, _resolve)}\n")
+            return
+        if set(flags) & {"--only", "--detail", "--xentrace-out"}:
+            raise XendbgError(f"{', '.join(sorted(set(flags) - {'--file'}))} go with --buffers (usage: {self.usage})")
         if monitor.MONITOR.trace is not None:
             raise XendbgError("a trace is already running: xen trace stop first")
         traced = tuple(sorted({_resolve(w) for w in words}))
@@ -682,10 +705,65 @@ class XenTraceStop(_XenCommand):
         super().__init__("xen trace stop", gdb.COMMAND_RUNNING)
 
     def run(self, flags: dict[str, str], words: list[str]) -> None:
+        if "xendbg.gdb.xentrace" in sys.modules:  # a trace from Xen's buffers
+            line = sys.modules["xendbg.gdb.xentrace"].stop_command()
+            if line is not None:
+                gdb.write(f"xendbg: trace stopped: {line}\n")
+                return
         trace = monitor.MONITOR.stop_trace()
         if trace is None:
             raise XendbgError("no trace is running (xen trace start)")
         gdb.write(f"xendbg: trace stopped: {trace.summary()}\n")
+
+
+class XenTraceEnable(_XenCommand):
+    """Turn Xen's own trace buffers on at boot: xen trace enable [--pages N] [--mask M]
+
+Sets Xen's boot options opt_tbuf_size (N pages per CPU, default 1024) and opt_tevt_mask (default
+0x0020f000, the PV class) at init_trace_bufs: now when stopped there, else when Xen reaches it.
+Past it, xendbg says which Xen command-line options to add.  These two words are the only target
+memory it writes besides the buffers' consumer index (xen trace start --buffers)."""
+
+    usage = "xen trace enable [--pages N] [--mask M]"
+    valued = ("--pages", "--mask")
+
+    def __init__(self) -> None:
+        super().__init__("xen trace enable", gdb.COMMAND_RUNNING)
+
+    def run(self, flags: dict[str, str], words: list[str]) -> None:
+        from xendbg.gdb import xentrace
+
+        pages, mask = _number(flags.get("--pages", "1024")), _number(flags.get("--mask", "0x0020f000"))
+        gdb.write(f"xendbg: {xentrace.enable(pages, mask)}\n")
+
+
+class XenTraceInterval(gdb.Parameter):
+    """How often xen trace start --buffers interrupts the running guest to read Xen's buffers (seconds)."""
+
+    set_doc = "Set how often (seconds) xen trace start --buffers reads Xen's trace buffers while the guest runs."
+    show_doc = "Show how often xen trace start --buffers reads Xen's trace buffers while the guest runs."
+
+    def __init__(self) -> None:
+        super().__init__("xen trace-interval", gdb.COMMAND_RUNNING, gdb.PARAM_STRING)
+        self.value = "0.5"
+
+    def get_set_string(self) -> str:
+        try:
+            seconds = float(self.value)
+        except ValueError:
+            seconds = 0.0
+        if not 0.01 <= seconds <= 3600:
+            self.value = "0.5"
+            raise gdb.GdbError("xen trace-interval is in seconds, 0.01 to 3600")
+        from xendbg.gdb import xentrace
+
+        xentrace.ACTIVE.interval = seconds
+        if xentrace.ACTIVE.trace is not None:
+            xentrace.ACTIVE.trace.interval = seconds
+        return ""
+
+    def get_show_string(self, svalue: str) -> str:
+        return f"xendbg reads Xen's trace buffers every {svalue} s while the guest runs"
 
 
 class XenTraceShow(_XenCommand):
@@ -830,6 +908,8 @@ def register() -> None:
     XenTraceStart()
     XenTraceStop()
     XenTraceShow()
+    XenTraceEnable()
+    XenTraceInterval()
     XenStats()
     from xendbg.gdb.dump import XenDump
 

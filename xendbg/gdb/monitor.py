@@ -16,6 +16,7 @@ gdb forbids adding or deleting breakpoints inside `stop()`: when a registration 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -107,6 +108,7 @@ class Monitor:
     moves_due: bool = False
     trace_failed: bool = False  # the trace file failed: stop the trace at the next stop
     events: EventLog = field(default_factory=lambda: EventLog())  # for MI clients (-xen-events)
+    before_probe: Callable[[], None] | None = None  # xen trace start --buffers --detail: drain Xen's buffers first
 
     # --- what to observe, and where ---------------------------------------------------------------
 
@@ -198,6 +200,8 @@ class Monitor:
 
     def on_probe(self, spec: ProbeSpec) -> bool:
         """Called by gdb at each probe hit; True makes gdb stop and show it."""
+        if self.before_probe is not None:
+            self.before_probe()
         try:
             cpu = context.cpu_index()
             target = GdbTarget()
