@@ -243,8 +243,10 @@ def is_continuation(earlier: Hypercall, now: Hypercall, abi: Abi) -> bool:
         done = (after[0] - before[0]) // size if after[0] > before[0] else 0
         return 0 < done < before[1] and after[0] == before[0] + done * size and after[1] == before[1] - done
     if earlier.name == "set_trap_table":
-        size = abi.layout("trap_info").size
-        return after[0] > before[0] and (after[0] - before[0]) % size == 0
+        size, done = abi.layout("trap_info").size, after[0] - before[0]
+        # Continued at an entry of the earlier table (at most its terminator), never past it.
+        within = not isinstance(earlier.detail, TrapTable) or done <= size * len(earlier.detail.entries)
+        return done > 0 and done % size == 0 and within
     if earlier.name in ("mmu_update", "mmuext_op"):
         return bool(after[1] & PREEMPTED_COUNT_BIT)
     return False

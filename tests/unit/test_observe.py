@@ -419,3 +419,13 @@ def test_scan_finds_a_32_bit_page_and_needs_stubs_1_and_2():
 
 def test_scan_skips_what_cannot_be_read():
     assert scan_memory(lambda address, size: None, 0x100000, 64, window=0x20000) == []
+
+
+def test_a_set_trap_table_continues_within_its_table_only():
+    """A later table further on in memory is a new call, not a continuation of a 3-entry table."""
+    abi = A417_64
+    entries = pack_many(abi, "trap_info", [{"vector": v, "cs": 0xE033, "address": 0x1000 + v} for v in (3, 6, 14)])
+    table = _decoded(abi, 0, BATCH, memory=[(BATCH, entries + bytes(16))])
+    assert len(table.detail.entries) == 3
+    assert is_continuation(table, call(0, "set_trap_table", BATCH + 3 * 16), abi)  # at its terminator
+    assert not is_continuation(table, call(0, "set_trap_table", BATCH + 4 * 16), abi)
