@@ -60,7 +60,7 @@ def test_gdb_linux_registrations_guest_side(boot_gdb) -> None:
     steps = []
     for _ in range(4):  # event, failsafe, syscall, syscall32 (after several set_trap_table calls)
         steps += ["continue", "xen hc --json"]
-    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "set xen abi 4.17",
+    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", f"set xen abi {booted.artifacts['xen_release']}",
                            "xen catch hypercall --guest set_trap_table", "continue", "xen hc --json",
                            "xen catch delete", "xen catch hypercall --guest callback_op", *steps,
                            "xen callbacks --registered --json", "xen traps --registered --json", "xen check --json",
@@ -85,7 +85,7 @@ def test_gdb_linux_registrations_guest_side(boot_gdb) -> None:
 def test_gdb_linux_first_multicall_from_inside_xen(boot_gdb) -> None:
     """With xen-syms loaded, `xen catch hypercall multicall` stops at do_multicall only."""
     booted = boot_gdb("linux64", timeout=120)
-    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "set xen abi 4.17",
+    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", f"set xen abi {booted.artifacts['xen_release']}",
                            "xen catch hypercall multicall", "continue", "xen hc --json", "xen multicall --json",
                            "xen catch delete", "detach", timeout=110)
     assert "observing in Xen at the handlers of" in out
@@ -101,7 +101,7 @@ def test_gdb_linux_first_multicall_from_inside_xen(boot_gdb) -> None:
 def test_gdb_linux_first_multicall_guest_side(boot_gdb) -> None:
     """The same first batch, caught at Linux's own syscall (every hypercall before it is a gdb stop)."""
     booted = boot_gdb("linux64", timeout=150)
-    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "set xen abi 4.17",
+    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", f"set xen abi {booted.artifacts['xen_release']}",
                            "xen catch hypercall --guest multicall", "continue", "xen hc --json",
                            "xen catch delete", "detach", timeout=145)
     (hc,) = json_blocks(out)
