@@ -14,6 +14,8 @@ import pytest
 from conftest import ROOT, Booted, json_blocks, listening, runner_argv
 from conftest import XENDBG_SCRIPT as SCRIPT
 
+from xendbg.abi import resolve_generation
+
 pytestmark = pytest.mark.platform
 
 ENV = os.environ | {"PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
@@ -103,7 +105,7 @@ def test_shim32_dump_decodes_as_live(tmp_path, abi):
 def test_xen64_dump_decodes_as_live_and_opens_in_gdb(tmp_path):
     booted = BootedWithQmp("xen64", None, tmp_path, timeout=120)
     try:
-        xen = booted.artifacts["xen_release"]  # the Xen that runs: 4.17 on Debian 12, 4.20 on Debian 13
+        xen = resolve_generation(booted.artifacts["xen_release"])  # Debian 12's Xen 4.17, 13's 4.20: 4.17
         live, dumps = stop_at_multicall(booted, tmp_path, xen, "xen catch hypercall --guest multicall")
     finally:
         booted.stop()
@@ -112,7 +114,7 @@ def test_xen64_dump_decodes_as_live_and_opens_in_gdb(tmp_path):
         assert core_json(path, "hypercall", "--symbols", guest, "--xen", xen) == live
     # Xen's version comes from xen-syms, as it does live with xen-syms loaded
     inferred = core_json(dumps["kz"], "hypercall", "--symbols", guest, "--xen-syms", xen_syms)
-    assert inferred == live | {"xen_source": f"from Xen's image: Xen {xen}"}
+    assert inferred == live | {"xen_source": f"from Xen's image: Xen {booted.artifacts['xen_release']}"}
     # the gdb door on the rewritten core: virtual PT_LOADs, the xen commands read guest memory
     gdb_core = str(tmp_path / "gdb.core")
     r = core(dumps["kz"], "--to-gdb", gdb_core)
