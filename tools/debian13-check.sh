@@ -47,7 +47,7 @@ cleanup() {
         umount -l "${mounted[i]}" 2>/dev/null || log "could not unmount ${mounted[i]}"
     done
     if [ $made_root -eq 1 ] && ! findmnt -rn -o TARGET | grep -q "^$ROOT/"; then
-        rm -rf --one-file-system "$ROOT"
+        rm -rf --one-file-system "$ROOT" "$ROOT.debootstrap.log"
     fi
     exit $status
 }
