@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up everything xendbg needs on a Debian 12 machine, then run the main job or the tests.
+# Set up everything xendbg needs on a Debian 12 or 13 machine, then run the main job or the tests.
 #
 #   ./setup.sh demo [--gdb | --batch] [--platform P] [--abi A]
 #                      boot the bundled test guest under QEMU and open the full-screen debugger
@@ -58,7 +58,8 @@ make_venv() {
 }
 
 build_fixtures() {
-    # shim32 is built from source; xen64/linux64 also fetch Debian's Xen 4.17 and Linux 6.1 into the cache.
+    # shim32 is built from source; xen64/linux64 also fetch the Xen and Linux of the machine's Debian
+    # release (12: Xen 4.17, Linux 6.1; 13: Xen 4.20, Linux 6.12) into the cache.
     for platform in shim32 xen64 linux64; do
         /usr/bin/python3 fixtures/run "$platform" --build-only --quiet
     done

@@ -129,7 +129,7 @@ def test_trace_file_results_and_stats_faulty_4_0(boot_gdb, tmp_path):
 def test_xen64_catch_guest_side_at_hypercall_page_and_xen_side_at_handler(boot_gdb):
     booted = boot_gdb("xen64", timeout=60)
     out = booted.gdb_batch(
-        *SETUP, "set xen abi 4.17", "xen catch hypercall --guest set_trap_table", "continue", "xen hc --json",
+        *SETUP, "set xen abi auto", "xen catch hypercall --guest set_trap_table", "continue", "xen hc --json",
         "p/x $pc", "xen catch delete", "xen catch hypercall multicall", "continue", "xen hc --json",
         "info symbol $pc", "xen callbacks --json",
         "xen catch delete", "continue", timeout=60)
@@ -152,7 +152,7 @@ def test_xen64_catch_guest_side_at_hypercall_page_and_xen_side_at_handler(boot_g
 def test_xen64_catch_every_hypercall_at_pv_hypercall(boot_gdb):
     """Without names, Xen side: one probe at pv_hypercall decodes the guest frame Xen saved."""
     booted = boot_gdb("xen64", timeout=60)
-    out = booted.gdb_batch(*SETUP, "set xen abi 4.17", "xen catch hypercall --xen", "continue", "xen hc --json",
+    out = booted.gdb_batch(*SETUP, "set xen abi auto", "xen catch hypercall --xen", "continue", "xen hc --json",
                            "xen catch delete", "continue", timeout=60)
     assert "observing in Xen at pv_hypercall (every PV hypercall)" in out
     (hc,) = json_blocks(out)

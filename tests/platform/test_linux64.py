@@ -39,8 +39,9 @@ def test_gdb_first_multicall(boot_gdb) -> None:
     booted = boot_gdb("linux64", timeout=120)
     out = booted.gdb_batch("hbreak do_multicall", "continue", "p/x $rip", "p/x $rsi", "x/2gx $rdi",
                            "bt 3", timeout=90)
-    assert "in do_multicall ()" in out, out
-    assert re.search(r"in pv_hypercall ()", out), out  # reached from the 64-bit PV hypercall path
+    # Debian 13's xen-syms has DWARF (arguments shown, _pv_hypercall inlined), Debian 12's has not.
+    assert re.search(r"^#0  .*\bdo_multicall \(", out, re.M), out
+    assert re.search(r"\bpv_hypercall \(", out), out  # reached from the 64-bit PV hypercall path
     nr = int(re.search(r"^\$2 = (0x[0-9a-f]+)$", out, re.M).group(1), 16)
     assert 1 <= nr <= 64, out  # nr_calls (RSI)
     # RDI is the guest's call list: the CPU is in Xen on dom0's page tables, so gdb reads it
@@ -60,7 +61,7 @@ def test_gdb_linux_registrations_guest_side(boot_gdb) -> None:
     steps = []
     for _ in range(4):  # event, failsafe, syscall, syscall32 (after several set_trap_table calls)
         steps += ["continue", "xen hc --json"]
-    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "set xen abi 4.17",
+    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "set xen abi auto",
                            "xen catch hypercall --guest set_trap_table", "continue", "xen hc --json",
                            "xen catch delete", "xen catch hypercall --guest callback_op", *steps,
                            "xen callbacks --registered --json", "xen traps --registered --json", "xen check --json",
@@ -85,7 +86,7 @@ def test_gdb_linux_registrations_guest_side(boot_gdb) -> None:
 def test_gdb_linux_first_multicall_from_inside_xen(boot_gdb) -> None:
     """With xen-syms loaded, `xen catch hypercall multicall` stops at do_multicall only."""
     booted = boot_gdb("linux64", timeout=120)
-    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "set xen abi 4.17",
+    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "set xen abi auto",
                            "xen catch hypercall multicall", "continue", "xen hc --json", "xen multicall --json",
                            "xen catch delete", "detach", timeout=110)
     assert "observing in Xen at the handlers of" in out
@@ -101,7 +102,7 @@ def test_gdb_linux_first_multicall_from_inside_xen(boot_gdb) -> None:
 def test_gdb_linux_first_multicall_guest_side(boot_gdb) -> None:
     """The same first batch, caught at Linux's own syscall (every hypercall before it is a gdb stop)."""
     booted = boot_gdb("linux64", timeout=150)
-    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "set xen abi 4.17",
+    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "set xen abi auto",
                            "xen catch hypercall --guest multicall", "continue", "xen hc --json",
                            "xen catch delete", "detach", timeout=145)
     (hc,) = json_blocks(out)

@@ -13,6 +13,8 @@ import pytest
 from conftest import ROOT, Booted, json_blocks
 from conftest import XENDBG_SCRIPT as SCRIPT
 
+from xendbg.abi import resolve_generation
+
 pytestmark = pytest.mark.platform
 
 ENV = os.environ | {"PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
@@ -88,20 +90,21 @@ def test_shim32_dump_decodes_as_live(tmp_path, abi):
 def test_xen64_dump_decodes_as_live_and_opens_in_gdb(tmp_path):
     booted = BootedWithQmp("xen64", None, tmp_path, timeout=120)
     try:
-        live, dumps = stop_at_multicall(booted, tmp_path, "4.17", "xen catch hypercall --guest multicall")
+        xen = resolve_generation(booted.artifacts["xen_release"])  # Debian 12's Xen 4.17, 13's 4.20: 4.17
+        live, dumps = stop_at_multicall(booted, tmp_path, xen, "xen catch hypercall --guest multicall")
     finally:
         booted.stop()
     guest, xen_syms = booted.artifacts["guest"], booted.artifacts["xen_syms"]
     for path in dumps.values():
-        assert core_json(path, "hypercall", "--symbols", guest, "--xen", "4.17") == live
+        assert core_json(path, "hypercall", "--symbols", guest, "--xen", xen) == live
     # Xen's version comes from xen-syms, as it does live with xen-syms loaded
     inferred = core_json(dumps["kz"], "hypercall", "--symbols", guest, "--xen-syms", xen_syms)
-    assert inferred == live | {"xen_source": "from Xen's image: Xen 4.17"}
+    assert inferred == live | {"xen_source": f"from Xen's image: Xen {booted.artifacts['xen_release']}"}
     # the gdb door on the rewritten core: virtual PT_LOADs, the xen commands read guest memory
     gdb_core = str(tmp_path / "gdb.core")
     r = core(dumps["kz"], "--to-gdb", gdb_core)
     assert r.returncode == 0 and "PT_LOADs" in r.stdout, r.stderr
     out = subprocess.run(["gdb", "-nx", "-batch", "-ex", f"file {guest}", "-ex", f"core-file {gdb_core}",
-                          "-ex", f"source {SCRIPT}", "-ex", "set xen color off", "-ex", "set xen abi 4.17",
+                          "-ex", f"source {SCRIPT}", "-ex", "set xen color off", "-ex", f"set xen abi {xen}",
                           "-ex", "xen hypercall --json"], capture_output=True, text=True, timeout=120).stdout
     assert json_blocks(out) == [live], out

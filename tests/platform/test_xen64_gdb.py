@@ -25,7 +25,7 @@ def at_syscall(booted, nr: int) -> str:
 def test_trap_table_and_multicall(boot_gdb) -> None:
     booted = boot_gdb("xen64", timeout=60)
     out = booted.gdb_batch(
-        f"source {SCRIPT}", "set xen abi 4.17", "set xen color off",
+        f"source {SCRIPT}", "set xen abi auto", "set xen color off",
         at_syscall(booted, HC_set_trap_table), "continue", "xen traps --json", "delete",
         at_syscall(booted, HC_multicall), "continue", "xen hypercall --json", "delete", "continue", timeout=60)
     traps, hc = json_blocks(out)
@@ -43,7 +43,7 @@ def test_faulty_findings(boot_gdb) -> None:
     """RPL-0 trap-table selectors are info for Xen 4.17 (it raises them); a nested multicall is an error."""
     booted = boot_gdb("xen64", faulty=True, timeout=60)
     out = booted.gdb_batch(
-        f"source {SCRIPT}", "set xen abi 4.17", "set xen color off",
+        f"source {SCRIPT}", "set xen abi auto", "set xen color off",
         at_syscall(booted, HC_set_trap_table), "continue", "xen traps --json", "delete",
         # The faulty guest's second multicall (first entry: console_io) nests one. Not "the second stop":
         # Xen may preempt a batch and continue it by re-executing the syscall with the rest of it.

@@ -471,6 +471,9 @@ def on_stop(event: object) -> None:
                 cpu, hc, continuation = cast("tuple[int, Hypercall, bool]", payload)
                 what = ", Xen's continuation of the preempted call" if continuation else ""
                 gdb.write(f"xendbg: cpu {cpu} caught hypercall {hc.display_name} ({hc.site}{what})\n")
+                # An MI front end could also be told here as an async record: gdb.notify_mi (gdb 14 and
+                # later, e.g. Debian 13's gdb 16; absent from Debian 12's gdb 13) with the hypercall's
+                # JSON object, where hasattr(gdb, "notify_mi").
                 context.write(context.text().hypercall(hc))
             elif kind == "entry":
                 entry = _report_entry(cast(int, payload))
