@@ -62,7 +62,7 @@ def test_xl_dump_core_of_dom0_reads_back_the_live_state(boot_gdb, tmp_path):
             '*(unsigned long *)($rsi + 8)'
     si = "(*(unsigned long *)&si)"
     out = booted.gdb_batch(
-        f"source {SCRIPT}", "set xen color off", "set xen abi 4.17",
+        f"source {SCRIPT}", "set xen color off", "set xen abi auto",
         "xen catch hypercall --guest set_callbacks callback_op set_trap_table",
         "continue", 'printf "@@set_callbacks %lu %lu %lu\\n", $rdi, $rsi, $rdx',
         "continue", cb_op, "continue", cb_op, "continue", cb_op,

@@ -36,7 +36,7 @@ def key_of_buffer(record: dict) -> tuple:
 def test_buffers_agree_with_probes_and_the_batch(boot_gdb, tmp_path) -> None:
     buffered, probed = tmp_path / "buffers.jsonl", tmp_path / "probes.jsonl"
     booted = boot_gdb("linux64", timeout=150, extra=("--xentrace",))
-    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "set xen abi 4.17",
+    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "set xen abi auto",
                            f"xen trace start --buffers --only hypercalls --file {buffered}",
                            "hbreak do_multicall", "continue", "p/x $rsi", "p/x $rdi",
                            "python import gdb; n = int(gdb.parse_and_eval('$rsi')); "
@@ -63,7 +63,7 @@ def test_buffers_agree_with_probes_and_the_batch(boot_gdb, tmp_path) -> None:
     assert not [r for r in got if r["event"] == "gap"]
 
     booted = boot_gdb("linux64", timeout=200, extra=("--xentrace",))
-    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "set xen abi 4.17",
+    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "set xen abi auto",
                            "xen catch hypercall --xen kexec_op", f"xen trace start --file {probed}",
                            "hbreak do_multicall", "continue", "xen trace stop", "delete", "detach", timeout=190)
     assert "trace stopped" in out, out[-3000:]
@@ -101,7 +101,7 @@ def test_whole_boot_to_panic(boot_gdb, tmp_path) -> None:
     lost, every record counted by `xen stats`, and the last call is dom0's shutdown."""
     log = tmp_path / "boot.jsonl"
     booted = boot_gdb("linux64", timeout=150, extra=("--xentrace",))
-    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "set xen abi 4.17",
+    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "set xen abi auto",
                            f"xen trace start --buffers --only hypercalls --file {log}", "hbreak domain_shutdown",
                            "continue", "xen stats --json", "xen trace stop", "delete", "detach", timeout=140)
     assert "Fatal signal" not in out and "Traceback" not in out, out[-3000:]
@@ -135,7 +135,7 @@ def test_detail_probes_merge_with_the_buffers(boot_gdb, tmp_path) -> None:
     in the order the calls happened (the buffers are drained at each probe hit before its record)."""
     log = tmp_path / "detail.jsonl"
     booted = boot_gdb("linux64", timeout=150, extra=("--xentrace",))
-    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "set xen abi 4.17",
+    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "set xen abi auto",
                            f"xen trace start --buffers --only hypercalls --detail callback_op,set_trap_table "
                            f"--file {log}", "hbreak do_multicall", "continue", "xen trace stop", "delete", "detach",
                            timeout=140)
