@@ -303,7 +303,7 @@ def _multicall(ctx: _Ctx, address: int, count: int, results: bool) -> MulticallB
             raw_args = raw_args[:MULTICALL_2_0_RESULT_ARG]  # Xen 2.0 passes args[0..4]
         else:
             result_raw = int(row["result"])
-        hc = abi.hypercall(op)
+        hc = abi.hypercall(rules.dispatched_number(abi, op))
         if hc is not None and hc.name == "multicall":
             ctx.add(rules.check_nested_multicall(abi, index))
             call = Hypercall(op, hc.name, tuple(_arg(ctx, s, v) for s, v in zip(hc.args, raw_args, strict=False)),
@@ -575,9 +575,14 @@ def _decode(target: Target, abi: Abi, nr: int, raw_args: list[int] | tuple[int, 
     ctx = _Ctx(target, abi, state, depth, guest_sp, in_xen)
     mask = abi.address_mask
     raw = [v & mask for v in raw_args]
-    hc = abi.hypercall(nr)
+    slot = rules.dispatched_number(abi, nr)  # old Xen masks a number past its table (rules.py)
+    hc = abi.hypercall(slot)
+    if slot != nr:
+        ctx.add(rules.wrapped_hypercall(abi, nr, hc.name if hc else None, where if hc is None else ""))
     if hc is None:
-        if nr == _tables.HYPERCALL["2.0"]["set_fast_trap"] and not abi.has_fast_trap:
+        if slot != nr:
+            pass  # the wrap finding says what runs
+        elif nr == _tables.HYPERCALL["2.0"]["set_fast_trap"] and not abi.has_fast_trap:
             ctx.add(rules.check_fast_trap(abi, 0, None))  # says set_fast_trap was removed in 3.0
         else:
             ctx.add(rules.unknown_hypercall(abi, nr, where))

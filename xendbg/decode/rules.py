@@ -116,6 +116,34 @@ def check_nested_multicall(abi: Abi, index: int) -> Finding:
                    f"multicalls and sets its result to -EINVAL")
 
 
+# How many numbers each generation's hypercall entry dispatches.  Before 3.0.3 the entry masks the number
+# with NR_hypercalls-1 instead of checking it ("andl $(NR_hypercalls-1),%eax": xen/arch/x86/x86_32/entry.S
+# `hypercall` at RELEASE-2.0.0, RELEASE-3.0.0 and 3.0.2-branched, x86_64/entry.S likewise; NR_hypercalls 32
+# in xen/include/asm-x86/config.h), and so does do_multicall for each entry (2.0: x86_32/entry.S
+# do_multicall; 3.0.0, 3.0.2: do_multicall_call in xen/include/asm-x86/multicall.h).  From 3.0.3-branched
+# (NR_hypercalls 64) a number of 64 or more gets -ENOSYS (`bad_hypercall` in the entry, the .fixup path of
+# do_multicall_call), as at RELEASE-4.0.0.
+_WRAPPING_NR_HYPERCALLS = {"2.0": 32, "3.0": 32, "3.0.2": 32}
+
+
+def dispatched_number(abi: Abi, nr: int) -> int:
+    """The table slot Xen's entry really calls for hypercall number `nr` (itself unless it wraps)."""
+    size = _WRAPPING_NR_HYPERCALLS.get(abi.generation)
+    return nr & (size - 1) if size is not None else nr
+
+
+def wrapped_hypercall(abi: Abi, nr: int, name: str | None, where: str = "") -> Finding:
+    """Number `nr` is past the table of a Xen that masks it: say what Xen really runs."""
+    prefix = f"{where}: " if where else ""
+    size = _WRAPPING_NR_HYPERCALLS[abi.generation]
+    slot = nr & (size - 1)
+    runs = (f"runs {name} (number {slot})" if name else
+            f"runs number {slot}, which does not exist either: the call fails with -ENOSYS")
+    return Finding("hypercall-number-wraps", "warning" if name else "error",
+                   f"{prefix}hypercall number {nr} is past Xen {abi.generation}'s {size} hypercalls, and its "
+                   f"entry masks the number with {size - 1} instead of refusing it: number {nr} {runs}")
+
+
 def unknown_hypercall(abi: Abi, nr: int, where: str = "") -> Finding:
     prefix = f"{where}: " if where else ""
     return Finding("unknown-hypercall", "error",
