@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.images import pack_many
+from tests.unit.images import pack, pack_many
 from xendbg.abi import get_abi
-from xendbg.decode import decode_call, decode_multicall
+from xendbg.decode import GuestState, decode_call, decode_multicall
+from xendbg.decode.model import TrapEntry
 from xendbg.decode.rules import dispatched_number
+from xendbg.decode.state import seed_initialised_vcpu
 from xendbg.target import InMemoryTarget
 
 TABLE = 0x10000
@@ -53,3 +55,91 @@ def test_multicall_entry_number_wraps_too():
     assert [e.call.name for e in batch.entries] == ["xen_version", "multicall"]
     assert [f.rule for f in found] == ["multicall-nested"]
     assert [f.rule for f in batch.entries[0].call.findings] == ["hypercall-number-wraps"]
+
+
+# --- VCPUOP_initialise (point 2) ----------------------------------------------------------------------
+
+CTXT = 0x40000
+
+
+def vcpu_context(abi, *, cs=None, ss=None, cr3=0x1000, event_cs=None, trap_cs=None):
+    kcs, kds = abi.kernel_cs, abi.kernel_cs + 8
+    return pack(abi, "vcpu_guest_context",
+                user_regs={"eip": 0x401000, "esp": 0x402000, "cs": kcs if cs is None else cs,
+                           "ss": kds if ss is None else ss},
+                trap_ctxt=[{}] * 3 + [{"vector": 3, "flags": 3, "cs": kcs if trap_cs is None else trap_cs,
+                                       "address": 0x401300}],
+                kernel_ss=kds, kernel_sp=0x402000, ctrlreg=[0, 0, 0, cr3, 0, 0, 0, 0],
+                event_callback_cs=kcs if event_cs is None else event_cs, event_callback_eip=0x401400,
+                failsafe_callback_cs=kcs, failsafe_callback_eip=0x401500)
+
+
+def initialise(version, **kw):
+    abi = get_abi(version, 32)
+    target = InMemoryTarget(memory=[(CTXT, vcpu_context(abi, **kw))])
+    return abi, target, decode_call(target, abi, 24, [0, 1, CTXT])
+
+
+def test_initialise_rpl0_is_einval_on_3_0_0_and_fixed_up_later():
+    _, _, hc = initialise("3.0", cs=0xE018, ss=0xE020)
+    assert [(f.rule, f.severity) for f in hc.findings] == [("selector-rpl", "error")] * 2
+    assert all("-EINVAL" in f.message and "-EPERM" not in f.message for f in hc.findings)
+    _, _, hc = initialise("4.0", cs=0xE018, ss=0xE020)
+    assert {(f.rule, f.severity) for f in hc.findings} == {("selector-rpl", "info")}
+    assert len(hc.findings) == 2
+
+
+def test_initialise_callback_and_trap_selectors_unchecked_on_3_0_0():
+    _, _, hc = initialise("3.0", event_cs=0xE018, trap_cs=0xE018)
+    assert hc.findings == ()
+    _, _, hc = initialise("3.0.2", event_cs=0xE018, trap_cs=0xE018)
+    assert [(f.rule, f.severity) for f in hc.findings] == [("selector-rpl", "info")] * 2
+    assert "event callback" in hc.findings[0].message and "vector 0x3" in hc.findings[1].message
+
+
+@pytest.mark.parametrize("version", ["3.0", "4.0"])
+def test_initialise_without_page_table_is_einval(version):
+    _, _, hc = initialise(version, cr3=0)
+    assert [(f.rule, f.severity) for f in hc.findings] == [("vcpu-context-cr3", "error")]
+    assert "-EINVAL" in hc.findings[0].message
+
+
+@pytest.mark.parametrize("version,severity,says", [("3.0", "warning", "returns 0"), ("4.0", "error", "-ENOSYS")])
+def test_unknown_vcpu_op(version, severity, says):
+    hc = decode_call(InMemoryTarget(), get_abi(version, 32), 24, [99, 1, 0])
+    assert [(f.rule, f.severity) for f in hc.findings] == [("unknown-subop", severity)]
+    assert says in hc.findings[0].message
+
+
+@pytest.mark.parametrize("version,fixed", [("3.0", False), ("4.0", True)])
+def test_seed_initialised_vcpu_from_the_context(version, fixed):
+    abi, target, hc = initialise(version, event_cs=0xE018, trap_cs=0xE018)
+    states: dict[int, GuestState] = {}
+    vcpu0 = states.setdefault(0, GuestState())
+    vcpu0.trap_table[14] = TrapEntry(0, 14, "#PF", 0, 0, False, 0xE019, 1, 0x409999)
+    assert seed_initialised_vcpu(lambda v: states.setdefault(v, GuestState()), target, abi, hc, -22) == []
+    assert 1 not in states
+    changes = seed_initialised_vcpu(lambda v: states.setdefault(v, GuestState()), target, abi, hc, 0)
+    assert changes == ["vCPU 1: trap table of 1 entries and callbacks event, failsafe from its initial context"]
+    new = states[1]
+    cs = 0xE019 if fixed else 0xE018
+    assert {v: (e.cs, e.address) for v, e in new.trap_table.items()} == {3: (cs, 0x401300)}
+    assert (new.callbacks["event"].selector, new.callbacks["event"].address) == (cs, 0x401400)
+    assert new.callbacks["failsafe"].address == 0x401500
+    assert list(vcpu0.trap_table) == [14]  # the caller's own state is not touched
+    # not an initialise, or its result unknown: nothing
+    assert seed_initialised_vcpu(lambda v: states.setdefault(v, GuestState()), target, abi, hc, None) == []
+
+
+def test_seed_from_a_multicall_entry():
+    abi = get_abi("4.0", 32)
+    rows = [{"op": 24, "result": 0, "args": [0, 1, CTXT]}]
+    target = InMemoryTarget(memory=[(0x20000, pack_many(abi, "multicall_entry", rows)),
+                                    (CTXT, vcpu_context(abi))])
+    hc = decode_call(target, abi, 13, [0x20000, 1])
+    batch, _ = decode_multicall(target, abi, 0x20000, 1, results=True)
+    states: dict[int, GuestState] = {}
+    from dataclasses import replace
+    done = replace(hc, detail=batch)
+    assert len(seed_initialised_vcpu(lambda v: states.setdefault(v, GuestState()), target, abi, done, 0)) == 1
+    assert list(states[1].trap_table) == [3]

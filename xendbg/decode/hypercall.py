@@ -135,6 +135,11 @@ def _uvmf_text(abi: Abi, value: int) -> str:
 
 
 def _trap_entry(ctx: _Ctx, index: int, row: Fields) -> TrapEntry:
+    return trap_entry(index, row)
+
+
+def trap_entry(index: int, row: Fields) -> TrapEntry:
+    """One trap_info as decoded (`row` unpacked from its layout)."""
     flags = int(row["flags"])
     vector = int(row["vector"])
     cs = int(row["cs"])
@@ -355,8 +360,7 @@ def _vcpu_op(ctx: _Ctx, args: list[Arg]) -> Detail:
     cmd = abi.enum("VCPUOP").name_of(args[0].value)
     pointer = args[2].value
     if cmd is None:
-        ctx.add(Finding("unknown-subop", "error",
-                        f"vcpu_op command {args[0].value} is unknown: Xen fails the call with -ENOSYS"))
+        ctx.add(rules.unknown_vcpu_op(abi, args[0].value))
         return None
     if cmd == "VCPUOP_initialise":
         try:
@@ -372,15 +376,24 @@ def _vcpu_op(ctx: _Ctx, args: list[Arg]) -> Detail:
         names = _VCPU_CONTEXT_FIELDS_32 if abi.width == 32 else _VCPU_CONTEXT_FIELDS_64
         fields += [(n, int(ctxt[n])) for n in names]
         fields.append(("cr3", int(ctxt["ctrlreg"][3])))
-        traps = sum(1 for t in ctxt["trap_ctxt"] if t["address"])
+        trap_ctxt = ctxt["trap_ctxt"]
+        assert isinstance(trap_ctxt, list)
+        traps = sum(1 for t in trap_ctxt if t["address"])
         fields.append(("trap_ctxt entries", traps))
-        ctx.add(rules.check_code_selector(abi, int(regs["cs"]), f"vCPU {args[1].value} initial CS"))
+        callbacks: dict[str, int] = {}
         if abi.width == 32:
             for kind in ("event", "failsafe"):
                 selector = int(ctxt[f"{kind}_callback_cs"]) & 0xFFFF
-                if selector == 0 and not int(ctxt[f"{kind}_callback_eip"]):
-                    continue  # no callback given: nothing for Xen to check
-                ctx.add(rules.check_code_selector(abi, selector, f"vCPU {args[1].value} {kind} callback"))
+                if selector or int(ctxt[f"{kind}_callback_eip"]):  # no callback given: nothing to check
+                    callbacks[kind] = selector
+        by_selector: dict[int, list[int]] = {}
+        for vector, row in enumerate(trap_ctxt):
+            if row["address"]:
+                by_selector.setdefault(int(row["cs"]) & 0xFFFF, []).append(vector)
+        selectors = {"cs": int(regs["cs"]) & 0xFFFF, "ss": int(regs["ss"]) & 0xFFFF,
+                     "kernel_ss": int(ctxt["kernel_ss"]) & 0xFFFF}
+        ctx.add(rules.check_vcpu_context(abi, args[1].value, selectors, callbacks, by_selector,
+                                         int(ctxt["ctrlreg"][3]), int(ctxt["ldt_base"]), int(ctxt["ldt_ents"])))
         return StructFields("vcpu_guest_context", pointer, tuple(fields))
     if cmd == "VCPUOP_set_singleshot_timer":
         return _struct_at(ctx, "vcpu_set_singleshot_timer", pointer)

@@ -73,6 +73,59 @@ def check_code_selector(abi: Abi, selector: int, what: str) -> list[Finding]:
     return []
 
 
+def check_vcpu_context(abi: Abi, vcpu: int, regs: dict[str, int], callbacks: dict[str, int],
+                       trap_selectors: dict[int, list[int]], cr3: int, ldt_base: int, ldt_ents: int) -> list[Finding]:
+    """VCPUOP_initialise's context, as arch_set_info_guest (xen/arch/x86/domain.c) takes it:
+    - RELEASE-3.0.0: a CS or SS with RPL 0 is -EINVAL; callback and trap-table selectors are not checked.
+    - 3.0.2-branched, RELEASE-4.0.0: SS, kernel_ss, CS, the 32-bit callback CSes and every trap_ctxt CS are
+      fixed up (fixup_guest_{code,stack}_selector); 4.0.0 also refuses an LDT base that is not page-aligned
+      or more than 8192 LDT entries (-EINVAL).
+    - all: ctrlreg[3] must name a page-table page of the domain (get_page_and_type(PGT_base_page_table)),
+      else -EINVAL; xendbg can only tell that 0 is none.
+    `regs` has cs, ss, kernel_ss; `callbacks` kind -> selector; `trap_selectors` selector -> vectors."""
+    who = f"vCPU {vcpu}"
+    found: list[Finding] = []
+    if abi.rejects_bad_selectors:
+        for name in ("cs", "ss"):
+            if regs[name] & 3 == 0:
+                found.append(Finding("selector-rpl", "error",
+                                     f"{who} initial {name.upper()} {regs[name]:#06x} has RPL 0: Xen "
+                                     f"{abi.generation} fails VCPUOP_initialise with -EINVAL"))
+    else:
+        found += check_code_selector(abi, regs["cs"], f"{who} initial CS")
+        for name in ("ss", "kernel_ss"):
+            rpl = regs[name] & 3
+            if name == "kernel_ss" and (abi.width == 64 or not regs[name]):
+                continue  # a 64-bit kernel has no kernel_ss; 0 is none given
+            if rpl < abi.kernel_rpl:
+                fixed = (regs[name] & ~3) | abi.kernel_rpl
+                found.append(Finding("selector-rpl", "info",
+                                     f"{who} {name} {regs[name]:#06x} has RPL {rpl}; Xen {abi.generation} "
+                                     f"silently raises it to {abi.kernel_rpl} ({fixed:#06x})"))
+        for kind, selector in callbacks.items():
+            found += check_code_selector(abi, selector, f"{who} {kind} callback")
+        for selector, vectors in trap_selectors.items():
+            found += check_code_selector(abi, selector, f"{who} trap_ctxt entries for {vector_list(vectors)}")
+        if at_least(abi.generation, "4.0") and (ldt_base & 0xFFF or ldt_ents > 8192):
+            found.append(Finding("vcpu-context-ldt", "error",
+                                 f"{who} LDT at {ldt_base:#x} with {ldt_ents} entries: Xen {abi.generation} wants "
+                                 f"a page-aligned base and at most 8192 entries, and fails the call with -EINVAL"))
+    if cr3 == 0:
+        found.append(Finding("vcpu-context-cr3", "error",
+                             f"{who} ctrlreg[3] is 0, not a page table of the domain: Xen fails VCPUOP_initialise "
+                             f"with -EINVAL (arch_set_info_guest wants the frame of a page directory)"))
+    return found
+
+
+def unknown_vcpu_op(abi: Abi, cmd: int) -> Finding:
+    """RELEASE-3.0.0 xen/common/domain.c do_vcpu_op has no default case (the call returns 0, doing nothing);
+    from 3.0.2-branched the default goes to arch_do_vcpu_op, whose default is -ENOSYS."""
+    if abi.generation == "3.0":
+        return Finding("unknown-subop", "warning",
+                       f"vcpu_op command {cmd} is unknown: Xen 3.0.0 does nothing and returns 0")
+    return Finding("unknown-subop", "error", f"vcpu_op command {cmd} is unknown: Xen fails the call with -ENOSYS")
+
+
 def check_code_address(abi: Abi, address: int, what: str) -> list[Finding]:
     if abi.width == 64 and not is_canonical(address):
         action = ("rejects the call with -EINVAL" if at_least(abi.generation, "4.0")
