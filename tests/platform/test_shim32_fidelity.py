@@ -109,3 +109,128 @@ def test_vcpu_initialise_checks_and_the_new_vcpus_own_context(boot_gdb, tmp_path
     assert seeded["traps"] == {"3": [trap3[0] >> 16, trap3[1]]}
     assert seeded["event"] == [event_cs, event_eip]
     assert event_cs == (0xE018 if abi == "3.0" else 0xE019)  # 3.0.0 keeps RPL 0, 4.0 raised it
+
+
+@pytest.mark.parametrize("abi", ABIS)
+def test_null_trap_table(boot_gdb, abi):
+    """Point 4: a NULL set_trap_table fails with -EFAULT on 2.0 and 3.0.0 and clears the whole virtual IDT
+    from 3.0.2 (4.0 here).  The decoder says so at the pending call, xendbg's registered state (traced)
+    follows, and the shim's table read raw agrees."""
+    booted = boot_gdb("shim32", abi=abi, faulty=True, timeout=60)
+    out = booted.gdb_batch(
+        *setup(abi), "xen trace start", "hbreak *xen_int82 if $eax == 0 && $ebx == 0", "continue", "xen hc --json",
+        "delete", "hbreak *xen_int82 if $eax == 0", "continue",
+        # the registered state itself (`xen traps --registered` says "seen no trap table" when it is empty)
+        "python import json; from xendbg.gdb import context; print('REGISTERED', json.dumps({'entries': [{'vector': v, "
+        "'address': e.address} for v, e in context.SESSION.state(0).trap_table.items()], 'seen': "
+        "context.SESSION.state(0).table is not None}))",
+        "x/2wx &vcpus[0].traps[3]", "x/2wx &vcpus[0].traps[14]", "delete", "xen trace stop", "continue")
+    assert "Traceback" not in out
+    (null,) = json_blocks(out)
+    registered = json.loads(out.split("REGISTERED ", 1)[1].splitlines()[0])
+    raw = words(out)
+    t = booted.finish().transcript
+    assert null["name"] == "set_trap_table" and null["args"][0]["value"] == 0
+    rules = [(f["rule"], f["severity"]) for f in null["findings"]]
+    if abi == "4.0":
+        assert t.steps["set_trap_table.null"].rc == 0
+        assert rules == [("trap-table-null", "info")]
+        assert raw == [0, 0, 0, 0]                      # vectors 3 and 14 gone from the shim's table
+        assert registered == {"entries": [], "seen": True}  # and from xendbg's registered state
+    else:
+        assert t.steps["set_trap_table.null"].rc == -14
+        assert rules == [("unreadable-memory", "error")] and "-EFAULT" in null["findings"][0]["message"]
+        assert raw[1] and raw[3]                        # vectors 3 and 14 still installed
+        kept = {e["vector"]: e["address"] for e in registered["entries"]}
+        assert (kept[3], kept[14]) == (raw[1], raw[3])
+    assert t.steps["set_trap_table.restore"].rc == 0 and t.done
+
+
+@pytest.mark.parametrize("abi", ABIS)
+def test_stack_switch_selector_rpl(boot_gdb, abi):
+    """Point 5: stack_switch with an SS of RPL 0 (2.0, 3.0.0: -EPERM; 4.0: raised to 1) and RPL 3 (3.0.0:
+    -EPERM; 2.0, 4.0: taken as is).  The decoder's errors are the calls the shim refused; the ring-1 stack
+    selector in the TSS, read raw after each call, is what Xen would have loaded."""
+    booted = boot_gdb("shim32", abi=abi, faulty=True, timeout=60)
+    out = booted.gdb_batch(
+        *setup(abi), "hbreak *xen_int82 if $eax == 3 && ($ebx & 3) != 1", "continue", "xen hc --json",
+        "continue", "xen hc --json", "x/2wx &tss[0].esp1", "delete", "hbreak *xen_int82 if $eax == 3",
+        "continue", "x/2wx &tss[0].esp1", "delete", "continue")
+    assert "Traceback" not in out
+    calls = json_blocks(out)
+    ss_after = [w & 0xFFFF for w in words(out)[1::2]]
+    t = booted.finish().transcript
+    kds = KCS[abi] + 8
+    rcs = [t.steps["stack_switch.rpl0"].rc, t.steps["stack_switch.rpl3"].rc]
+    assert rcs == {"2.0": [-1, 0], "3.0": [-1, -1], "4.0": [0, 0]}[abi]
+    for hc, rc in zip(calls, rcs, strict=True):
+        errors = [f for f in hc["findings"] if f["severity"] == "error"]
+        assert bool(errors) == (rc < 0) and all("-EPERM" in f["message"] for f in errors)
+    assert ss_after == {"2.0": [kds, kds | 3], "3.0": [kds, kds], "4.0": [kds, kds | 3]}[abi]
+    assert t.steps["stack_switch.restore"].rc == 0 and t.done
+
+
+def gate(lo: int, hi: int) -> tuple[int, int, int, int]:
+    """An IDT entry read as two words: (selector, offset, type, DPL)."""
+    return lo >> 16, (lo & 0xFFFF) | (hi & 0xFFFF0000), (hi >> 8) & 0xF, (hi >> 13) & 3
+
+
+def test_fast_trap_moves_and_goes(boot_gdb):
+    """Point 6 (Xen 2.0): set_fast_trap(0x21) zeroes the 0x80 gate and installs 0x21; set_fast_trap(0) zeroes
+    that one.  Read raw from the shim's IDT, from the guest's transcript (int $0x21 enters through the gate,
+    then through the shim's #GP forwarding), and from xendbg's registered state, which must follow."""
+    booted = boot_gdb("shim32", abi="2.0", faulty=True, timeout=60)
+    out = booted.gdb_batch(
+        *setup("2.0"), "xen trace start", "hbreak *xen_int82 if $eax == 11 && $ebx == 0", "continue",
+        "xen hc --json", "xen callbacks --json", "x/2wx &idt[0x80]", "x/2wx &idt[0x21]", "p/x (unsigned int)trap_wrap",
+        "delete", "hbreak *xen_int82 if $eax == 6", "continue", "xen callbacks --json", "x/2wx &idt[0x80]",
+        "x/2wx &idt[0x21]", "delete", "xen trace stop", "continue")
+    assert "Traceback" not in out
+    off, moved, gone = json_blocks(out)
+    raw = words(out)
+    handler = int(re.findall(r"^\$\d+ = (0x[0-9a-f]+)$", out, re.M)[0], 16)
+    t = booted.finish().transcript
+    # After set_fast_trap(0x21): no gate at 0x80 any more, a DPL-3 trap gate at 0x21 to the handler.
+    assert raw[0:2] == [0, 0]
+    assert gate(*raw[2:4]) == (KCS["2.0"], handler, 0xF, 3)
+    assert moved["fast_trap"]["vector"] == 0x21 and moved["fast_trap"]["handler"]["address"] == handler
+    assert [f["rule"] for f in off["findings"]] == ["fast-trap-disable"]
+    assert "vector 0x21" in off["findings"][0]["message"]
+    # After set_fast_trap(0): both entries zero, and no fast trap registered.
+    assert raw[4:8] == [0, 0, 0, 0] and gone["fast_trap"] is None
+    lines = t.lines
+    move, stop = lines.index(t.steps["set_fast_trap.move"].line), lines.index(t.steps["set_fast_trap.off"].line)
+    bounced = [i for i, line in enumerate(lines) if "int $0x21 from ring 1 bounced" in line]
+    assert t.steps["set_fast_trap.move"].rc == 0 and t.steps["set_fast_trap.move"].fields["delivered"] == "1"
+    assert t.steps["set_fast_trap.off"].rc == 0 and t.steps["set_fast_trap.off"].fields["delivered"] == "1"
+    assert len(bounced) == 1 and move < bounced[0] < stop  # the gate first, the shim's #GP path after
+
+
+@pytest.mark.parametrize("abi", ["3.0", "4.0"])
+def test_preempted_multicall_is_continued(boot_gdb, abi):
+    """Point 8: an event sent to ourselves from entry 1 of multicall#4 is pending and unmasked, so Xen 3.0+
+    preempts the batch (3.0.0 after entry 1, 4.0 before entry 2) and the guest re-executes int $0x82 with
+    the list advanced by two entries and three left.  `xen catch hypercall multicall` calls exactly that stop
+    Xen's continuation; the raw batch shows entries 0-1 done before it, the transcript one call of 5."""
+    booted = boot_gdb("shim32", abi=abi, timeout=60)
+    out = booted.gdb_batch(
+        *setup(abi), "xen catch hypercall multicall",
+        *("continue", "xen hc --json", "x/2wx $ebx - 64 + 4") * 4, "xen catch delete", "continue")
+    assert "Traceback" not in out
+    caught = re.findall(r"^xendbg: cpu 0 caught hypercall multicall \((.*)\)$", out, re.M)
+    calls = json_blocks(out)
+    t = booted.finish().transcript
+    assert len(caught) == len(calls) == 4
+    continued = [label.endswith("Xen's continuation of the preempted call") for label in caught]
+    assert continued == [False, False, False, True]
+    first, again = calls[2]["args"], calls[3]["args"]
+    assert (again[0]["value"], again[1]["value"]) == (first[0]["value"] + 2 * 32, first[1]["value"] - 2)
+    assert first[1]["value"] == int(t.steps["multicall#4"].fields["entries"]) == 5
+    shim = [line for line in t.lines if line.startswith("[shim] preempted: hypercall 13")]
+    assert shim == [f"[shim] preempted: hypercall 13 continues at {again[0]['value']:08x}, 3"]
+    # at the continuation, entries 0 and 1 have their results already (raw, in the 3.0 layout)
+    done = words(out)[6:8]
+    assert done == [t.steps["multicall#4.entry0"].rc, t.steps["multicall#4.entry1"].rc]
+    assert [e["op"] for e in calls[3]["detail"]["entries"]] == [17, 18, 17]
+    assert t.steps["event.preempt"].rc == 0 and t.steps["event.preempt"].fields["count"] == "1"
+    assert all(t.steps[f"multicall#4.entry{i}"].rc >= 0 for i in range(5)) and t.done

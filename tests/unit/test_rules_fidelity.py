@@ -10,7 +10,7 @@ from xendbg.abi import get_abi
 from xendbg.decode import GuestState, decode_call, decode_multicall
 from xendbg.decode.model import TrapEntry
 from xendbg.decode.rules import dispatched_number
-from xendbg.decode.state import seed_initialised_vcpu
+from xendbg.decode.state import apply, seed_initialised_vcpu
 from xendbg.target import InMemoryTarget
 
 TABLE = 0x10000
@@ -143,3 +143,47 @@ def test_seed_from_a_multicall_entry():
     done = replace(hc, detail=batch)
     assert len(seed_initialised_vcpu(lambda v: states.setdefault(v, GuestState()), target, abi, done, 0)) == 1
     assert list(states[1].trap_table) == [3]
+
+
+# --- stack_switch (point 5) --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version,ss,expect", [
+    ("2.0", 0x0820, ("selector-rpl", "error")), ("2.0", 0x0823, ("selector-rpl", "warning")),
+    ("2.0", 0x0821, None),
+    ("3.0", 0xE020, ("selector-rpl", "error")), ("3.0", 0xE023, ("selector-rpl", "error")),
+    ("3.0", 0xE021, None),
+    ("4.0", 0xE020, ("selector-rpl", "info")), ("4.0", 0xE023, ("selector-rpl", "warning")),
+    ("4.0", 0xE021, None)])
+def test_stack_switch_selector(version, ss, expect):
+    hc = decode_call(InMemoryTarget(), get_abi(version, 32), 3, [ss, 0x402000])
+    assert [(f.rule, f.severity) for f in hc.findings] == ([expect] if expect else [])
+    if expect and expect[1] == "error":
+        assert "-EPERM" in hc.findings[0].message
+
+
+# --- set_fast_trap (point 6): one gate, moved or removed, and the registered state follows -------------
+
+def test_fast_trap_moves_then_goes_in_the_registered_state():
+    abi = get_abi("2.0", 32)
+    state = GuestState()
+    memory = trap_table(abi, [{"vector": 0x80, "flags": 3, "cs": 0x0819, "address": 0x401080},
+                              {"vector": 0x21, "flags": 3, "cs": 0x0819, "address": 0x401021}])
+    target = InMemoryTarget(memory=memory)
+    apply(state, abi, decode_call(target, abi, 0, [TABLE]), 0)
+    first = decode_call(target, abi, 11, [0x80], state=state)
+    assert first.findings == ()
+    apply(state, abi, first, 0)
+    assert state.fast_trap.vector == 0x80 and state.fast_trap.handler.address == 0x401080
+    move = decode_call(target, abi, 11, [0x21], state=state)
+    assert [f.rule for f in move.findings] == ["fast-trap-moved"] and "int $0x80" in move.findings[0].message
+    apply(state, abi, move, 0)
+    assert state.fast_trap.vector == 0x21 and state.fast_trap.handler.address == 0x401021
+    off = decode_call(target, abi, 11, [0], state=state)
+    assert [f.rule for f in off.findings] == ["fast-trap-disable"] and "vector 0x21" in off.findings[0].message
+    apply(state, abi, off, 0)
+    assert state.fast_trap is None
+    # refused: nothing changes
+    apply(state, abi, move, 0)
+    bad = decode_call(target, abi, 11, [0x30], state=state)
+    apply(state, abi, bad, -1)
+    assert state.fast_trap.vector == 0x21

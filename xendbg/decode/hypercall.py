@@ -269,10 +269,16 @@ def _callback_op(ctx: _Ctx, args: list[Arg]) -> Detail:
     return Callbacks("register", (callback,))
 
 
+def _stack_switch(ctx: _Ctx, args: list[Arg]) -> Detail:
+    ctx.add(rules.check_stack_switch(ctx.abi, args[0].value & 0xFFFF))
+    return None
+
+
 def _set_fast_trap(ctx: _Ctx, args: list[Arg]) -> Detail:
     vector = args[0].value & 0xFF if args else 0
     handler = ctx.state.trap_table.get(vector) if ctx.state else None
-    ctx.add(rules.check_fast_trap(ctx.abi, vector, handler.interrupt_flag if handler else None))
+    current = ctx.state.fast_trap.vector if ctx.state and ctx.state.fast_trap else None
+    ctx.add(rules.check_fast_trap(ctx.abi, vector, handler.interrupt_flag if handler else None, current))
     return FastTrap(vector, arch.vector_name(vector), handler)
 
 
@@ -560,6 +566,7 @@ def _iret(ctx: _Ctx, args: list[Arg]) -> Detail:
 _DETAILS: dict[str, Callable[[_Ctx, list[Arg]], Detail]] = {
     "set_trap_table": _set_trap_table,
     "set_callbacks": _set_callbacks,
+    "stack_switch": _stack_switch,
     "callback_op": _callback_op,
     "set_fast_trap@2.0": _set_fast_trap,
     "multicall": _multicall_detail,

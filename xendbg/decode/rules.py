@@ -126,6 +126,27 @@ def unknown_vcpu_op(abi: Abi, cmd: int) -> Finding:
     return Finding("unknown-subop", "error", f"vcpu_op command {cmd} is unknown: Xen fails the call with -ENOSYS")
 
 
+def check_stack_switch(abi: Abi, selector: int) -> list[Finding]:
+    """do_stack_switch (xen/arch/x86/x86_32/mm.c) on the kernel stack selector a 32-bit guest gives:
+    RELEASE-2.0.0 refuses RPL 0 (-EPERM), RELEASE-3.0.0 any RPL but 1 (-EPERM); 3.0.2-branched and
+    RELEASE-4.0.0 raise an RPL below 1 to 1 (fixup_guest_stack_selector) and keep a higher one."""
+    if abi.width != 32:
+        return []
+    rpl = selector & 3
+    what = f"stack_switch: stack selector {selector:#06x} has RPL {rpl}"
+    if abi.generation == "2.0" and rpl == 0:
+        return [Finding("selector-rpl", "error", f"{what}: Xen 2.0 fails the call with -EPERM")]
+    if abi.generation == "3.0" and rpl != 1:
+        return [Finding("selector-rpl", "error", f"{what}, not the kernel's 1: Xen 3.0.0 fails the call with -EPERM")]
+    if rpl > 1:
+        return [Finding("selector-rpl", "warning", f"{what}: Xen {abi.generation} takes it, and the CPU faults "
+                        f"(#TS) when it next switches to ring 1 on that stack")]
+    if rpl == 0:
+        return [Finding("selector-rpl", "info", f"{what}; Xen {abi.generation} silently raises it to 1 "
+                        f"({selector | 1:#06x})")]
+    return []
+
+
 def check_code_address(abi: Abi, address: int, what: str) -> list[Finding]:
     if abi.width == 64 and not is_canonical(address):
         action = ("rejects the call with -EINVAL" if at_least(abi.generation, "4.0")
@@ -135,14 +156,24 @@ def check_code_address(abi: Abi, address: int, what: str) -> list[Finding]:
     return []
 
 
-def check_fast_trap(abi: Abi, vector: int, interrupt_flag: bool | None) -> list[Finding]:
+def check_fast_trap(abi: Abi, vector: int, interrupt_flag: bool | None, current: int | None = None) -> list[Finding]:
+    """set_fast_trap (xen/arch/x86/traps.c, RELEASE-2.0.0): one gate per domain; vector 0 removes it
+    (CLEAR_FAST_TRAP zeroes its IDT entry, SET_DEFAULT_FAST_TRAP), and a new vector first removes the old
+    one.  `current` is the vector xendbg saw installed last, if any."""
     if not abi.has_fast_trap:
         return [Finding("fast-trap-removed", "error",
                         f"set_fast_trap does not exist in Xen {abi.generation} (removed in 3.0): "
                         f"the call fails with -ENOSYS")]
     if vector == 0:
-        return [Finding("fast-trap-disable", "info", "vector 0 disables the fast trap")]
+        gone = f"the gate for vector {current:#x}" if current else "its gate"
+        return [Finding("fast-trap-disable", "info",
+                        f"vector 0 disables the fast trap: Xen 2.0 zeroes {gone} in the IDT, and that int $n "
+                        f"goes through Xen's #GP handler again")]
     findings = []
+    if current and current != vector:
+        findings.append(Finding("fast-trap-moved", "info",
+                                f"the fast trap moves from vector {current:#x} to {vector:#x}: Xen 2.0 zeroes the "
+                                f"old gate first, so int ${current:#x} goes through Xen's #GP handler again"))
     if vector != 0x80 and not 0x20 <= vector <= 0x2F:
         findings.append(Finding("fast-trap-vector", "error",
                                 f"vector {vector:#x} cannot be a fast trap: Xen 2.0 accepts only 0x80 "
