@@ -234,3 +234,62 @@ def test_preempted_multicall_is_continued(boot_gdb, abi):
     assert [e["op"] for e in calls[3]["detail"]["entries"]] == [17, 18, 17]
     assert t.steps["event.preempt"].rc == 0 and t.steps["event.preempt"].fields["count"] == "1"
     assert all(t.steps[f"multicall#4.entry{i}"].rc >= 0 for i in range(5)) and t.done
+
+
+def test_nested_multicall_result_on_2_0(boot_gdb):
+    """Point 3: Xen 2.0 skips a nested multicall and writes its own multicall_return_from_call, an address
+    in its text from 0xFC500000, as that entry's result: negative as a signed value.  The shim writes such an
+    address, the guest sees a failure, and the decoder says what the value is, before and after the call."""
+    booted = boot_gdb("shim32", abi="2.0", faulty=True, timeout=60)
+    out = booted.gdb_batch(
+        *setup("2.0"), "hbreak *xen_int82 if $eax == 13", "continue", "continue", "continue", "xen hc --json",
+        "delete", "hbreak *xen_int82 if $eax == 18", "continue", "xen multicall 0x405ae0 3 --results --json",
+        "x/1wx 0x405ae0 + 32 + 24", "delete", "continue")
+    assert "Traceback" not in out
+    pending, ran = json_blocks(out)
+    (raw,) = words(out)
+    t = booted.finish().transcript
+    assert pending["args"][0]["value"] == 0x405AE0 and pending["detail"]["entries"][1]["op"] == 13
+    (nested,) = [f for f in pending["findings"] if f["rule"] == "multicall-nested"]
+    assert "multicall_return_from_call" in nested["message"] and "negative" in nested["message"]
+    assert raw >= 0xFC500000 and t.steps["multicall#3.entry1"].rc == raw - 2**32 < 0
+    entry = ran["entries"][1]
+    assert entry["result"] == raw - 2**32 and "multicall_return_from_call" in entry["result_name"]
+    assert [e["result"] for e in ran["entries"]] == [t.steps[f"multicall#3.entry{i}"].rc for i in range(3)]
+
+
+STATE = ("python import json; from xendbg.gdb import context; s = context.SESSION.state(0); "
+         "print('STATE', json.dumps({'nmi': s.callbacks['nmi'].address if 'nmi' in s.callbacks else None, "
+         "'trap2': s.trap_table[2].address if 2 in s.trap_table else None}))")
+
+
+def test_callback_op_on_4_0(boot_gdb):
+    """Point 9: under 4.0 unregistering the event or failsafe callback is -EINVAL; an NMI callback is
+    registered as trap-table vector 2 (IF flag, flat kernel CS) and unregistered again; failsafe takes
+    CALLBACKF_mask_events.  Decoder findings, xendbg's registered state and the shim's memory agree."""
+    booted = boot_gdb("shim32", abi="4.0", faulty=True, timeout=60)
+    out = booted.gdb_batch(
+        *setup("4.0"), "xen trace start", "hbreak *xen_int82 if $eax == 30 && $ebx == 1",
+        "continue", "xen hc --json", "continue", "xen hc --json", "continue", "xen hc --json", STATE,
+        "x/2wx &vcpus[0].traps[2]", "x/1wx &vcpus[0].failsafe_masks_events", "p/x (unsigned int)trap_wrap", "delete",
+        "hbreak *xen_int82 if $eax == 18", "continue", STATE, "x/2wx &vcpus[0].traps[2]", "delete",
+        "xen trace stop", "continue")
+    assert "Traceback" not in out
+    calls = json_blocks(out)
+    states = [json.loads(line.split("STATE ", 1)[1]) for line in out.splitlines() if line.startswith("STATE ")]
+    raw = words(out)
+    handler = int(re.findall(r"^\$\d+ = (0x[0-9a-f]+)$", out, re.M)[0], 16)
+    t = booted.finish().transcript
+    steps = ["callback_op.unregister_event", "callback_op.unregister_failsafe", "callback_op.unregister_nmi"]
+    assert [t.steps[s].rc for s in steps] == [-22, -22, 0]
+    for hc, step in zip(calls, steps, strict=True):
+        errors = [f for f in hc["findings"] if f["severity"] == "error"]
+        assert bool(errors) == (t.steps[step].rc < 0) and all("-EINVAL" in f["message"] for f in errors)
+    assert t.steps["callback_op.nmi"].rc == 0 and t.steps["callback_op.failsafe_mask"].rc == 0
+    # registered: vector 2 in the shim's table and in xendbg's state; failsafe masks events
+    vector, flags, cs = raw[0] & 0xFF, (raw[0] >> 8) & 0xFF, raw[0] >> 16   # trap_info { vector, flags, cs, address }
+    assert (vector, flags, cs, raw[1]) == (2, 4, KCS["4.0"], handler)
+    assert raw[2] == 1
+    assert states[0] == {"nmi": handler, "trap2": handler}
+    # unregistered: gone from both
+    assert raw[3:5] == [0, 0] and states[1] == {"nmi": None, "trap2": None}

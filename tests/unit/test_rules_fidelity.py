@@ -187,3 +187,51 @@ def test_fast_trap_moves_then_goes_in_the_registered_state():
     bad = decode_call(target, abi, 11, [0x30], state=state)
     apply(state, abi, bad, -1)
     assert state.fast_trap.vector == 0x21
+
+
+# --- a nested multicall under 2.0 (point 3) -------------------------------------------------------------
+
+def test_nested_multicall_result_is_xen_2_0s_own_address():
+    abi = get_abi("2.0", 32)
+    rows = [{"op": 17, "args": [0, 0, 0, 0, 0, 0x20000, 0]},
+            {"op": 13, "args": [0x30000, 1, 0, 0, 0, 0xFC5000B8, 0]}]
+    target = InMemoryTarget(memory=[(0x20000, pack_many(abi, "multicall_entry", rows))])
+    batch, found = decode_multicall(target, abi, 0x20000, 2, results=True)
+    assert [f.rule for f in found] == ["multicall-nested"]
+    assert "skips it" in found[0].message and "multicall_return_from_call" in found[0].message
+    nested = batch.entries[1]
+    assert nested.result == 0xFC5000B8 - 2**32 < 0
+    assert "multicall_return_from_call" in nested.result_text
+    assert batch.entries[0].result_text == "OK"
+
+
+# --- callback_op under 4.0 (point 9) ---------------------------------------------------------------------
+
+def callback_call(abi, cmd, **fields):
+    struct = "callback_register" if cmd == 0 else "callback_unregister"
+    target = InMemoryTarget(memory=[(0x9000, pack(abi, struct, **fields))])
+    return decode_call(target, abi, 30, [cmd, 0x9000])
+
+
+def test_callback_op_unregister_nmi_register_and_mask_events():
+    abi = get_abi("4.0", 32)
+    state = GuestState()
+    for value in (0, 1):  # event, failsafe
+        hc = callback_call(abi, 1, type=value)
+        assert [(f.rule, f.severity) for f in hc.findings] == [("callback-unregister", "error")]
+        assert "-EINVAL" in hc.findings[0].message
+        assert apply(state, abi, hc, -22) == []
+    nmi = callback_call(abi, 0, type=4, cs=0xE019, address=0x401234)
+    assert nmi.findings == ()
+    apply(state, abi, nmi, 0)
+    assert state.callbacks["nmi"].address == 0x401234
+    entry = state.trap_table[2]  # Xen keeps the NMI callback as trap_ctxt[2], IF flag, flat kernel CS
+    assert (entry.address, entry.cs, entry.interrupt_flag) == (0x401234, 0xE019, True)
+    masked = callback_call(abi, 0, type=1, flags=1, cs=0xE019, address=0x401500)
+    assert masked.findings == () and masked.detail.entries[0].flag_names == ("CALLBACKF_mask_events",)
+    ignored = callback_call(abi, 0, type=0, flags=1, cs=0xE019, address=0x401400)
+    assert [f.rule for f in ignored.findings] == ["callback-mask-events"]
+    gone = callback_call(abi, 1, type=4)
+    assert gone.findings == ()
+    apply(state, abi, gone, 0)
+    assert "nmi" not in state.callbacks and 2 not in state.trap_table

@@ -264,8 +264,12 @@ def _callback_op(ctx: _Ctx, args: list[Arg]) -> Detail:
         selector = int(reg["cs"]) & 0xFFFF
         ctx.add(rules.check_code_selector(abi, selector, f"{kind} callback"))
     ctx.add(rules.check_code_address(abi, address, f"{kind} callback"))
-    callback = Callback(kind, address, selector, None if selector is None else selector & 3, flags,
-                        _callback_flag_names(abi, flags))
+    names = _callback_flag_names(abi, flags)
+    if "CALLBACKF_mask_events" in names and kind in ("event", "nmi"):
+        ctx.add(Finding("callback-mask-events", "info",
+                        f"CALLBACKF_mask_events is ignored for the {kind} callback: Xen always masks events "
+                        f"while delivering it (xen/include/public/callback.h, RELEASE-4.0.0)"))
+    callback = Callback(kind, address, selector, None if selector is None else selector & 3, flags, names)
     return Callbacks("register", (callback,))
 
 
@@ -326,6 +330,8 @@ def _multicall(ctx: _Ctx, address: int, count: int, results: bool) -> MulticallB
         result_text = None
         if result is not None:
             result_text = result_name(result)
+            if abi.multicall_result_in_args and call.name == "multicall" and result_raw >= rules.XEN_2_0_TEXT:
+                result_text = "Xen 2.0's multicall_return_from_call (the nested entry was skipped)"
         entries.append(MulticallEntry(index, entry_address, call, result, result_text))
     return MulticallBatch(address, count, tuple(entries), truncated=count > shown)
 

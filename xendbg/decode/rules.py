@@ -12,8 +12,8 @@ Read from the hypervisor at each tag:
 - RELEASE-4.17.0 xen/arch/x86/pv/callback.c: 64-bit addresses must be canonical (-EINVAL);
   unknown callback types get -ENOSYS; event/failsafe/syscall callbacks cannot be unregistered.
 - do_multicall: RELEASE-2.0.0 x86_32/entry.S detects a nested multicall by its return address and
-  skips it, leaving an undefined value in the result slot; RELEASE-3.0.0 and later
-  xen/common/multicall.c refuse re-entry with -EINVAL.
+  skips it, writing the address of its multicall_return_from_call as the result; RELEASE-3.0.0 and
+  later xen/common/multicall.c refuse re-entry with -EINVAL.
 """
 
 from __future__ import annotations
@@ -190,11 +190,20 @@ def check_fast_trap(abi: Abi, vector: int, interrupt_flag: bool | None, current:
     return findings
 
 
+# Xen 2.0's text starts here (xen/arch/x86/x86_32/xen.lds at RELEASE-2.0.0): its own addresses, written as
+# a nested multicall's result, are above 2 GiB and read as negative numbers.
+XEN_2_0_TEXT = 0xFC500000
+
+
 def check_nested_multicall(abi: Abi, index: int) -> Finding:
+    """RELEASE-2.0.0 x86_32/entry.S do_multicall: a nested multicall's entry is recognised by its return
+    address and returns at once to multicall_return_from_call, which stores %eax, that very address, as the
+    result; RELEASE-3.0.0 and later xen/common/multicall.c refuse re-entry with -EINVAL."""
     if abi.multicall_result_in_args:
         return Finding("multicall-nested", "error",
-                       f"entry {index} is itself a multicall: Xen 2.0 skips it without running it "
-                       f"and leaves an undefined value in its result slot")
+                       f"entry {index} is itself a multicall: Xen 2.0 skips it without running it and writes "
+                       f"the address of its own multicall_return_from_call (in Xen's text, from "
+                       f"{XEN_2_0_TEXT:#x}) as its result, which reads as a negative number: a failure")
     return Finding("multicall-nested", "error",
                    f"entry {index} is itself a multicall: Xen {abi.generation} refuses nested "
                    f"multicalls and sets its result to -EINVAL")

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from xendbg import arch
-from xendbg.abi import Abi
+from xendbg.abi import TRAP_FLAG_IF, Abi
 from xendbg.abi.layouts import unpack
 from xendbg.decode import rules
 from xendbg.decode.hypercall import trap_entry
@@ -34,10 +34,13 @@ from xendbg.decode.model import (
     GuestState,
     Hypercall,
     MulticallBatch,
+    TrapEntry,
     TrapTable,
 )
 from xendbg.errors import UnreadableMemory
 from xendbg.target import Target
+
+TRAP_NMI = 2  # the NMI's vector (TRAP_nmi, xen/include/asm-x86/processor.h)
 
 
 def _refused(findings: list[Finding]) -> bool:
@@ -71,6 +74,15 @@ def _apply_callbacks(state: GuestState, abi: Abi, callbacks: Callbacks, findings
             state.callbacks.pop(cb.kind, None)
         else:
             state.callbacks[cb.kind] = cb
+        if cb.kind == "nmi":
+            # register_guest_nmi_callback (xen/arch/x86/traps.c, RELEASE-4.0.0; pv/callback.c, RELEASE-4.17.0):
+            # the NMI callback is trap_ctxt[2], with the IF flag and the flat kernel CS; unregistering clears it.
+            if callbacks.operation == "unregister":
+                state.trap_table.pop(TRAP_NMI, None)
+            else:
+                state.trap_table[TRAP_NMI] = TrapEntry(
+                    len(state.trap_table), TRAP_NMI, arch.vector_name(TRAP_NMI), TRAP_FLAG_IF, 0, True,
+                    abi.kernel_cs, abi.kernel_cs & 3, cb.address)
     kinds = ", ".join(cb.kind for cb in callbacks.entries)
     return f"callbacks {'unregistered' if callbacks.operation == 'unregister' else 'registered'}: {kinds}"
 
