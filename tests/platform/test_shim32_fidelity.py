@@ -293,3 +293,70 @@ def test_callback_op_on_4_0(boot_gdb):
     assert states[0] == {"nmi": handler, "trap2": handler}
     # unregistered: gone from both
     assert raw[3:5] == [0, 0] and states[1] == {"nmi": None, "trap2": None}
+
+
+@pytest.mark.parametrize("abi", ABIS)
+def test_int80_gate_with_if_flag_and_block(boot_gdb, abi):
+    """Point 7: vector 0x80 re-registered with the IF flag: 3.0.0 leaves the old direct gate (stale), 4.0
+    clears it (the shim's own gate again) -- read raw from the IDT, as the decoder says at the call.
+    SCHEDOP_block clears the event mask in every generation: the timer event pending while masked is
+    delivered then (transcript), and the decoder says so at the block."""
+    gate_steps = () if abi == "2.0" else (
+        "hbreak *xen_int82 if $eax == 0 && *(unsigned char *)$ebx == 0x80 && *(unsigned char *)($ebx + 1) == 7",
+        "continue", "xen hc --json", "delete", "hbreak *xen_int82 if $eax == 0 && $ebx == 0", "continue",
+        "x/2wx &idt[0x80]", "p/x (unsigned int)int80_entry", "delete")
+    booted = boot_gdb("shim32", abi=abi, faulty=True, timeout=60)
+    out = booted.gdb_batch(*setup(abi), *gate_steps, "hbreak *xen_int82 if ($eax == 6 || $eax == 29) && $ebx == 1",
+                           "continue", "xen hc --json", "delete", "continue")
+    assert "Traceback" not in out
+    blocks = json_blocks(out)
+    t = booted.finish().transcript
+    block = t.steps["sched_op.block"]
+    assert block.rc == 0 and block.fields == {"masked_delivered": "0", "delivered": "1", "mask": "0"}
+    assert [f["rule"] for f in blocks[-1]["findings"]] == ["block-unmasks"]
+    if abi == "2.0":
+        return
+    at_call, raw = blocks[0], words(out)
+    handler = int(re.findall(r"^\$\d+ = (0x[0-9a-f]+)$", out, re.M)[0], 16)
+    assert t.steps["set_trap_table.int80_if"].rc == 0
+    if abi == "3.0":
+        assert gate(*raw) == (KCS[abi], handler, 0xF, 3)          # the old gate, to int80_entry
+        assert [f["rule"] for f in at_call["findings"]] == ["int80-gate-stale"]
+    else:
+        assert gate(*raw)[0] == 0x08 and gate(*raw)[3] == 0      # the shim's own: int $0x80 goes to Xen
+        assert [f["rule"] for f in at_call["findings"]] == ["int80-gate-none"]
+
+
+NULL_DELIVERY = {  # abi -> (what the test clears, what happens)
+    ("trap", "2.0"): ("vcpus[0].traps[3].address", "enters 0"),
+    ("trap", "3.0"): ("vcpus[0].traps[3].address", "bounce to a null address"),
+    ("trap", "4.0"): ("vcpus[0].traps[3].cs", "bounce with a null CS"),
+    ("event", "2.0"): ("vcpus[0].event_eip", "enters 0"),
+    ("event", "3.0"): ("vcpus[0].event_eip", "bounce to a null address"),
+    ("event", "4.0"): ("vcpus[0].event_eip", "enters 0"),
+}
+
+
+@pytest.mark.parametrize("kind,abi", sorted(NULL_DELIVERY))
+def test_delivery_to_nothing(boot_gdb, kind, abi):
+    """Point 7: a trap or an event delivered where nothing is registered (the shim's table cleared by gdb,
+    as if never registered): 2.0 checks nothing and enters address 0; 3.0.0 crashes the domain on a null
+    address; 4.0 only on a null CS, entering address 0 otherwise.  The decoder's rule says the same."""
+    from xendbg.abi import get_abi
+    from xendbg.decode.rules import null_delivery
+
+    field, outcome = NULL_DELIVERY[(kind, abi)]
+    stop = "$eax == 13" if kind == "trap" else ("$eax == 32 && $ebx == 1" if abi == "4.0" else "$eax == 16")
+    booted = boot_gdb("shim32", abi=abi, timeout=30)
+    out = booted.gdb_batch(f"hbreak *xen_int82 if {stop}", "continue", f"set var {field} = 0", "delete",
+                           "hbreak *0", "continue", "p/x $pc", "p/x $cs", timeout=30)
+    says = null_delivery(get_abi(abi, 32), f"the {kind} handler")
+    if outcome == "enters 0":
+        assert re.findall(r"^\$\d+ = (0x[0-9a-f]+)$", out, re.M) == ["0x0", hex(KCS[abi])], out
+        assert "enters" in says and "address 0" in says
+        booted.stop()
+        return
+    res = booted.finish()
+    assert not res.ok and f"[shim] domain crash: {outcome}" in res.transcript.text()
+    assert "crashes the domain" in says
+    assert ("null CS" in says) == (abi == "4.0")

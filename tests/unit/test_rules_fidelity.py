@@ -8,9 +8,9 @@ import pytest
 from tests.unit.images import pack, pack_many
 from xendbg.abi import get_abi
 from xendbg.decode import GuestState, decode_call, decode_multicall
-from xendbg.decode.model import TrapEntry
+from xendbg.decode.model import Callback, TrapEntry
 from xendbg.decode.rules import dispatched_number
-from xendbg.decode.state import apply, seed_initialised_vcpu
+from xendbg.decode.state import apply, check_state, seed_initialised_vcpu
 from xendbg.target import InMemoryTarget
 
 TABLE = 0x10000
@@ -235,3 +235,31 @@ def test_callback_op_unregister_nmi_register_and_mask_events():
     assert gone.findings == ()
     apply(state, abi, gone, 0)
     assert "nmi" not in state.callbacks and 2 not in state.trap_table
+
+
+# --- delivery (point 7) -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version,says", [("2.0", "does not check"), ("3.0", "crashes the domain when it has"),
+                                          ("4.0", "null CS")])
+def test_no_event_callback_per_generation(version, says):
+    abi = get_abi(version, 32)
+    state = GuestState()
+    state.callbacks["failsafe"] = Callback("failsafe", 0x401500, abi.kernel_cs, 1)
+    state.history.append("set_callbacks")
+    (finding,) = [f for f in check_state(state, abi) if f.rule == "no-event-callback"]
+    assert says in finding.message
+
+
+@pytest.mark.parametrize("version,rule", [("2.0", None), ("3.0", "int80-gate-stale"), ("3.0.2", "int80-gate-none"),
+                                          ("4.0", "int80-gate-none")])
+def test_int80_entry_with_the_if_flag(version, rule):
+    abi = get_abi(version, 32)
+    memory = trap_table(abi, [{"vector": 0x80, "flags": 3 | 4, "cs": abi.kernel_cs, "address": 0x401080}])
+    hc = decode_call(InMemoryTarget(memory=memory), abi, 0, [TABLE])
+    assert [f.rule for f in hc.findings] == ([rule] if rule else [])
+
+
+@pytest.mark.parametrize("version,nr,args", [("2.0", 6, [1]), ("3.0", 6, [1, 0]), ("4.0", 29, [1, 0])])
+def test_block_clears_the_event_mask(version, nr, args):
+    hc = decode_call(InMemoryTarget(), get_abi(version, 32), nr, args)
+    assert [f.rule for f in hc.findings] == ["block-unmasks"]

@@ -196,6 +196,9 @@ def _trap_table(ctx: _Ctx, address: int, limit: int = rules.MAX_TABLE_ENTRIES) -
                 f"{len(same)} entries from trap_info[{first.index}] ({rules.vector_list([e.vector for e in same])})")
         ctx.add(rules.check_code_selector(abi, selector, what))
     note = ""
+    for entry in entries:
+        if entry.vector == 0x80:
+            ctx.add(rules.check_int80_gate(abi, entry.flags))
     if any(e.vector == arch.PAGE_FAULT for e in entries):
         note = ("#PF: Xen 2.0 pushes the faulting address (CR2) onto the guest frame below the error code"
                 if abi.generation == "2.0" else
@@ -422,6 +425,8 @@ def _shutdown_reason(abi: Abi, reason: int) -> str:
 def _sched_op(ctx: _Ctx, args: list[Arg]) -> Detail:
     abi = ctx.abi
     cmd = abi.enum("SCHEDOP").name_of(args[0].value)
+    if cmd == "SCHEDOP_block":
+        ctx.add(rules.block_unmasks(abi))
     if cmd in ("SCHEDOP_shutdown", "SCHEDOP_shutdown_code"):
         try:
             reason = int(ctx.read_struct("sched_shutdown", args[1].value)["reason"])
@@ -434,6 +439,9 @@ def _sched_op(ctx: _Ctx, args: list[Arg]) -> Detail:
 
 def _sched_op_compat(ctx: _Ctx, args: list[Arg]) -> Detail:
     abi = ctx.abi
+    raw = args[0].value & 0xFF if abi.generation == "2.0" else args[0].value  # 2.0: reason in bits 8-15
+    if abi.enum("SCHEDOP").name_of(raw) == "SCHEDOP_block":
+        ctx.add(rules.block_unmasks(abi))
     if abi.generation == "2.0":
         cmd = abi.enum("SCHEDOP").name_of(args[0].value & 0xFF)
         if cmd == "SCHEDOP_shutdown":

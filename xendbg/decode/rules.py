@@ -18,7 +18,7 @@ Read from the hypervisor at each tag:
 
 from __future__ import annotations
 
-from xendbg.abi import Abi
+from xendbg.abi import TRAP_FLAG_IF, Abi
 from xendbg.abi.generations import at_least
 from xendbg.arch import is_canonical
 from xendbg.decode.model import Finding
@@ -145,6 +145,43 @@ def check_stack_switch(abi: Abi, selector: int) -> list[Finding]:
         return [Finding("selector-rpl", "info", f"{what}; Xen {abi.generation} silently raises it to 1 "
                         f"({selector | 1:#06x})")]
     return []
+
+
+def null_delivery(abi: Abi, what: str) -> str:
+    """What Xen does when it bounces to `what` and finds nothing registered there (create_bounce_frame,
+    xen/arch/x86/x86_32/entry.S): RELEASE-2.0.0 checks nothing (it enters address 0 of a null CS, whose
+    iret faults and crashes the domain); RELEASE-3.0.0 crashes the domain on a null address; RELEASE-4.0.0
+    only on a null CS, so an address of 0 with a CS set is entered."""
+    if abi.generation == "2.0":
+        return (f"Xen 2.0 does not check: it enters {what} at address 0, and the domain crashes when the "
+                f"selector is null too")
+    if not at_least(abi.generation, "4.0"):
+        return f"Xen {abi.generation} crashes the domain when it has to deliver to {what}"
+    return (f"Xen {abi.generation} crashes the domain when {what} has a null CS, and enters address 0 when "
+            f"only the address is 0")
+
+
+def check_int80_gate(abi: Abi, flags: int) -> list[Finding]:
+    """init_int80_direct_trap (xen/arch/x86/x86_32/traps.c), on installing vector 0x80 with the IF flag:
+    RELEASE-3.0.0 returns early, leaving the previous direct gate in place (stale); 3.0.2-branched and
+    RELEASE-4.0.0 clear the vCPU's gate, so int $0x80 goes through Xen (and the flag is honoured)."""
+    if abi.width != 32 or not flags & TRAP_FLAG_IF or abi.generation == "2.0":
+        return []
+    if abi.generation == "3.0":
+        return [Finding("int80-gate-stale", "warning",
+                        "vector 0x80 has the IF flag, which a direct gate cannot honour: Xen 3.0.0 leaves the "
+                        "previous int $0x80 gate in place, so int $0x80 still enters the old handler, events "
+                        "unmasked")]
+    return [Finding("int80-gate-none", "info",
+                    f"vector 0x80 has the IF flag: Xen {abi.generation} gives it no direct gate, and int $0x80 "
+                    f"goes through Xen, which masks events as asked")]
+
+
+def block_unmasks(abi: Abi) -> Finding:
+    """do_block (xen/common/schedule.c at RELEASE-2.0.0, RELEASE-3.0.0, RELEASE-4.0.0) clears the event mask."""
+    return Finding("block-unmasks", "info",
+                   f"SCHEDOP_block: Xen {abi.generation} clears this vCPU's event mask (evtchn_upcall_mask) first: "
+                   f"an event already pending is delivered at once instead of blocking")
 
 
 def check_code_address(abi: Abi, address: int, what: str) -> list[Finding]:

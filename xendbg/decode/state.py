@@ -209,7 +209,8 @@ def check_state(state: GuestState, abi: Abi) -> list[Finding]:
         callbacks += rules.check_code_address(abi, cb.address, f"{kind} callback")
     if "event" not in state.callbacks and state.callbacks:
         callbacks.append(Finding("no-event-callback", "warning",
-                                 "no event callback registered: Xen cannot deliver event-channel upcalls"))
+                                 f"no event callback registered: Xen cannot deliver event-channel upcalls; "
+                                 f"{rules.null_delivery(abi, 'the event callback')}"))
     fast: list[Finding] = []
     gate = state.fast_trap
     if gate is not None and gate.handler is not None:
