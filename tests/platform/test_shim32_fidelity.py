@@ -360,3 +360,12 @@ def test_delivery_to_nothing(boot_gdb, kind, abi):
     assert not res.ok and f"[shim] domain crash: {outcome}" in res.transcript.text()
     assert "crashes the domain" in says
     assert ("null CS" in says) == (abi == "4.0")
+
+
+@pytest.mark.parametrize("abi,magic", [("3.0", "xen-3.0-x86_32"), ("4.0", "xen-3.0-x86_32p")])
+def test_start_info_magic(boot_gdb, abi, magic):
+    """Point 10: start_info.magic as domain_build.c writes it (4.0: "xen-3.0-x86_%d%s", "p" for PAE)."""
+    booted = boot_gdb("shim32", abi=abi, timeout=30)
+    out = booted.gdb_batch("hbreak *xen_int82", "continue", "x/s (char *)&start_info", "delete", "continue")
+    assert re.search(rf'<start_info>:\s+"{re.escape(magic)}"$', out, re.M), out
+    assert booted.finish().ok
