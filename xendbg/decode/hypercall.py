@@ -136,6 +136,11 @@ def _uvmf_text(abi: Abi, value: int) -> str:
 
 
 def _trap_entry(ctx: _Ctx, index: int, row: Fields) -> TrapEntry:
+    return trap_entry(index, row)
+
+
+def trap_entry(index: int, row: Fields) -> TrapEntry:
+    """One trap_info as decoded (`row` unpacked from its layout)."""
     flags = int(row["flags"])
     vector = int(row["vector"])
     cs = int(row["cs"])
@@ -192,6 +197,9 @@ def _trap_table(ctx: _Ctx, address: int, limit: int = rules.MAX_TABLE_ENTRIES) -
                 f"{len(same)} entries from trap_info[{first.index}] ({rules.vector_list([e.vector for e in same])})")
         ctx.add(rules.check_code_selector(abi, selector, what))
     note = ""
+    for entry in entries:
+        if entry.vector == 0x80:
+            ctx.add(rules.check_int80_gate(abi, entry.flags))
     if any(e.vector == arch.PAGE_FAULT for e in entries):
         note = ("#PF: Xen 2.0 pushes the faulting address (CR2) onto the guest frame below the error code"
                 if abi.generation == "2.0" else
@@ -259,15 +267,25 @@ def _callback_op(ctx: _Ctx, args: list[Arg]) -> Detail:
         selector = int(reg["cs"]) & 0xFFFF
         ctx.add(rules.check_code_selector(abi, selector, f"{kind} callback"))
     ctx.add(rules.check_code_address(abi, address, f"{kind} callback"))
-    callback = Callback(kind, address, selector, None if selector is None else selector & 3, flags,
-                        _callback_flag_names(abi, flags))
+    names = _callback_flag_names(abi, flags)
+    if "CALLBACKF_mask_events" in names and kind in ("event", "nmi"):
+        ctx.add(Finding("callback-mask-events", "info",
+                        f"CALLBACKF_mask_events is ignored for the {kind} callback: Xen always masks events "
+                        f"while delivering it (xen/include/public/callback.h, RELEASE-4.0.0)"))
+    callback = Callback(kind, address, selector, None if selector is None else selector & 3, flags, names)
     return Callbacks("register", (callback,))
+
+
+def _stack_switch(ctx: _Ctx, args: list[Arg]) -> Detail:
+    ctx.add(rules.check_stack_switch(ctx.abi, args[0].value & 0xFFFF))
+    return None
 
 
 def _set_fast_trap(ctx: _Ctx, args: list[Arg]) -> Detail:
     vector = args[0].value & 0xFF if args else 0
     handler = ctx.state.trap_table.get(vector) if ctx.state else None
-    ctx.add(rules.check_fast_trap(ctx.abi, vector, handler.interrupt_flag if handler else None))
+    current = ctx.state.fast_trap.vector if ctx.state and ctx.state.fast_trap else None
+    ctx.add(rules.check_fast_trap(ctx.abi, vector, handler.interrupt_flag if handler else None, current))
     return FastTrap(vector, arch.vector_name(vector), handler)
 
 
@@ -303,7 +321,7 @@ def _multicall(ctx: _Ctx, address: int, count: int, results: bool) -> MulticallB
             raw_args = raw_args[:MULTICALL_2_0_RESULT_ARG]  # Xen 2.0 passes args[0..4]
         else:
             result_raw = int(row["result"])
-        hc = abi.hypercall(op)
+        hc = abi.hypercall(rules.dispatched_number(abi, op))
         if hc is not None and hc.name == "multicall":
             ctx.add(rules.check_nested_multicall(abi, index))
             call = Hypercall(op, hc.name, tuple(_arg(ctx, s, v) for s, v in zip(hc.args, raw_args, strict=False)),
@@ -315,6 +333,8 @@ def _multicall(ctx: _Ctx, address: int, count: int, results: bool) -> MulticallB
         result_text = None
         if result is not None:
             result_text = result_name(result)
+            if abi.multicall_result_in_args and call.name == "multicall" and result_raw >= rules.XEN_2_0_TEXT:
+                result_text = "Xen 2.0's multicall_return_from_call (the nested entry was skipped)"
         entries.append(MulticallEntry(index, entry_address, call, result, result_text))
     return MulticallBatch(address, count, tuple(entries), truncated=count > shown)
 
@@ -355,8 +375,7 @@ def _vcpu_op(ctx: _Ctx, args: list[Arg]) -> Detail:
     cmd = abi.enum("VCPUOP").name_of(args[0].value)
     pointer = args[2].value
     if cmd is None:
-        ctx.add(Finding("unknown-subop", "error",
-                        f"vcpu_op command {args[0].value} is unknown: Xen fails the call with -ENOSYS"))
+        ctx.add(rules.unknown_vcpu_op(abi, args[0].value))
         return None
     if cmd == "VCPUOP_initialise":
         try:
@@ -372,15 +391,24 @@ def _vcpu_op(ctx: _Ctx, args: list[Arg]) -> Detail:
         names = _VCPU_CONTEXT_FIELDS_32 if abi.width == 32 else _VCPU_CONTEXT_FIELDS_64
         fields += [(n, int(ctxt[n])) for n in names]
         fields.append(("cr3", int(ctxt["ctrlreg"][3])))
-        traps = sum(1 for t in ctxt["trap_ctxt"] if t["address"])
+        trap_ctxt = ctxt["trap_ctxt"]
+        assert isinstance(trap_ctxt, list)
+        traps = sum(1 for t in trap_ctxt if t["address"])
         fields.append(("trap_ctxt entries", traps))
-        ctx.add(rules.check_code_selector(abi, int(regs["cs"]), f"vCPU {args[1].value} initial CS"))
+        callbacks: dict[str, int] = {}
         if abi.width == 32:
             for kind in ("event", "failsafe"):
                 selector = int(ctxt[f"{kind}_callback_cs"]) & 0xFFFF
-                if selector == 0 and not int(ctxt[f"{kind}_callback_eip"]):
-                    continue  # no callback given: nothing for Xen to check
-                ctx.add(rules.check_code_selector(abi, selector, f"vCPU {args[1].value} {kind} callback"))
+                if selector or int(ctxt[f"{kind}_callback_eip"]):  # no callback given: nothing to check
+                    callbacks[kind] = selector
+        by_selector: dict[int, list[int]] = {}
+        for vector, row in enumerate(trap_ctxt):
+            if row["address"]:
+                by_selector.setdefault(int(row["cs"]) & 0xFFFF, []).append(vector)
+        selectors = {"cs": int(regs["cs"]) & 0xFFFF, "ss": int(regs["ss"]) & 0xFFFF,
+                     "kernel_ss": int(ctxt["kernel_ss"]) & 0xFFFF}
+        ctx.add(rules.check_vcpu_context(abi, args[1].value, selectors, callbacks, by_selector,
+                                         int(ctxt["ctrlreg"][3]), int(ctxt["ldt_base"]), int(ctxt["ldt_ents"])))
         return StructFields("vcpu_guest_context", pointer, tuple(fields))
     if cmd == "VCPUOP_set_singleshot_timer":
         return _struct_at(ctx, "vcpu_set_singleshot_timer", pointer)
@@ -397,6 +425,8 @@ def _shutdown_reason(abi: Abi, reason: int) -> str:
 def _sched_op(ctx: _Ctx, args: list[Arg]) -> Detail:
     abi = ctx.abi
     cmd = abi.enum("SCHEDOP").name_of(args[0].value)
+    if cmd == "SCHEDOP_block":
+        ctx.add(rules.block_unmasks(abi))
     if cmd in ("SCHEDOP_shutdown", "SCHEDOP_shutdown_code"):
         try:
             reason = int(ctx.read_struct("sched_shutdown", args[1].value)["reason"])
@@ -409,6 +439,9 @@ def _sched_op(ctx: _Ctx, args: list[Arg]) -> Detail:
 
 def _sched_op_compat(ctx: _Ctx, args: list[Arg]) -> Detail:
     abi = ctx.abi
+    raw = args[0].value & 0xFF if abi.generation == "2.0" else args[0].value  # 2.0: reason in bits 8-15
+    if abi.enum("SCHEDOP").name_of(raw) == "SCHEDOP_block":
+        ctx.add(rules.block_unmasks(abi))
     if abi.generation == "2.0":
         cmd = abi.enum("SCHEDOP").name_of(args[0].value & 0xFF)
         if cmd == "SCHEDOP_shutdown":
@@ -547,6 +580,7 @@ def _iret(ctx: _Ctx, args: list[Arg]) -> Detail:
 _DETAILS: dict[str, Callable[[_Ctx, list[Arg]], Detail]] = {
     "set_trap_table": _set_trap_table,
     "set_callbacks": _set_callbacks,
+    "stack_switch": _stack_switch,
     "callback_op": _callback_op,
     "set_fast_trap@2.0": _set_fast_trap,
     "multicall": _multicall_detail,
@@ -575,9 +609,14 @@ def _decode(target: Target, abi: Abi, nr: int, raw_args: list[int] | tuple[int, 
     ctx = _Ctx(target, abi, state, depth, guest_sp, in_xen)
     mask = abi.address_mask
     raw = [v & mask for v in raw_args]
-    hc = abi.hypercall(nr)
+    slot = rules.dispatched_number(abi, nr)  # old Xen masks a number past its table (rules.py)
+    hc = abi.hypercall(slot)
+    if slot != nr:
+        ctx.add(rules.wrapped_hypercall(abi, nr, hc.name if hc else None))
     if hc is None:
-        if nr == _tables.HYPERCALL["2.0"]["set_fast_trap"] and not abi.has_fast_trap:
+        if slot != nr:
+            pass  # the wrap finding says what runs
+        elif nr == _tables.HYPERCALL["2.0"]["set_fast_trap"] and not abi.has_fast_trap:
             ctx.add(rules.check_fast_trap(abi, 0, None))  # says set_fast_trap was removed in 3.0
         else:
             ctx.add(rules.unknown_hypercall(abi, nr))

@@ -11,24 +11,36 @@ each decoded call (with its result once known) to `apply`.  Replay follows Xen's
 - set_fast_trap (2.0 only) copies the trap-table entry of its vector into a real gate at call time
   (xen/arch/x86/traps.c at RELEASE-2.0.0), so re-registering that vector later leaves the gate stale.
 - a multicall applies its entries in order.
+- VCPUOP_initialise gives the new vCPU the whole context it was handed (arch_set_info_guest,
+  xen/arch/x86/domain.c at RELEASE-3.0.0 and RELEASE-4.0.0): its trap table and callbacks start as the
+  context's, not as those of the vCPU that made the call (`seed_initialised_vcpu`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from xendbg import arch
-from xendbg.abi import Abi
+from xendbg.abi import TRAP_FLAG_IF, Abi
+from xendbg.abi.layouts import unpack
 from xendbg.decode import rules
+from xendbg.decode.hypercall import trap_entry
 from xendbg.decode.model import (
+    Callback,
     Callbacks,
     FastTrap,
     Finding,
     GuestState,
     Hypercall,
     MulticallBatch,
+    TrapEntry,
     TrapTable,
 )
+from xendbg.errors import UnreadableMemory
+from xendbg.target import Target
+
+TRAP_NMI = 2  # the NMI's vector (TRAP_nmi, xen/include/asm-x86/processor.h)
 
 
 def _refused(findings: list[Finding]) -> bool:
@@ -62,6 +74,15 @@ def _apply_callbacks(state: GuestState, abi: Abi, callbacks: Callbacks, findings
             state.callbacks.pop(cb.kind, None)
         else:
             state.callbacks[cb.kind] = cb
+        if cb.kind == "nmi":
+            # register_guest_nmi_callback (xen/arch/x86/traps.c, RELEASE-4.0.0; pv/callback.c, RELEASE-4.17.0):
+            # the NMI callback is trap_ctxt[2], with the IF flag and the flat kernel CS; unregistering clears it.
+            if callbacks.operation == "unregister":
+                state.trap_table.pop(TRAP_NMI, None)
+            else:
+                state.trap_table[TRAP_NMI] = TrapEntry(
+                    len(state.trap_table), TRAP_NMI, arch.vector_name(TRAP_NMI), TRAP_FLAG_IF, 0, True,
+                    abi.kernel_cs, abi.kernel_cs & 3, cb.address)
     kinds = ", ".join(cb.kind for cb in callbacks.entries)
     return f"callbacks {'unregistered' if callbacks.operation == 'unregister' else 'registered'}: {kinds}"
 
@@ -103,6 +124,66 @@ def apply(state: GuestState, abi: Abi, call: Hypercall, result: int | None = Non
     return changes
 
 
+def _fixed(abi: Abi, selector: int) -> int:
+    """A selector as Xen keeps it: from 3.0.2 an RPL below the kernel's is raised (fixup_guest_code_selector)."""
+    if abi.rejects_bad_selectors or selector & 3 >= abi.kernel_rpl:
+        return selector
+    return (selector & ~3) | abi.kernel_rpl
+
+
+def _initialise_calls(call: Hypercall, result: int | None) -> list[Hypercall]:
+    """The VCPUOP_initialise calls Xen accepted in `call` (itself, or entries of its multicall batch)."""
+    if isinstance(call.detail, MulticallBatch):
+        return [c for e in call.detail.entries for c in _initialise_calls(e.call, e.result)]
+    if call.name == "vcpu_op" and call.subop == "VCPUOP_initialise" and result == 0 and len(call.args) >= 3:
+        return [call]
+    return []
+
+
+def seed_initialised_vcpu(state_of: Callable[[int], GuestState], target: Target, abi: Abi, call: Hypercall,
+                          result: int | None) -> list[str]:
+    """After `call` came back with `result`: each VCPUOP_initialise in it that Xen accepted starts the new
+    vCPU's registered state (`state_of(vcpu)`) from the context it handed over, re-read from the target:
+    Xen copies the whole context (arch_set_info_guest, xen/arch/x86/domain.c, RELEASE-3.0.0 and
+    RELEASE-4.0.0), its trap table and callbacks included, with 3.0.2's selector fix-ups.  Returns what
+    changed, one line per seeded vCPU; [] for any other call or a failed one."""
+    changes: list[str] = []
+    lay = abi.layout("vcpu_guest_context")
+    for init in _initialise_calls(call, result):
+        vcpu, pointer = init.args[1].value, init.args[2].value
+        try:
+            ctxt = unpack(lay, target.read_memory(pointer & abi.address_mask, lay.size), abi.width, abi.era)
+        except UnreadableMemory:
+            changes.append(f"vCPU {vcpu}: its initial context at {pointer:#x} is unreadable now; not seeded")
+            continue
+        rows = ctxt["trap_ctxt"]
+        assert isinstance(rows, list)
+        state = state_of(vcpu)
+        state.trap_table.clear()
+        for vector, row in enumerate(rows):
+            if row["address"]:
+                entry = trap_entry(len(state.trap_table), row)
+                state.trap_table[vector] = replace(entry, vector=vector, vector_name=arch.vector_name(vector),
+                                                   cs=_fixed(abi, entry.cs), rpl=_fixed(abi, entry.cs) & 3)
+        state.table = TrapTable(pointer + lay.field("trap_ctxt").offset, tuple(state.trap_table.values()), True,
+                                f"the trap_ctxt of vCPU {vcpu}'s initial context")
+        state.callbacks.clear()
+        kinds = ("event", "failsafe") if abi.width == 32 else ("event", "failsafe", "syscall")
+        for kind in kinds:
+            address = int(ctxt[f"{kind}_callback_eip"])
+            if not address:
+                continue
+            selector = _fixed(abi, int(ctxt[f"{kind}_callback_cs"]) & 0xFFFF) if abi.width == 32 else None
+            state.callbacks[kind] = Callback(kind, address, selector, None if selector is None else selector & 3)
+        state.fast_trap = None
+        state.width = abi.width
+        line = (f"trap table of {len(state.trap_table)} entries and callbacks "
+                f"{', '.join(state.callbacks) or '(none)'} from its initial context")
+        state.history.append(f"VCPUOP_initialise: {line}")
+        changes.append(f"vCPU {vcpu}: {line}")
+    return changes
+
+
 def check_state(state: GuestState, abi: Abi) -> list[Finding]:
     """Xen's rules over everything the guest has registered (as far as xendbg has seen); each finding's
     subject says what it is about (trap_table, callbacks, fast_trap, state)."""
@@ -128,7 +209,8 @@ def check_state(state: GuestState, abi: Abi) -> list[Finding]:
         callbacks += rules.check_code_address(abi, cb.address, f"{kind} callback")
     if "event" not in state.callbacks and state.callbacks:
         callbacks.append(Finding("no-event-callback", "warning",
-                                 "no event callback registered: Xen cannot deliver event-channel upcalls"))
+                                 f"no event callback registered: Xen cannot deliver event-channel upcalls; "
+                                 f"{rules.null_delivery(abi, 'the event callback')}"))
     fast: list[Finding] = []
     gate = state.fast_trap
     if gate is not None and gate.handler is not None:
