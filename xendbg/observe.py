@@ -97,6 +97,9 @@ class ProbeSpec:
     nr: int | None = None  # a stub's hypercall number
     function: str | None = None  # a Xen-side probe's function
     numbers: tuple[int, ...] | None = None  # only these hypercall numbers (None: all)
+    # Old Xen masks the number with this (rules.dispatched_number): a number past its table runs the call
+    # at number & wrap_mask, so a filter must let those through too.  None where no candidate ABI wraps.
+    wrap_mask: int | None = None
 
 
 @dataclass
@@ -110,6 +113,14 @@ def _numbers(abis: list[Abi], names: frozenset[str] | None) -> tuple[int, ...]:
     """The numbers of these hypercalls in any of `abis` (all of theirs for None)."""
     return tuple(sorted({h.nr for abi in abis for h in abi.hypercalls() if names is None or h.name in names}
                         | {h.nr for abi in abis for n in names or () if (h := abi.hypercall_named(n)) is not None}))
+
+
+def _wrap_mask(abis: list[Abi]) -> int | None:
+    """The mask an old Xen applies to hypercall numbers, if any of `abis` wraps them."""
+    from xendbg.decode.rules import dispatched_number
+
+    masks = {dispatched_number(abi, -1) for abi in abis} - {-1}
+    return max(masks) if masks else None
 
 
 def plan_guest(sites: list[GuestSite], wanted: frozenset[str] | None,
@@ -138,7 +149,8 @@ def plan_guest(sites: list[GuestSite], wanted: frozenset[str] | None,
         if site.fixed_nr is not None and site.fixed_nr not in numbers:
             continue  # a stub for one unwanted call (xen_iret)
         filtered = numbers if wanted is not None and site.fixed_nr is None else None
-        plan.probes.append(ProbeSpec("instruction", site.address, site.width, numbers=filtered))
+        plan.probes.append(ProbeSpec("instruction", site.address, site.width, numbers=filtered,
+                                     wrap_mask=_wrap_mask(abis) if filtered else None))
         if site.fixed_nr not in irets:
             plan.returns.append(site.address + 2)  # `syscall` and `int $0x82` are 2 bytes
         described.append(f"the hypercall instruction at {site.address:#x} ({site.label})")

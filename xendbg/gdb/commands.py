@@ -300,7 +300,7 @@ the guest has registered, as far as xendbg has seen."""
                 found += why.findings()
             else:
                 state = _registered(context.cpu_index())
-                if not state.trap_table:
+                if not state.trap_table and state.table is None:  # a NULL table that cleared it shows empty
                     pending = f"the pending hypercall is {hc.display_name}; " if hc else ""
                     raise XendbgError(f"{pending}xendbg has seen no trap table registered on this vCPU yet: "
                                       f"give ADDR, or let it watch (xen catch hypercall set_trap_table)")

@@ -27,7 +27,7 @@ from xendbg.abi import Abi, get_abi
 from xendbg.abi.layouts import ERA_3, layout
 from xendbg.decode import Hypercall, decode_call, decode_in_xen, decode_multicall, decode_pending
 from xendbg.decode.model import MulticallBatch
-from xendbg.decode.state import apply
+from xendbg.decode.state import apply, seed_initialised_vcpu
 from xendbg.errors import TargetGone, XendbgError
 from xendbg.gdb import context
 from xendbg.gdb.target import GdbTarget
@@ -51,7 +51,10 @@ class _Probe(gdb.Breakpoint):
                 number = f"*(unsigned long *)($rdi + {_FRAME_RAX})"
             else:
                 number = "$eax" if spec.width == 32 else "$rax"
-            self.condition = " || ".join(f"{number} == {n}" for n in spec.numbers)
+            tests = [f"{number} == {n}" for n in spec.numbers]
+            if spec.wrap_mask is not None:  # an old Xen runs number n + 32k as n
+                tests += [f"({number} & {spec.wrap_mask}) == {n}" for n in spec.numbers if n <= spec.wrap_mask]
+            self.condition = " || ".join(tests)
 
     def stop(self) -> bool:
         return self.monitor.on_probe(self.spec)
@@ -296,6 +299,8 @@ class Monitor:
                                             state=context.SESSION.state(cpu))
                 hc = _replace_detail(hc, batch)
             self._apply(cpu, hc, call.abi, result)
+            # A vCPU that Xen started with VCPUOP_initialise registered what its context held.
+            seed_initialised_vcpu(context.SESSION.state, target, call.abi, hc, result)
             if call.seq is not None and self.trace is not None:
                 self.trace.result(cpu, call.seq, hc.display_name, result)
                 self.stats.count_result(hc.display_name, result)
