@@ -37,9 +37,49 @@ class GdbTarget:
         return self._registers[key]
 
     def read_memory(self, address: int, size: int) -> bytes:
+        _warn_if_outside_core(address, size)
         try:
             return bytes(gdb.selected_inferior().read_memory(address, size))
         except gdb.MemoryError:
             raise UnreadableMemory(address, size) from None
         except gdb.error as exc:
             raise TargetGone(f"cannot read memory at {address:#x}: {exc}") from None
+
+
+# --- gdb on a core file -----------------------------------------------------------------------------
+
+_core: tuple[str, list[tuple[int, int]]] | None = None  # (core file, its loaded address ranges)
+_warned: set[int] = set()  # pages already warned about
+
+
+def _core_ranges() -> list[tuple[int, int]] | None:
+    """The address ranges the core file gdb has open holds, or None when gdb's target is no core file."""
+    global _core
+    connection = getattr(gdb.selected_inferior(), "connection", None)
+    if connection is None or connection.type != "core":
+        return None
+    files = gdb.execute("info files", to_string=True)
+    name = files.split("Local core dump file:", 1)[-1].split("\n", 2)[1].strip()
+    if _core is None or _core[0] != name:
+        block = files.split("Local core dump file:", 1)[-1].split("Local exec file:", 1)[0]
+        ranges = [(int(lo, 16), int(hi, 16)) for lo, hi in
+                  (line.split()[0:3:2] for line in block.splitlines() if " - " in line and " is " in line)]
+        _core = (name, ranges)
+    return _core[1]
+
+
+def _warn_if_outside_core(address: int, size: int) -> None:
+    """gdb reads what a core file lacks from the ELF file's own contents, which may be stale (a 64-bit
+    PV guest's memory as the dump saw it is not the vmlinux): say so, once per page."""
+    try:
+        ranges = _core_ranges()
+    except (gdb.error, ValueError, IndexError):
+        return
+    if ranges is None or any(lo <= address and address + size <= hi for lo, hi in ranges):
+        return
+    page = address >> 12
+    if page not in _warned:
+        _warned.add(page)
+        gdb.write(f"xendbg: warning: {address:#x} is not in the core file: gdb reads it from the ELF file, whose "
+                  f"bytes may be stale (xendbg core DUMP --to-gdb OUT writes a core of the guest's virtual "
+                  f"memory)\n", gdb.STDERR)
