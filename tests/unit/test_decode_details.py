@@ -182,15 +182,17 @@ def test_vcpu_op_other_structs_and_unreadable():
 
 
 def test_vcpu_context_32_bit_callbacks_are_checked():
-    abi = get_abi("3.0", 32)
+    abi = get_abi("3.0.2", 32)
     ctxt = pack(abi, "vcpu_guest_context", user_regs={"eip": 0xC0100000, "esp": 0xC0200000, "cs": 0xE019,
-                                                      "ss": 0xE021},
+                                                      "ss": 0xE021}, ctrlreg=[0, 0, 0, 0x1000, 0, 0, 0, 0],
                 event_callback_cs=0xE019, failsafe_callback_cs=0x1E018, kernel_ss=0xE021,
                 trap_ctxt=[{"vector": 3, "cs": 0xE019, "address": 1}, {}, {"vector": 4, "cs": 0xE019, "address": 2}])
-    hc = call("3.0", 32, 24, 0, 2, BUF, memory=[(BUF, ctxt)])
+    hc = call("3.0.2", 32, 24, 0, 2, BUF, memory=[(BUF, ctxt)])
     assert [m for _, _, m in messages(hc)] == [
-        "vCPU 2 failsafe callback: selector 0xe018 has RPL 0, but a 32-bit PV kernel runs in ring 1: Xen 3.0 "
-        "rejects the call with -EPERM"]
+        "vCPU 2 failsafe callback: selector 0xe018 has RPL 0; Xen 3.0.2 silently raises it to the 32-bit PV "
+        "kernel's RPL 1 (0xe019)"]
+    # RELEASE-3.0.0's arch_set_info_guest checks only CS and SS, not the callback selectors
+    assert messages(call("3.0", 32, 24, 0, 2, BUF, memory=[(BUF, ctxt)])) == []
     assert list(fields(hc)) == ["eip", "esp", "cs", "ss", "flags", "kernel_ss", "kernel_sp", "event_callback_cs",
                                 "event_callback_eip", "failsafe_callback_cs", "failsafe_callback_eip", "vm_assist",
                                 "cr3", "trap_ctxt entries"]
@@ -362,11 +364,16 @@ def test_decode_in_xen_frame_entries_and_state():
 
 
 def test_unknown_hypercall_arguments_and_call_fields():
-    hc = decode_call(InMemoryTarget(), get_abi("3.0.2", 32), 77, (1, 2, 3, 4, 5, 6), site="at int 0x82")
+    hc = decode_call(InMemoryTarget(), get_abi("3.0.2", 32), 31, (1, 2, 3, 4, 5, 6), site="at int 0x82")
     assert [(a.name, a.kind, a.value) for a in hc.args] == [(f"arg{i}", "ulong", i + 1) for i in range(5)]
     assert (hc.name, hc.generation, hc.width, hc.site) == (None, "3.0.2", 32, "at int 0x82")
-    assert [f.message for f in hc.findings] == ["hypercall number 77 does not exist in Xen 3.0.2 (32-bit PV): the "
+    assert [f.message for f in hc.findings] == ["hypercall number 31 does not exist in Xen 3.0.2 (32-bit PV): the "
                                                 "call fails with -ENOSYS"]
+    # 3.0.2's entry masks the number with 31: 77 runs multicall (13)
+    hc = decode_call(InMemoryTarget(), get_abi("3.0.2", 32), 77, (1, 2, 3, 4, 5, 6))
+    assert (hc.name, hc.findings[0].rule, hc.findings[0].severity) == ("multicall", "hypercall-number-wraps",
+                                                                       "warning")
+    assert hc.findings[0].message.endswith("number 77 runs multicall (number 13)")
     hc = call("4.17", 64, 17, 0, 0)
     assert (hc.generation, hc.width, hc.site) == ("4.17", 64, "")
     assert call("4.17", 64, 5, 0).args[0].text is None  # int 0 is not negative
@@ -445,8 +452,8 @@ def test_trap_table_limit_between_chunks_and_unreadable_fields():
 
 def test_vcpu_initialise_detail_and_message():
     abi = get_abi("4.17", 32)
-    ctxt = pack(abi, "vcpu_guest_context", user_regs={"cs": 0xE018}, event_callback_cs=0xE019,
-                failsafe_callback_cs=0xE019)
+    ctxt = pack(abi, "vcpu_guest_context", user_regs={"cs": 0xE018, "ss": 0xE021}, event_callback_cs=0xE019,
+                failsafe_callback_cs=0xE019, ctrlreg=[0, 0, 0, 0x1000, 0, 0, 0, 0])
     hc = call("4.17", 32, 24, 0, 3, BUF, memory=[(BUF, ctxt)])
     assert (hc.detail.struct, hc.detail.address) == ("vcpu_guest_context", BUF)
     assert [f.message for f in hc.findings] == ["vCPU 3 initial CS: selector 0xe018 has RPL 0; Xen 4.17 silently "

@@ -181,7 +181,9 @@ def test_no_event_callback_warning_only_when_others_are_registered():
     state.callbacks["failsafe"] = Callback("failsafe", 0xFFFFFFFF81002000)
     found = [f for f in check_state(state, abi) if f.rule == "no-event-callback"]
     assert rules_of(found) == [("no-event-callback", "warning")]
-    assert found[0].message == "no event callback registered: Xen cannot deliver event-channel upcalls"
+    assert found[0].message == ("no event callback registered: Xen cannot deliver event-channel upcalls; Xen 4.17 "
+                                "crashes the domain when the event callback has a null CS, and enters address 0 "
+                                "when only the address is 0")
     state.callbacks["event"] = Callback("event", 0xFFFFFFFF81001000)
     assert check_state(state, abi) == []
 
@@ -339,7 +341,10 @@ def test_fast_trap_messages():
         "fast-trap-removed", "error", "set_fast_trap does not exist in Xen 3.0 (removed in 3.0): the call fails "
         "with -ENOSYS")
     assert [(f.rule, f.severity, f.message) for f in rules.check_fast_trap(get_abi("2.0", 32), 0, None)] == [
-        ("fast-trap-disable", "info", "vector 0 disables the fast trap")]
+        ("fast-trap-disable", "info", "vector 0 disables the fast trap: Xen 2.0 zeroes its gate in the IDT, and "
+                                      "that int $n goes through Xen's #GP handler again")]
+    (f,) = rules.check_fast_trap(get_abi("2.0", 32), 0, None, 0x80)
+    assert f.message.startswith("vector 0 disables the fast trap: Xen 2.0 zeroes the gate for vector 0x80 in the IDT")
     vector, unknown = rules.check_fast_trap(get_abi("2.0", 32), 0x81, None)
     (flag,) = rules.check_fast_trap(get_abi("2.0", 32), 0x20, True)
     assert vector.message == ("vector 0x81 cannot be a fast trap: Xen 2.0 accepts only 0x80 and 0x20-0x2f and fails "
@@ -360,8 +365,9 @@ def test_multicall_and_unknown_hypercall_messages():
 
     f = rules.check_nested_multicall(get_abi("2.0", 32), 2)
     assert (f.rule, f.severity, f.message) == (
-        "multicall-nested", "error", "entry 2 is itself a multicall: Xen 2.0 skips it without running it and leaves "
-        "an undefined value in its result slot")
+        "multicall-nested", "error", "entry 2 is itself a multicall: Xen 2.0 skips it without running it and writes "
+        "the address of its own multicall_return_from_call (in Xen's text, from 0xfc500000) as its result, which "
+        "reads as a negative number: a failure")
     assert rules.check_nested_multicall(get_abi("4.17", 64), 0).message == (
         "entry 0 is itself a multicall: Xen 4.17 refuses nested multicalls and sets its result to -EINVAL")
     f = rules.unknown_hypercall(get_abi("3.0.2", 32), 77)
