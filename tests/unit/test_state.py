@@ -200,8 +200,8 @@ def test_check_state_messages():
         ("selector-rpl", "info", "trap table entries for vectors 0x3, 0x6: selector 0xe030 has RPL 0; Xen 4.17 "
                                  "silently raises it to the 64-bit PV kernel's RPL 3 (0xe033)"),
         ("no-event-callback", "warning", "no event callback registered: Xen cannot deliver event-channel upcalls; "
-                                         "Xen 4.17 crashes the domain when the event callback has a null CS, and "
-                                         "enters address 0 when only the address is 0")]
+                                         "Xen 4.17 crashes the domain when it has to deliver to the event callback, "
+                                         "whose address is 0")]
     del state.trap_table[14]
     (f,) = [f for f in check_state(state, abi) if f.rule == "no-page-fault-handler"]
     assert (f.severity, f.message) == ("warning", "the trap table has no page-fault (#PF, vector 14) handler: Xen "

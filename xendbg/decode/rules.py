@@ -153,6 +153,8 @@ def null_delivery(abi: Abi, what: str) -> str:
     xen/arch/x86/x86_32/entry.S): RELEASE-2.0.0 checks nothing (it enters address 0 of a null CS, whose
     iret faults and crashes the domain); RELEASE-3.0.0 crashes the domain on a null address; RELEASE-4.0.0
     only on a null CS, so an address of 0 with a CS set is entered."""
+    if abi.width == 64:  # x86_64/entry.S create_bounce_frame at RELEASE-4.17.0: a null address crashes it
+        return f"Xen {abi.generation} crashes the domain when it has to deliver to {what}, whose address is 0"
     if abi.generation == "2.0":
         return (f"Xen 2.0 does not check: it enters {what} at address 0, and the domain crashes when the "
                 f"selector is null too")
