@@ -108,3 +108,19 @@ def test_xen64_dump_decodes_as_live_and_opens_in_gdb(tmp_path):
                           "-ex", f"source {SCRIPT}", "-ex", "set xen color off", "-ex", f"set xen abi {xen}",
                           "-ex", "xen hypercall --json"], capture_output=True, text=True, timeout=120).stdout
     assert json_blocks(out) == [live], out
+
+
+def test_linux64_dump_decodes_as_live_inside_xen(tmp_path):
+    """Linux dom0 stopped inside Xen at its first multicall (do_multicall, with xen-syms): the dump says
+    the same call, the same arguments and the same batch as the live session."""
+    booted = BootedWithQmp("linux64", None, tmp_path, timeout=150)
+    try:
+        live, dumps = stop_at_multicall(booted, tmp_path, "auto", "xen catch hypercall multicall")
+    finally:
+        booted.stop()
+    files = ["--symbols", booted.artifacts["vmlinux"], "--xen-syms", booted.artifacts["xen_syms"]]
+    dumped = core_json(dumps["kz"], "hypercall", *files)
+    same = ("name", "nr", "xen", "width", "subop", "args")
+    assert {k: dumped[k] for k in same} == {k: live[k] for k in same}
+    assert [(e["op"], e["args"]) for e in dumped["detail"]["entries"]] == \
+        [(e["op"], e["args"]) for e in live["detail"]["entries"]]
