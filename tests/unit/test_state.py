@@ -337,3 +337,12 @@ def test_replay_of_a_batch_goes_on_after_a_refused_entry():
     assert state.history[-1] == ("multicall: multicall entry 1: trap table: 1 of 1 entries applied; multicall entry "
                                  "2: callbacks registered: event, failsafe, syscall")
     assert state.callbacks["event"].address == 0xFFFFFFFF81001000
+
+
+def test_seeding_ignores_calls_that_start_no_vcpu_even_where_xen_has_no_vcpu_context():
+    """Xen 2.0 has no vcpu_guest_context: a returned call that initialises no vCPU must not need one."""
+    from xendbg.decode.model import Hypercall
+    from xendbg.decode.state import seed_initialised_vcpu
+
+    call = Hypercall(17, "xen_version", (), "2.0", 32)
+    assert seed_initialised_vcpu(lambda vcpu: GuestState(), InMemoryTarget(), get_abi("2.0", 32), call, 0) == []

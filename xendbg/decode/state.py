@@ -148,8 +148,11 @@ def seed_initialised_vcpu(state_of: Callable[[int], GuestState], target: Target,
     RELEASE-4.0.0), its trap table and callbacks included, with 3.0.2's selector fix-ups.  Returns what
     changed, one line per seeded vCPU; [] for any other call or a failed one."""
     changes: list[str] = []
+    initialised = _initialise_calls(call, result)
+    if not initialised:
+        return changes  # most calls: nothing to seed (and Xen 2.0 has no vcpu_guest_context at all)
     lay = abi.layout("vcpu_guest_context")
-    for init in _initialise_calls(call, result):
+    for init in initialised:
         vcpu, pointer = init.args[1].value, init.args[2].value
         try:
             ctxt = unpack(lay, target.read_memory(pointer & abi.address_mask, lay.size), abi.width, abi.era)
