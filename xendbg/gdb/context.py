@@ -100,6 +100,17 @@ class GdbSymbols:
         return name, 0
 
     def address_of(self, name: str) -> int | None:
+        # With debug info (Debian 13's xen-syms has it) a name may be a type and a variable at once
+        # (`struct t_info` and `t_info`): ask for the variable or function first, then the minimal symbol.
+        for lookup in (gdb.lookup_static_symbol, gdb.lookup_global_symbol):
+            try:
+                symbol = lookup(name)
+                if symbol is not None and (symbol.is_variable or symbol.is_function):
+                    value = symbol.value()
+                    address = value.address if symbol.is_variable else value
+                    return int(address.cast(gdb.lookup_type("unsigned long"))) & ((1 << 64) - 1)
+            except (gdb.error, RuntimeError):
+                pass
         try:
             return int(gdb.parse_and_eval(f"(unsigned long)&'{name}'")) & ((1 << 64) - 1)
         except gdb.error:
