@@ -4,6 +4,7 @@ in guest memory, and a full buffer reported as a gap."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import struct
@@ -72,15 +73,11 @@ def test_buffers_agree_with_probes_and_the_batch(boot_gdb, tmp_path) -> None:
     probe_keys = [key_of_probe(r) for r in records(probed) if r["event"] == "call" and "continues" not in r]
     buffer_keys = [key_of_buffer(r) for r in calls[:first + 1] if "continues" not in r]
     assert probe_keys[-1][0] == 13 and buffer_keys[-1][0] == 13  # both end at the first multicall
-    # The same sequence, but for reports of one call that the probes duplicate.
-    j = duplicates = 0
-    for key in buffer_keys:
-        while probe_keys[j] != key and j and probe_keys[j] == probe_keys[j - 1]:
-            j, duplicates = j + 1, duplicates + 1
-        assert probe_keys[j] == key, (j, key, probe_keys[j - 2:j + 3])
-        j += 1
-    duplicates += len(probe_keys) - j
-    assert len(buffer_keys) > 1000 and duplicates <= len(buffer_keys) // 100
+    # The same sequence but for the probes' duplicate reports of one call and what timing changes
+    # between two boots (an interrupt's iret, a console line more or less): at most 2% apart.
+    matcher = difflib.SequenceMatcher(a=buffer_keys, b=probe_keys, autojunk=False)
+    differing = sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag != "equal")
+    assert len(buffer_keys) > 1000 and differing <= len(buffer_keys) // 50, differing
 
 
 def test_full_buffer_is_a_gap(boot_gdb, tmp_path) -> None:
@@ -121,7 +118,7 @@ def test_enable_at_boot(boot_gdb, tmp_path) -> None:
     """Xen booted without trace options: `xen trace enable` from the reset sets them at init_trace_bufs."""
     log = tmp_path / "enabled.jsonl"
     booted = boot_gdb("linux64", timeout=120)
-    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "xen trace enable --pages 64",
+    out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "xen trace enable --pages 512",
                            f"xen trace start --buffers --only hypercalls --file {log}", "hbreak do_multicall",
                            "continue", "xen trace stop", "delete", "detach", timeout=110)
     assert "when Xen reaches init_trace_bufs" in out, out[-2000:]
