@@ -19,7 +19,7 @@ A call's result is read where it comes back to the guest (`return_places`), matc
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from xendbg import arch
 from xendbg.abi import Abi
@@ -271,17 +271,11 @@ def completed_part(earlier: Hypercall, now: Hypercall, abi: Abi) -> Hypercall:
     skipped = _args(now)[0] - _args(earlier)[0]
     if isinstance(detail, MulticallBatch):
         kept = tuple(e for e in detail.entries if e.address < detail.address + skipped)
-        return _with_detail(earlier, MulticallBatch(detail.address, len(kept), kept))
+        return replace(earlier, detail=MulticallBatch(detail.address, len(kept), kept))
     if isinstance(detail, TrapTable):
         count = skipped // abi.layout("trap_info").size
-        return _with_detail(earlier, TrapTable(detail.address, detail.entries[:count], True, detail.note))
+        return replace(earlier, detail=TrapTable(detail.address, detail.entries[:count], True, detail.note))
     return earlier
-
-
-def _with_detail(hc: Hypercall, detail: MulticallBatch | TrapTable) -> Hypercall:
-    from dataclasses import replace
-
-    return replace(hc, detail=detail)
 
 
 @dataclass

@@ -214,10 +214,6 @@ def choice(code_selector: int | None = None) -> AbiChoice:
     return SESSION.choice(code_selector)
 
 
-def generation() -> str:
-    return choice().generation
-
-
 def abi_for_width(width: int) -> Abi:
     _refresh_evidence()
     return SESSION.abi_for_width(width)

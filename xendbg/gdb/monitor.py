@@ -17,7 +17,7 @@ gdb forbids adding or deleting breakpoints inside `stop()`: when a registration 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 import gdb
@@ -297,7 +297,7 @@ class Monitor:
                 # The batch has run: its entries' results say which registrations Xen accepted.
                 batch, _ = decode_multicall(target, call.abi, hc.detail.address, hc.detail.count,
                                             state=context.SESSION.state(cpu))
-                hc = _replace_detail(hc, batch)
+                hc = replace(hc, detail=batch)
             self._apply(cpu, hc, call.abi, result)
             # A vCPU that Xen started with VCPUOP_initialise registered what its context held.
             seed_initialised_vcpu(context.SESSION.state, target, call.abi, hc, result)
@@ -396,12 +396,6 @@ class Monitor:
         self.entry_breakpoints.clear()
         self.replan()
         return count
-
-
-def _replace_detail(hc: Hypercall, batch: MulticallBatch) -> Hypercall:
-    from dataclasses import replace
-
-    return replace(hc, detail=batch)
 
 
 _INSTRUCTION_BYTES = {32: b"\xcd\x82", 64: b"\x0f\x05"}  # int $0x82, syscall
