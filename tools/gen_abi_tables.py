@@ -22,6 +22,7 @@ GENERATIONS: dict[str, str] = {
     "3.0.3": "3.0.3-branched",
     "4.0": "RELEASE-4.0.0",
     "4.17": "RELEASE-4.17.0",
+    "4.20": "RELEASE-4.20.0",
     "4.22": "RELEASE-4.22.0",
 }
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 # ABI generations, oldest first; the tables in xendbg/abi/_tables.py are keyed by these names
 # (tests/platform/test_loading.py checks that the two agree).
-GENERATIONS: tuple[str, ...] = ("2.0", "3.0", "3.0.2", "3.0.3", "4.0", "4.17", "4.22")
+GENERATIONS: tuple[str, ...] = ("2.0", "3.0", "3.0.2", "3.0.3", "4.0", "4.17", "4.20", "4.22")
 NEWEST: str = GENERATIONS[-1]
 
 # x86 exception vectors (Intel SDM vol. 3, table 6-1): mnemonic and name.

@@ -21,7 +21,7 @@ LISTING = "(`xendbg abi --xen {0}` lists them; add --width 32 for 32-bit guests)
 
 
 def test_generations_oldest_first():
-    assert GENERATIONS == ("2.0", "3.0", "3.0.2", "3.0.3", "4.0", "4.17", "4.22")
+    assert GENERATIONS == ("2.0", "3.0", "3.0.2", "3.0.3", "4.0", "4.17", "4.20", "4.22")
     assert NEWEST == "4.22"
 
 
@@ -57,7 +57,7 @@ def test_a_name_only_older_xen_has():
 def test_a_name_only_newer_xen_has_suggests_the_newest():
     with pytest.raises(UsageError) as err:
         resolve_hypercall("callback_op", ("3.0",))
-    assert str(err.value) == ("Xen 3.0 has no hypercall 'callback_op': only Xen 3.0.3, 4.0, 4.17, 4.22 have it "
+    assert str(err.value) == ("Xen 3.0 has no hypercall 'callback_op': only Xen 3.0.3, 4.0, 4.17, 4.20, 4.22 have it "
                               "(set xen abi 4.22)")
 
 

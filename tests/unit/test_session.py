@@ -25,7 +25,7 @@ from xendbg.session import (
 from xendbg.target import InMemoryTarget
 
 PC = 0x7000
-ALL_NEWEST_FIRST = ("4.22", "4.17", "4.0", "3.0.3", "3.0.2", "3.0", "2.0")
+ALL_NEWEST_FIRST = ("4.22", "4.20", "4.17", "4.0", "3.0.3", "3.0.2", "3.0", "2.0")
 FROM_3_0_NEWEST_FIRST = ALL_NEWEST_FIRST[:-1]
 XEN_CS = 0xE008  # Xen's own ring-0 code selector: the vCPU is in Xen
 

@@ -2,7 +2,7 @@
 
 Do not edit by hand.  Each generation's layouts come from compiling sizeof/offsetof probes with
 gcc -m32 and -m64 against xen/include/public/ at its tag: RELEASE-2.0.0, RELEASE-3.0.0,
-3.0.2-branched, 3.0.3-branched, RELEASE-4.0.0, RELEASE-4.17.0, RELEASE-4.22.0.
+3.0.2-branched, 3.0.3-branched, RELEASE-4.0.0, RELEASE-4.17.0, RELEASE-4.20.0, RELEASE-4.22.0.
 A layout is (size, fields); a field is NAME@OFFSET:KIND[xCOUNT], KIND u8/u16/u32/u64, bytes
 (COUNT bytes) or a nested layout.  A generation repeats only what changed from the one before.
 """
@@ -14,6 +14,7 @@ SOURCE_TAGS: dict[str, str] = {
     '3.0.3': '3.0.3-branched',
     '4.0': 'RELEASE-4.0.0',
     '4.17': 'RELEASE-4.17.0',
+    '4.20': 'RELEASE-4.20.0',
     '4.22': 'RELEASE-4.22.0',
 }
 
@@ -116,4 +117,5 @@ LAYOUTS['4.0'] = {**LAYOUTS['3.0.3'],  # RELEASE-4.0.0
     ('vcpu_set_singleshot_timer', 64): (16, 'timeout_abs_ns@0:u64 flags@8:u32'),
 }
 LAYOUTS['4.17'] = LAYOUTS['4.0']  # RELEASE-4.17.0
-LAYOUTS['4.22'] = LAYOUTS['4.17']  # RELEASE-4.22.0
+LAYOUTS['4.20'] = LAYOUTS['4.17']  # RELEASE-4.20.0
+LAYOUTS['4.22'] = LAYOUTS['4.20']  # RELEASE-4.22.0

@@ -4,7 +4,7 @@ Do not edit by hand.  Each generation's values come from xen/include/public/ at 
 named in GENERATION_TAGS.
 """
 
-GENERATION_TAGS: dict[str, str] = {'2.0': 'RELEASE-2.0.0', '3.0': 'RELEASE-3.0.0', '3.0.2': '3.0.2-branched', '3.0.3': '3.0.3-branched', '4.0': 'RELEASE-4.0.0', '4.17': 'RELEASE-4.17.0', '4.22': 'RELEASE-4.22.0'}
+GENERATION_TAGS: dict[str, str] = {'2.0': 'RELEASE-2.0.0', '3.0': 'RELEASE-3.0.0', '3.0.2': '3.0.2-branched', '3.0.3': '3.0.3-branched', '4.0': 'RELEASE-4.0.0', '4.17': 'RELEASE-4.17.0', '4.20': 'RELEASE-4.20.0', '4.22': 'RELEASE-4.22.0'}
 
 HYPERCALL: dict[str, dict[str, int]] = {}
 HYPERCALL['2.0'] = {'set_trap_table': 0, 'mmu_update': 1, 'set_gdt': 2, 'stack_switch': 3, 'set_callbacks': 4, 'fpu_taskswitch': 5, 'sched_op': 6, 'dom0_op': 7, 'set_debugreg': 8, 'get_debugreg': 9, 'update_descriptor': 10, 'set_fast_trap': 11, 'dom_mem_op': 12, 'multicall': 13, 'update_va_mapping': 14, 'set_timer_op': 15, 'event_channel_op': 16, 'xen_version': 17, 'console_io': 18, 'physdev_op': 19, 'grant_table_op': 20, 'vm_assist': 21, 'update_va_mapping_otherdomain': 22}  # RELEASE-2.0.0
@@ -13,7 +13,8 @@ HYPERCALL['3.0.2'] = {'set_trap_table': 0, 'mmu_update': 1, 'set_gdt': 2, 'stack
 HYPERCALL['3.0.3'] = {'set_trap_table': 0, 'mmu_update': 1, 'set_gdt': 2, 'stack_switch': 3, 'set_callbacks': 4, 'fpu_taskswitch': 5, 'sched_op_compat': 6, 'platform_op': 7, 'set_debugreg': 8, 'get_debugreg': 9, 'update_descriptor': 10, 'memory_op': 12, 'multicall': 13, 'update_va_mapping': 14, 'set_timer_op': 15, 'event_channel_op_compat': 16, 'xen_version': 17, 'console_io': 18, 'physdev_op_compat': 19, 'grant_table_op': 20, 'vm_assist': 21, 'update_va_mapping_otherdomain': 22, 'iret': 23, 'vcpu_op': 24, 'set_segment_base': 25, 'mmuext_op': 26, 'acm_op': 27, 'nmi_op': 28, 'sched_op': 29, 'callback_op': 30, 'xenoprof_op': 31, 'event_channel_op': 32, 'physdev_op': 33, 'hvm_op': 34, 'sysctl': 35, 'domctl': 36, 'kexec_op': 37, 'arch_0': 48, 'arch_1': 49, 'arch_2': 50, 'arch_3': 51, 'arch_4': 52, 'arch_5': 53, 'arch_6': 54, 'arch_7': 55}  # 3.0.3-branched
 HYPERCALL['4.0'] = {'set_trap_table': 0, 'mmu_update': 1, 'set_gdt': 2, 'stack_switch': 3, 'set_callbacks': 4, 'fpu_taskswitch': 5, 'sched_op_compat': 6, 'platform_op': 7, 'set_debugreg': 8, 'get_debugreg': 9, 'update_descriptor': 10, 'memory_op': 12, 'multicall': 13, 'update_va_mapping': 14, 'set_timer_op': 15, 'event_channel_op_compat': 16, 'xen_version': 17, 'console_io': 18, 'physdev_op_compat': 19, 'grant_table_op': 20, 'vm_assist': 21, 'update_va_mapping_otherdomain': 22, 'iret': 23, 'vcpu_op': 24, 'set_segment_base': 25, 'mmuext_op': 26, 'xsm_op': 27, 'nmi_op': 28, 'sched_op': 29, 'callback_op': 30, 'xenoprof_op': 31, 'event_channel_op': 32, 'physdev_op': 33, 'hvm_op': 34, 'sysctl': 35, 'domctl': 36, 'kexec_op': 37, 'tmem_op': 38, 'mca': 48, 'arch_0': 48, 'arch_1': 49, 'arch_2': 50, 'arch_3': 51, 'arch_4': 52, 'arch_5': 53, 'arch_6': 54, 'arch_7': 55}  # RELEASE-4.0.0
 HYPERCALL['4.17'] = {'set_trap_table': 0, 'mmu_update': 1, 'set_gdt': 2, 'stack_switch': 3, 'set_callbacks': 4, 'fpu_taskswitch': 5, 'sched_op_compat': 6, 'platform_op': 7, 'set_debugreg': 8, 'get_debugreg': 9, 'update_descriptor': 10, 'memory_op': 12, 'multicall': 13, 'update_va_mapping': 14, 'set_timer_op': 15, 'event_channel_op_compat': 16, 'xen_version': 17, 'console_io': 18, 'physdev_op_compat': 19, 'grant_table_op': 20, 'vm_assist': 21, 'update_va_mapping_otherdomain': 22, 'iret': 23, 'vcpu_op': 24, 'set_segment_base': 25, 'mmuext_op': 26, 'xsm_op': 27, 'nmi_op': 28, 'sched_op': 29, 'callback_op': 30, 'xenoprof_op': 31, 'event_channel_op': 32, 'physdev_op': 33, 'hvm_op': 34, 'sysctl': 35, 'domctl': 36, 'kexec_op': 37, 'tmem_op': 38, 'argo_op': 39, 'xenpmu_op': 40, 'dm_op': 41, 'hypfs_op': 42, 'mca': 48, 'arch_0': 48, 'paging_domctl_cont': 49, 'arch_1': 49, 'arch_2': 50, 'arch_3': 51, 'arch_4': 52, 'arch_5': 53, 'arch_6': 54, 'arch_7': 55}  # RELEASE-4.17.0
-HYPERCALL['4.22'] = HYPERCALL['4.17']
+HYPERCALL['4.20'] = HYPERCALL['4.17']
+HYPERCALL['4.22'] = HYPERCALL['4.20']
 
 VCPUOP: dict[str, dict[str, int]] = {}
 VCPUOP['2.0'] = {}  # RELEASE-2.0.0
@@ -22,7 +23,8 @@ VCPUOP['3.0.2'] = {'VCPUOP_initialise': 0, 'VCPUOP_up': 1, 'VCPUOP_down': 2, 'VC
 VCPUOP['3.0.3'] = VCPUOP['3.0.2']
 VCPUOP['4.0'] = {'VCPUOP_initialise': 0, 'VCPUOP_up': 1, 'VCPUOP_down': 2, 'VCPUOP_is_up': 3, 'VCPUOP_get_runstate_info': 4, 'VCPUOP_register_runstate_memory_area': 5, 'VCPUOP_set_periodic_timer': 6, 'VCPUOP_stop_periodic_timer': 7, 'VCPUOP_set_singleshot_timer': 8, 'VCPUOP_stop_singleshot_timer': 9, 'VCPUOP_register_vcpu_info': 10, 'VCPUOP_send_nmi': 11, 'VCPUOP_get_physid': 12, 'VCPUOP_register_vcpu_time_memory_area': 13}  # RELEASE-4.0.0
 VCPUOP['4.17'] = VCPUOP['4.0']
-VCPUOP['4.22'] = {'VCPUOP_initialise': 0, 'VCPUOP_up': 1, 'VCPUOP_down': 2, 'VCPUOP_is_up': 3, 'VCPUOP_get_runstate_info': 4, 'VCPUOP_register_runstate_memory_area': 5, 'VCPUOP_set_periodic_timer': 6, 'VCPUOP_stop_periodic_timer': 7, 'VCPUOP_set_singleshot_timer': 8, 'VCPUOP_stop_singleshot_timer': 9, 'VCPUOP_register_vcpu_info': 10, 'VCPUOP_send_nmi': 11, 'VCPUOP_get_physid': 12, 'VCPUOP_register_vcpu_time_memory_area': 13, 'VCPUOP_register_runstate_phys_area': 14, 'VCPUOP_register_vcpu_time_phys_area': 15}  # RELEASE-4.22.0
+VCPUOP['4.20'] = {'VCPUOP_initialise': 0, 'VCPUOP_up': 1, 'VCPUOP_down': 2, 'VCPUOP_is_up': 3, 'VCPUOP_get_runstate_info': 4, 'VCPUOP_register_runstate_memory_area': 5, 'VCPUOP_set_periodic_timer': 6, 'VCPUOP_stop_periodic_timer': 7, 'VCPUOP_set_singleshot_timer': 8, 'VCPUOP_stop_singleshot_timer': 9, 'VCPUOP_register_vcpu_info': 10, 'VCPUOP_send_nmi': 11, 'VCPUOP_get_physid': 12, 'VCPUOP_register_vcpu_time_memory_area': 13, 'VCPUOP_register_runstate_phys_area': 14, 'VCPUOP_register_vcpu_time_phys_area': 15}  # RELEASE-4.20.0
+VCPUOP['4.22'] = VCPUOP['4.20']
 
 SCHEDOP: dict[str, dict[str, int]] = {}
 SCHEDOP['2.0'] = {'SCHEDOP_yield': 0, 'SCHEDOP_block': 1, 'SCHEDOP_shutdown': 2}  # RELEASE-2.0.0
@@ -31,7 +33,8 @@ SCHEDOP['3.0.2'] = {'SCHEDOP_yield': 0, 'SCHEDOP_block': 1, 'SCHEDOP_shutdown': 
 SCHEDOP['3.0.3'] = {'SCHEDOP_yield': 0, 'SCHEDOP_block': 1, 'SCHEDOP_shutdown': 2, 'SCHEDOP_poll': 3, 'SCHEDOP_remote_shutdown': 4}  # 3.0.3-branched
 SCHEDOP['4.0'] = SCHEDOP['3.0.3']
 SCHEDOP['4.17'] = {'SCHEDOP_yield': 0, 'SCHEDOP_block': 1, 'SCHEDOP_shutdown': 2, 'SCHEDOP_poll': 3, 'SCHEDOP_remote_shutdown': 4, 'SCHEDOP_shutdown_code': 5, 'SCHEDOP_watchdog': 6, 'SCHEDOP_pin_override': 7}  # RELEASE-4.17.0
-SCHEDOP['4.22'] = SCHEDOP['4.17']
+SCHEDOP['4.20'] = SCHEDOP['4.17']
+SCHEDOP['4.22'] = SCHEDOP['4.20']
 
 SHUTDOWN: dict[str, dict[str, int]] = {}
 SHUTDOWN['2.0'] = {}  # RELEASE-2.0.0
@@ -40,7 +43,8 @@ SHUTDOWN['3.0.2'] = SHUTDOWN['3.0']
 SHUTDOWN['3.0.3'] = SHUTDOWN['3.0.2']
 SHUTDOWN['4.0'] = SHUTDOWN['3.0.3']
 SHUTDOWN['4.17'] = {'SHUTDOWN_poweroff': 0, 'SHUTDOWN_reboot': 1, 'SHUTDOWN_suspend': 2, 'SHUTDOWN_crash': 3, 'SHUTDOWN_watchdog': 4, 'SHUTDOWN_soft_reset': 5}  # RELEASE-4.17.0
-SHUTDOWN['4.22'] = SHUTDOWN['4.17']
+SHUTDOWN['4.20'] = SHUTDOWN['4.17']
+SHUTDOWN['4.22'] = SHUTDOWN['4.20']
 
 EVTCHNOP: dict[str, dict[str, int]] = {}
 EVTCHNOP['2.0'] = {'EVTCHNOP_bind_interdomain': 0, 'EVTCHNOP_bind_virq': 1, 'EVTCHNOP_bind_pirq': 2, 'EVTCHNOP_close': 3, 'EVTCHNOP_send': 4, 'EVTCHNOP_status': 5, 'EVTCHNOP_alloc_unbound': 6}  # RELEASE-2.0.0
@@ -49,7 +53,8 @@ EVTCHNOP['3.0.2'] = {'EVTCHNOP_bind_interdomain': 0, 'EVTCHNOP_bind_virq': 1, 'E
 EVTCHNOP['3.0.3'] = EVTCHNOP['3.0.2']
 EVTCHNOP['4.0'] = {'EVTCHNOP_bind_interdomain': 0, 'EVTCHNOP_bind_virq': 1, 'EVTCHNOP_bind_pirq': 2, 'EVTCHNOP_close': 3, 'EVTCHNOP_send': 4, 'EVTCHNOP_status': 5, 'EVTCHNOP_alloc_unbound': 6, 'EVTCHNOP_bind_ipi': 7, 'EVTCHNOP_bind_vcpu': 8, 'EVTCHNOP_unmask': 9, 'EVTCHNOP_reset': 10}  # RELEASE-4.0.0
 EVTCHNOP['4.17'] = {'EVTCHNOP_bind_interdomain': 0, 'EVTCHNOP_bind_virq': 1, 'EVTCHNOP_bind_pirq': 2, 'EVTCHNOP_close': 3, 'EVTCHNOP_send': 4, 'EVTCHNOP_status': 5, 'EVTCHNOP_alloc_unbound': 6, 'EVTCHNOP_bind_ipi': 7, 'EVTCHNOP_bind_vcpu': 8, 'EVTCHNOP_unmask': 9, 'EVTCHNOP_reset': 10, 'EVTCHNOP_init_control': 11, 'EVTCHNOP_expand_array': 12, 'EVTCHNOP_set_priority': 13, 'EVTCHNOP_reset_cont': 14}  # RELEASE-4.17.0
-EVTCHNOP['4.22'] = EVTCHNOP['4.17']
+EVTCHNOP['4.20'] = EVTCHNOP['4.17']
+EVTCHNOP['4.22'] = EVTCHNOP['4.20']
 
 GNTTABOP: dict[str, dict[str, int]] = {}
 GNTTABOP['2.0'] = {'GNTTABOP_map_grant_ref': 0, 'GNTTABOP_unmap_grant_ref': 1, 'GNTTABOP_setup_table': 2}  # RELEASE-2.0.0
@@ -58,7 +63,8 @@ GNTTABOP['3.0.2'] = GNTTABOP['3.0']
 GNTTABOP['3.0.3'] = {'GNTTABOP_map_grant_ref': 0, 'GNTTABOP_unmap_grant_ref': 1, 'GNTTABOP_setup_table': 2, 'GNTTABOP_dump_table': 3, 'GNTTABOP_transfer': 4, 'GNTTABOP_copy': 5}  # 3.0.3-branched
 GNTTABOP['4.0'] = {'GNTTABOP_map_grant_ref': 0, 'GNTTABOP_unmap_grant_ref': 1, 'GNTTABOP_setup_table': 2, 'GNTTABOP_dump_table': 3, 'GNTTABOP_transfer': 4, 'GNTTABOP_copy': 5, 'GNTTABOP_query_size': 6, 'GNTTABOP_unmap_and_replace': 7, 'GNTTABOP_set_version': 8, 'GNTTABOP_get_status_frames': 9, 'GNTTABOP_get_version': 10}  # RELEASE-4.0.0
 GNTTABOP['4.17'] = {'GNTTABOP_map_grant_ref': 0, 'GNTTABOP_unmap_grant_ref': 1, 'GNTTABOP_setup_table': 2, 'GNTTABOP_dump_table': 3, 'GNTTABOP_transfer': 4, 'GNTTABOP_copy': 5, 'GNTTABOP_query_size': 6, 'GNTTABOP_unmap_and_replace': 7, 'GNTTABOP_set_version': 8, 'GNTTABOP_get_status_frames': 9, 'GNTTABOP_get_version': 10, 'GNTTABOP_swap_grant_ref': 11, 'GNTTABOP_cache_flush': 12}  # RELEASE-4.17.0
-GNTTABOP['4.22'] = GNTTABOP['4.17']
+GNTTABOP['4.20'] = GNTTABOP['4.17']
+GNTTABOP['4.22'] = GNTTABOP['4.20']
 
 XENMEM: dict[str, dict[str, int]] = {}
 XENMEM['2.0'] = {'MEMOP_increase_reservation': 0, 'MEMOP_decrease_reservation': 1}  # RELEASE-2.0.0
@@ -67,7 +73,8 @@ XENMEM['3.0.2'] = {'XENMEM_increase_reservation': 0, 'XENMEM_decrease_reservatio
 XENMEM['3.0.3'] = {'XENMEM_increase_reservation': 0, 'XENMEM_decrease_reservation': 1, 'XENMEM_maximum_ram_page': 2, 'XENMEM_current_reservation': 3, 'XENMEM_maximum_reservation': 4, 'XENMEM_machphys_mfn_list': 5, 'XENMEM_populate_physmap': 6, 'XENMEM_add_to_physmap': 7, 'XENMEM_translate_gpfn_list': 8, 'XENMEM_memory_map': 9, 'XENMEM_machine_memory_map': 10, 'XENMEM_exchange': 11, 'XENMEM_machphys_mapping': 12}  # 3.0.3-branched
 XENMEM['4.0'] = {'XENMEM_increase_reservation': 0, 'XENMEM_decrease_reservation': 1, 'XENMEM_maximum_ram_page': 2, 'XENMEM_current_reservation': 3, 'XENMEM_maximum_reservation': 4, 'XENMEM_machphys_mfn_list': 5, 'XENMEM_populate_physmap': 6, 'XENMEM_add_to_physmap': 7, 'XENMEM_memory_map': 9, 'XENMEM_machine_memory_map': 10, 'XENMEM_exchange': 11, 'XENMEM_machphys_mapping': 12, 'XENMEM_set_memory_map': 13, 'XENMEM_maximum_gpfn': 14, 'XENMEM_set_pod_target': 16, 'XENMEM_get_pod_target': 17, 'XENMEM_get_sharing_freed_pages': 18}  # RELEASE-4.0.0
 XENMEM['4.17'] = {'XENMEM_increase_reservation': 0, 'XENMEM_decrease_reservation': 1, 'XENMEM_maximum_ram_page': 2, 'XENMEM_current_reservation': 3, 'XENMEM_maximum_reservation': 4, 'XENMEM_machphys_mfn_list': 5, 'XENMEM_populate_physmap': 6, 'XENMEM_add_to_physmap': 7, 'XENMEM_memory_map': 9, 'XENMEM_machine_memory_map': 10, 'XENMEM_exchange': 11, 'XENMEM_machphys_mapping': 12, 'XENMEM_set_memory_map': 13, 'XENMEM_maximum_gpfn': 14, 'XENMEM_remove_from_physmap': 15, 'XENMEM_set_pod_target': 16, 'XENMEM_get_pod_target': 17, 'XENMEM_get_sharing_freed_pages': 18, 'XENMEM_get_sharing_shared_pages': 19, 'XENMEM_paging_op': 20, 'XENMEM_access_op': 21, 'XENMEM_sharing_op': 22, 'XENMEM_add_to_physmap_batch': 23, 'XENMEM_claim_pages': 24, 'XENMEM_machphys_compat_mfn_list': 25, 'XENMEM_get_vnumainfo': 26, 'XENMEM_reserved_device_memory_map': 27, 'XENMEM_acquire_resource': 28}  # RELEASE-4.17.0
-XENMEM['4.22'] = XENMEM['4.17']
+XENMEM['4.20'] = XENMEM['4.17']
+XENMEM['4.22'] = XENMEM['4.20']
 
 MMUEXT: dict[str, dict[str, int]] = {}
 MMUEXT['2.0'] = {'MMUEXT_PIN_L1_TABLE': 0, 'MMUEXT_PIN_L2_TABLE': 1, 'MMUEXT_PIN_L3_TABLE': 2, 'MMUEXT_PIN_L4_TABLE': 3, 'MMUEXT_UNPIN_TABLE': 4, 'MMUEXT_NEW_BASEPTR': 5, 'MMUEXT_TLB_FLUSH': 6, 'MMUEXT_INVLPG': 7, 'MMUEXT_FLUSH_CACHE': 8, 'MMUEXT_SET_LDT': 9, 'MMUEXT_SET_FOREIGNDOM': 10, 'MMUEXT_CLEAR_FOREIGNDOM': 11, 'MMUEXT_TRANSFER_PAGE': 12, 'MMUEXT_REASSIGN_PAGE': 13}  # RELEASE-2.0.0
@@ -76,7 +83,8 @@ MMUEXT['3.0.2'] = {'MMUEXT_PIN_L1_TABLE': 0, 'MMUEXT_PIN_L2_TABLE': 1, 'MMUEXT_P
 MMUEXT['3.0.3'] = MMUEXT['3.0.2']
 MMUEXT['4.0'] = {'MMUEXT_PIN_L1_TABLE': 0, 'MMUEXT_PIN_L2_TABLE': 1, 'MMUEXT_PIN_L3_TABLE': 2, 'MMUEXT_PIN_L4_TABLE': 3, 'MMUEXT_UNPIN_TABLE': 4, 'MMUEXT_NEW_BASEPTR': 5, 'MMUEXT_TLB_FLUSH_LOCAL': 6, 'MMUEXT_INVLPG_LOCAL': 7, 'MMUEXT_TLB_FLUSH_MULTI': 8, 'MMUEXT_INVLPG_MULTI': 9, 'MMUEXT_TLB_FLUSH_ALL': 10, 'MMUEXT_INVLPG_ALL': 11, 'MMUEXT_FLUSH_CACHE': 12, 'MMUEXT_SET_LDT': 13, 'MMUEXT_NEW_USER_BASEPTR': 15, 'MMUEXT_CLEAR_PAGE': 16, 'MMUEXT_COPY_PAGE': 17}  # RELEASE-4.0.0
 MMUEXT['4.17'] = {'MMUEXT_PIN_L1_TABLE': 0, 'MMUEXT_PIN_L2_TABLE': 1, 'MMUEXT_PIN_L3_TABLE': 2, 'MMUEXT_PIN_L4_TABLE': 3, 'MMUEXT_UNPIN_TABLE': 4, 'MMUEXT_NEW_BASEPTR': 5, 'MMUEXT_TLB_FLUSH_LOCAL': 6, 'MMUEXT_INVLPG_LOCAL': 7, 'MMUEXT_TLB_FLUSH_MULTI': 8, 'MMUEXT_INVLPG_MULTI': 9, 'MMUEXT_TLB_FLUSH_ALL': 10, 'MMUEXT_INVLPG_ALL': 11, 'MMUEXT_FLUSH_CACHE': 12, 'MMUEXT_SET_LDT': 13, 'MMUEXT_NEW_USER_BASEPTR': 15, 'MMUEXT_CLEAR_PAGE': 16, 'MMUEXT_COPY_PAGE': 17, 'MMUEXT_FLUSH_CACHE_GLOBAL': 18, 'MMUEXT_MARK_SUPER': 19, 'MMUEXT_UNMARK_SUPER': 20}  # RELEASE-4.17.0
-MMUEXT['4.22'] = MMUEXT['4.17']
+MMUEXT['4.20'] = MMUEXT['4.17']
+MMUEXT['4.22'] = MMUEXT['4.20']
 
 MMU: dict[str, dict[str, int]] = {}
 MMU['2.0'] = {'MMU_NORMAL_PT_UPDATE': 0, 'MMU_MACHPHYS_UPDATE': 2, 'MMU_EXTENDED_COMMAND': 3}  # RELEASE-2.0.0
@@ -85,7 +93,8 @@ MMU['3.0.2'] = MMU['3.0']
 MMU['3.0.3'] = MMU['3.0.2']
 MMU['4.0'] = {'MMU_NORMAL_PT_UPDATE': 0, 'MMU_MACHPHYS_UPDATE': 1, 'MMU_PT_UPDATE_PRESERVE_AD': 2}  # RELEASE-4.0.0
 MMU['4.17'] = {'MMU_NORMAL_PT_UPDATE': 0, 'MMU_MACHPHYS_UPDATE': 1, 'MMU_PT_UPDATE_PRESERVE_AD': 2, 'MMU_PT_UPDATE_NO_TRANSLATE': 3}  # RELEASE-4.17.0
-MMU['4.22'] = MMU['4.17']
+MMU['4.20'] = MMU['4.17']
+MMU['4.22'] = MMU['4.20']
 
 CALLBACKOP: dict[str, dict[str, int]] = {}
 CALLBACKOP['2.0'] = {}  # RELEASE-2.0.0
@@ -94,7 +103,8 @@ CALLBACKOP['3.0.2'] = CALLBACKOP['3.0']
 CALLBACKOP['3.0.3'] = {'CALLBACKOP_register': 0, 'CALLBACKOP_unregister': 1}  # 3.0.3-branched
 CALLBACKOP['4.0'] = CALLBACKOP['3.0.3']
 CALLBACKOP['4.17'] = CALLBACKOP['4.0']
-CALLBACKOP['4.22'] = CALLBACKOP['4.17']
+CALLBACKOP['4.20'] = CALLBACKOP['4.17']
+CALLBACKOP['4.22'] = CALLBACKOP['4.20']
 
 CALLBACKTYPE: dict[str, dict[str, int]] = {}
 CALLBACKTYPE['2.0'] = {}  # RELEASE-2.0.0
@@ -103,7 +113,8 @@ CALLBACKTYPE['3.0.2'] = CALLBACKTYPE['3.0']
 CALLBACKTYPE['3.0.3'] = {'CALLBACKTYPE_event': 0, 'CALLBACKTYPE_failsafe': 1, 'CALLBACKTYPE_syscall': 2, 'CALLBACKTYPE_sysenter': 3, 'CALLBACKTYPE_nmi': 4}  # 3.0.3-branched
 CALLBACKTYPE['4.0'] = {'CALLBACKTYPE_event': 0, 'CALLBACKTYPE_failsafe': 1, 'CALLBACKTYPE_syscall': 2, 'CALLBACKTYPE_sysenter_deprecated': 3, 'CALLBACKTYPE_nmi': 4, 'CALLBACKTYPE_sysenter': 5, 'CALLBACKTYPE_syscall32': 7}  # RELEASE-4.0.0
 CALLBACKTYPE['4.17'] = CALLBACKTYPE['4.0']
-CALLBACKTYPE['4.22'] = CALLBACKTYPE['4.17']
+CALLBACKTYPE['4.20'] = CALLBACKTYPE['4.17']
+CALLBACKTYPE['4.22'] = CALLBACKTYPE['4.20']
 
 CALLBACKF: dict[str, dict[str, int]] = {}
 CALLBACKF['2.0'] = {}  # RELEASE-2.0.0
@@ -112,7 +123,8 @@ CALLBACKF['3.0.2'] = CALLBACKF['3.0']
 CALLBACKF['3.0.3'] = {'CALLBACKF_mask_events': 1}  # 3.0.3-branched
 CALLBACKF['4.0'] = CALLBACKF['3.0.3']
 CALLBACKF['4.17'] = CALLBACKF['4.0']
-CALLBACKF['4.22'] = CALLBACKF['4.17']
+CALLBACKF['4.20'] = CALLBACKF['4.17']
+CALLBACKF['4.22'] = CALLBACKF['4.20']
 
 VMASST_CMD: dict[str, dict[str, int]] = {}
 VMASST_CMD['2.0'] = {'VMASST_CMD_enable': 0, 'VMASST_CMD_disable': 1}  # RELEASE-2.0.0
@@ -121,7 +133,8 @@ VMASST_CMD['3.0.2'] = VMASST_CMD['3.0']
 VMASST_CMD['3.0.3'] = VMASST_CMD['3.0.2']
 VMASST_CMD['4.0'] = VMASST_CMD['3.0.3']
 VMASST_CMD['4.17'] = VMASST_CMD['4.0']
-VMASST_CMD['4.22'] = VMASST_CMD['4.17']
+VMASST_CMD['4.20'] = VMASST_CMD['4.17']
+VMASST_CMD['4.22'] = VMASST_CMD['4.20']
 
 VMASST_TYPE: dict[str, dict[str, int]] = {}
 VMASST_TYPE['2.0'] = {'VMASST_TYPE_4gb_segments': 0, 'VMASST_TYPE_4gb_segments_notify': 1, 'VMASST_TYPE_writable_pagetables': 2}  # RELEASE-2.0.0
@@ -130,7 +143,8 @@ VMASST_TYPE['3.0.2'] = VMASST_TYPE['3.0']
 VMASST_TYPE['3.0.3'] = {'VMASST_TYPE_4gb_segments': 0, 'VMASST_TYPE_4gb_segments_notify': 1, 'VMASST_TYPE_writable_pagetables': 2, 'VMASST_TYPE_pae_extended_cr3': 3}  # 3.0.3-branched
 VMASST_TYPE['4.0'] = VMASST_TYPE['3.0.3']
 VMASST_TYPE['4.17'] = {'VMASST_TYPE_4gb_segments': 0, 'VMASST_TYPE_4gb_segments_notify': 1, 'VMASST_TYPE_writable_pagetables': 2, 'VMASST_TYPE_pae_extended_cr3': 3, 'VMASST_TYPE_architectural_iopl': 4, 'VMASST_TYPE_runstate_update_flag': 5, 'VMASST_TYPE_m2p_strict': 32}  # RELEASE-4.17.0
-VMASST_TYPE['4.22'] = VMASST_TYPE['4.17']
+VMASST_TYPE['4.20'] = VMASST_TYPE['4.17']
+VMASST_TYPE['4.22'] = VMASST_TYPE['4.20']
 
 XENVER: dict[str, dict[str, int]] = {}
 XENVER['2.0'] = {}  # RELEASE-2.0.0
@@ -139,7 +153,8 @@ XENVER['3.0.2'] = {'XENVER_version': 0, 'XENVER_extraversion': 1, 'XENVER_compil
 XENVER['3.0.3'] = {'XENVER_version': 0, 'XENVER_extraversion': 1, 'XENVER_compile_info': 2, 'XENVER_capabilities': 3, 'XENVER_changeset': 4, 'XENVER_platform_parameters': 5, 'XENVER_get_features': 6, 'XENVER_pagesize': 7, 'XENVER_guest_handle': 8}  # 3.0.3-branched
 XENVER['4.0'] = {'XENVER_version': 0, 'XENVER_extraversion': 1, 'XENVER_compile_info': 2, 'XENVER_capabilities': 3, 'XENVER_changeset': 4, 'XENVER_platform_parameters': 5, 'XENVER_get_features': 6, 'XENVER_pagesize': 7, 'XENVER_guest_handle': 8, 'XENVER_commandline': 9}  # RELEASE-4.0.0
 XENVER['4.17'] = {'XENVER_version': 0, 'XENVER_extraversion': 1, 'XENVER_compile_info': 2, 'XENVER_capabilities': 3, 'XENVER_changeset': 4, 'XENVER_platform_parameters': 5, 'XENVER_get_features': 6, 'XENVER_pagesize': 7, 'XENVER_guest_handle': 8, 'XENVER_commandline': 9, 'XENVER_build_id': 10}  # RELEASE-4.17.0
-XENVER['4.22'] = {'XENVER_version': 0, 'XENVER_extraversion': 1, 'XENVER_compile_info': 2, 'XENVER_capabilities': 3, 'XENVER_changeset': 4, 'XENVER_platform_parameters': 5, 'XENVER_get_features': 6, 'XENVER_pagesize': 7, 'XENVER_guest_handle': 8, 'XENVER_commandline': 9, 'XENVER_build_id': 10, 'XENVER_extraversion2': 11, 'XENVER_capabilities2': 12, 'XENVER_changeset2': 13, 'XENVER_commandline2': 14}  # RELEASE-4.22.0
+XENVER['4.20'] = {'XENVER_version': 0, 'XENVER_extraversion': 1, 'XENVER_compile_info': 2, 'XENVER_capabilities': 3, 'XENVER_changeset': 4, 'XENVER_platform_parameters': 5, 'XENVER_get_features': 6, 'XENVER_pagesize': 7, 'XENVER_guest_handle': 8, 'XENVER_commandline': 9, 'XENVER_build_id': 10, 'XENVER_extraversion2': 11, 'XENVER_capabilities2': 12, 'XENVER_changeset2': 13, 'XENVER_commandline2': 14}  # RELEASE-4.20.0
+XENVER['4.22'] = XENVER['4.20']
 
 CONSOLEIO: dict[str, dict[str, int]] = {}
 CONSOLEIO['2.0'] = {'CONSOLEIO_write': 0, 'CONSOLEIO_read': 1}  # RELEASE-2.0.0
@@ -148,7 +163,8 @@ CONSOLEIO['3.0.2'] = CONSOLEIO['3.0']
 CONSOLEIO['3.0.3'] = CONSOLEIO['3.0.2']
 CONSOLEIO['4.0'] = CONSOLEIO['3.0.3']
 CONSOLEIO['4.17'] = CONSOLEIO['4.0']
-CONSOLEIO['4.22'] = CONSOLEIO['4.17']
+CONSOLEIO['4.20'] = CONSOLEIO['4.17']
+CONSOLEIO['4.22'] = CONSOLEIO['4.20']
 
 PHYSDEVOP: dict[str, dict[str, int]] = {}
 PHYSDEVOP['2.0'] = {'PHYSDEVOP_PCI_CFGREG_READ': 0, 'PHYSDEVOP_PCI_CFGREG_WRITE': 1, 'PHYSDEVOP_PCI_INITIALISE_DEVICE': 2, 'PHYSDEVOP_PCI_PROBE_ROOT_BUSES': 3, 'PHYSDEVOP_IRQ_UNMASK_NOTIFY': 4, 'PHYSDEVOP_IRQ_STATUS_QUERY': 5}  # RELEASE-2.0.0
@@ -157,7 +173,8 @@ PHYSDEVOP['3.0.2'] = PHYSDEVOP['3.0']
 PHYSDEVOP['3.0.3'] = {'PHYSDEVOP_IRQ_UNMASK_NOTIFY': 4, 'PHYSDEVOP_irq_status_query': 5, 'PHYSDEVOP_IRQ_STATUS_QUERY': 5, 'PHYSDEVOP_set_iopl': 6, 'PHYSDEVOP_SET_IOPL': 6, 'PHYSDEVOP_set_iobitmap': 7, 'PHYSDEVOP_SET_IOBITMAP': 7, 'PHYSDEVOP_apic_read': 8, 'PHYSDEVOP_APIC_READ': 8, 'PHYSDEVOP_apic_write': 9, 'PHYSDEVOP_APIC_WRITE': 9, 'PHYSDEVOP_alloc_irq_vector': 10, 'PHYSDEVOP_ASSIGN_VECTOR': 10, 'PHYSDEVOP_free_irq_vector': 11, 'PHYSDEVOP_eoi': 12}  # 3.0.3-branched
 PHYSDEVOP['4.0'] = {'PHYSDEVOP_IRQ_UNMASK_NOTIFY': 4, 'PHYSDEVOP_irq_status_query': 5, 'PHYSDEVOP_IRQ_STATUS_QUERY': 5, 'PHYSDEVOP_set_iopl': 6, 'PHYSDEVOP_SET_IOPL': 6, 'PHYSDEVOP_set_iobitmap': 7, 'PHYSDEVOP_SET_IOBITMAP': 7, 'PHYSDEVOP_apic_read': 8, 'PHYSDEVOP_APIC_READ': 8, 'PHYSDEVOP_apic_write': 9, 'PHYSDEVOP_APIC_WRITE': 9, 'PHYSDEVOP_alloc_irq_vector': 10, 'PHYSDEVOP_ASSIGN_VECTOR': 10, 'PHYSDEVOP_free_irq_vector': 11, 'PHYSDEVOP_FREE_VECTOR': 11, 'PHYSDEVOP_eoi': 12, 'PHYSDEVOP_map_pirq': 13, 'PHYSDEVOP_unmap_pirq': 14, 'PHYSDEVOP_manage_pci_add': 15, 'PHYSDEVOP_manage_pci_remove': 16, 'PHYSDEVOP_pirq_eoi_gmfn': 17, 'PHYSDEVOP_restore_msi': 19, 'PHYSDEVOP_manage_pci_add_ext': 20, 'PHYSDEVOP_setup_gsi': 21}  # RELEASE-4.0.0
 PHYSDEVOP['4.17'] = {'PHYSDEVOP_IRQ_UNMASK_NOTIFY': 4, 'PHYSDEVOP_irq_status_query': 5, 'PHYSDEVOP_set_iopl': 6, 'PHYSDEVOP_set_iobitmap': 7, 'PHYSDEVOP_apic_read': 8, 'PHYSDEVOP_apic_write': 9, 'PHYSDEVOP_alloc_irq_vector': 10, 'PHYSDEVOP_free_irq_vector': 11, 'PHYSDEVOP_eoi': 12, 'PHYSDEVOP_map_pirq': 13, 'PHYSDEVOP_unmap_pirq': 14, 'PHYSDEVOP_manage_pci_add': 15, 'PHYSDEVOP_manage_pci_remove': 16, 'PHYSDEVOP_pirq_eoi_gmfn_v1': 17, 'PHYSDEVOP_restore_msi': 19, 'PHYSDEVOP_manage_pci_add_ext': 20, 'PHYSDEVOP_setup_gsi': 21, 'PHYSDEVOP_get_free_pirq': 23, 'PHYSDEVOP_pci_mmcfg_reserved': 24, 'PHYSDEVOP_pci_device_add': 25, 'PHYSDEVOP_pci_device_remove': 26, 'PHYSDEVOP_restore_msi_ext': 27, 'PHYSDEVOP_pirq_eoi_gmfn_v2': 28, 'PHYSDEVOP_pirq_eoi_gmfn': 28, 'PHYSDEVOP_dbgp_op': 29, 'PHYSDEVOP_prepare_msix': 30, 'PHYSDEVOP_release_msix': 31}  # RELEASE-4.17.0
-PHYSDEVOP['4.22'] = {'PHYSDEVOP_IRQ_UNMASK_NOTIFY': 4, 'PHYSDEVOP_irq_status_query': 5, 'PHYSDEVOP_set_iopl': 6, 'PHYSDEVOP_set_iobitmap': 7, 'PHYSDEVOP_apic_read': 8, 'PHYSDEVOP_apic_write': 9, 'PHYSDEVOP_alloc_irq_vector': 10, 'PHYSDEVOP_free_irq_vector': 11, 'PHYSDEVOP_eoi': 12, 'PHYSDEVOP_map_pirq': 13, 'PHYSDEVOP_unmap_pirq': 14, 'PHYSDEVOP_manage_pci_add': 15, 'PHYSDEVOP_manage_pci_remove': 16, 'PHYSDEVOP_pirq_eoi_gmfn_v1': 17, 'PHYSDEVOP_restore_msi': 19, 'PHYSDEVOP_manage_pci_add_ext': 20, 'PHYSDEVOP_setup_gsi': 21, 'PHYSDEVOP_get_free_pirq': 23, 'PHYSDEVOP_pci_mmcfg_reserved': 24, 'PHYSDEVOP_pci_device_add': 25, 'PHYSDEVOP_pci_device_remove': 26, 'PHYSDEVOP_restore_msi_ext': 27, 'PHYSDEVOP_pirq_eoi_gmfn_v2': 28, 'PHYSDEVOP_pirq_eoi_gmfn': 28, 'PHYSDEVOP_dbgp_op': 29, 'PHYSDEVOP_prepare_msix': 30, 'PHYSDEVOP_release_msix': 31, 'PHYSDEVOP_pci_device_reset': 32}  # RELEASE-4.22.0
+PHYSDEVOP['4.20'] = {'PHYSDEVOP_IRQ_UNMASK_NOTIFY': 4, 'PHYSDEVOP_irq_status_query': 5, 'PHYSDEVOP_set_iopl': 6, 'PHYSDEVOP_set_iobitmap': 7, 'PHYSDEVOP_apic_read': 8, 'PHYSDEVOP_apic_write': 9, 'PHYSDEVOP_alloc_irq_vector': 10, 'PHYSDEVOP_free_irq_vector': 11, 'PHYSDEVOP_eoi': 12, 'PHYSDEVOP_map_pirq': 13, 'PHYSDEVOP_unmap_pirq': 14, 'PHYSDEVOP_manage_pci_add': 15, 'PHYSDEVOP_manage_pci_remove': 16, 'PHYSDEVOP_pirq_eoi_gmfn_v1': 17, 'PHYSDEVOP_restore_msi': 19, 'PHYSDEVOP_manage_pci_add_ext': 20, 'PHYSDEVOP_setup_gsi': 21, 'PHYSDEVOP_get_free_pirq': 23, 'PHYSDEVOP_pci_mmcfg_reserved': 24, 'PHYSDEVOP_pci_device_add': 25, 'PHYSDEVOP_pci_device_remove': 26, 'PHYSDEVOP_restore_msi_ext': 27, 'PHYSDEVOP_pirq_eoi_gmfn_v2': 28, 'PHYSDEVOP_pirq_eoi_gmfn': 28, 'PHYSDEVOP_dbgp_op': 29, 'PHYSDEVOP_prepare_msix': 30, 'PHYSDEVOP_release_msix': 31, 'PHYSDEVOP_pci_device_reset': 32}  # RELEASE-4.20.0
+PHYSDEVOP['4.22'] = PHYSDEVOP['4.20']
 
 UVMF: dict[str, dict[str, int]] = {}
 UVMF['2.0'] = {'UVMF_FLUSH_TLB': 1, 'UVMF_INVLPG': 2}  # RELEASE-2.0.0
@@ -166,7 +183,8 @@ UVMF['3.0.2'] = UVMF['3.0']
 UVMF['3.0.3'] = UVMF['3.0.2']
 UVMF['4.0'] = UVMF['3.0.3']
 UVMF['4.17'] = UVMF['4.0']
-UVMF['4.22'] = UVMF['4.17']
+UVMF['4.20'] = UVMF['4.17']
+UVMF['4.22'] = UVMF['4.20']
 
 VIRQ: dict[str, dict[str, int]] = {}
 VIRQ['2.0'] = {'VIRQ_MISDIRECT': 0, 'VIRQ_TIMER': 1, 'VIRQ_DEBUG': 2, 'VIRQ_CONSOLE': 3, 'VIRQ_DOM_EXC': 4, 'VIRQ_PARITY_ERR': 5, 'VIRQ_IO_ERR': 6}  # RELEASE-2.0.0
@@ -175,7 +193,8 @@ VIRQ['3.0.2'] = {'VIRQ_TIMER': 0, 'VIRQ_DEBUG': 1, 'VIRQ_CONSOLE': 2, 'VIRQ_DOM_
 VIRQ['3.0.3'] = {'VIRQ_TIMER': 0, 'VIRQ_DEBUG': 1, 'VIRQ_CONSOLE': 2, 'VIRQ_DOM_EXC': 3, 'VIRQ_TBUF': 4, 'VIRQ_DEBUGGER': 6, 'VIRQ_XENOPROF': 7}  # 3.0.3-branched
 VIRQ['4.0'] = {'VIRQ_TIMER': 0, 'VIRQ_DEBUG': 1, 'VIRQ_CONSOLE': 2, 'VIRQ_DOM_EXC': 3, 'VIRQ_TBUF': 4, 'VIRQ_DEBUGGER': 6, 'VIRQ_XENOPROF': 7, 'VIRQ_CON_RING': 8, 'VIRQ_PCPU_STATE': 9, 'VIRQ_MEM_EVENT': 10, 'VIRQ_MCA': 16}  # RELEASE-4.0.0
 VIRQ['4.17'] = {'VIRQ_TIMER': 0, 'VIRQ_DEBUG': 1, 'VIRQ_CONSOLE': 2, 'VIRQ_DOM_EXC': 3, 'VIRQ_TBUF': 4, 'VIRQ_DEBUGGER': 6, 'VIRQ_XENOPROF': 7, 'VIRQ_CON_RING': 8, 'VIRQ_PCPU_STATE': 9, 'VIRQ_MEM_EVENT': 10, 'VIRQ_ARGO': 11, 'VIRQ_ENOMEM': 12, 'VIRQ_XENPMU': 13, 'VIRQ_MCA': 16}  # RELEASE-4.17.0
-VIRQ['4.22'] = VIRQ['4.17']
+VIRQ['4.20'] = VIRQ['4.17']
+VIRQ['4.22'] = VIRQ['4.20']
 
 ELFNOTE: dict[str, dict[str, int]] = {}
 ELFNOTE['2.0'] = {}  # RELEASE-2.0.0
@@ -184,7 +203,8 @@ ELFNOTE['3.0.2'] = ELFNOTE['3.0']
 ELFNOTE['3.0.3'] = {'XEN_ELFNOTE_INFO': 0, 'XEN_ELFNOTE_ENTRY': 1, 'XEN_ELFNOTE_HYPERCALL_PAGE': 2, 'XEN_ELFNOTE_VIRT_BASE': 3, 'XEN_ELFNOTE_PADDR_OFFSET': 4, 'XEN_ELFNOTE_XEN_VERSION': 5, 'XEN_ELFNOTE_GUEST_OS': 6, 'XEN_ELFNOTE_GUEST_VERSION': 7, 'XEN_ELFNOTE_LOADER': 8, 'XEN_ELFNOTE_PAE_MODE': 9, 'XEN_ELFNOTE_FEATURES': 10, 'XEN_ELFNOTE_BSD_SYMTAB': 11}  # 3.0.3-branched
 ELFNOTE['4.0'] = {'XEN_ELFNOTE_INFO': 0, 'XEN_ELFNOTE_ENTRY': 1, 'XEN_ELFNOTE_HYPERCALL_PAGE': 2, 'XEN_ELFNOTE_VIRT_BASE': 3, 'XEN_ELFNOTE_PADDR_OFFSET': 4, 'XEN_ELFNOTE_XEN_VERSION': 5, 'XEN_ELFNOTE_GUEST_OS': 6, 'XEN_ELFNOTE_GUEST_VERSION': 7, 'XEN_ELFNOTE_LOADER': 8, 'XEN_ELFNOTE_PAE_MODE': 9, 'XEN_ELFNOTE_FEATURES': 10, 'XEN_ELFNOTE_BSD_SYMTAB': 11, 'XEN_ELFNOTE_HV_START_LOW': 12, 'XEN_ELFNOTE_L1_MFN_VALID': 13, 'XEN_ELFNOTE_SUSPEND_CANCEL': 14, 'XEN_ELFNOTE_INIT_P2M': 15, 'XEN_ELFNOTE_CRASH_INFO': 16777217, 'XEN_ELFNOTE_CRASH_REGS': 16777218, 'XEN_ELFNOTE_DUMPCORE_NONE': 33554432, 'XEN_ELFNOTE_DUMPCORE_HEADER': 33554433, 'XEN_ELFNOTE_DUMPCORE_XEN_VERSION': 33554434, 'XEN_ELFNOTE_DUMPCORE_FORMAT_VERSION': 33554435}  # RELEASE-4.0.0
 ELFNOTE['4.17'] = {'XEN_ELFNOTE_INFO': 0, 'XEN_ELFNOTE_ENTRY': 1, 'XEN_ELFNOTE_HYPERCALL_PAGE': 2, 'XEN_ELFNOTE_VIRT_BASE': 3, 'XEN_ELFNOTE_PADDR_OFFSET': 4, 'XEN_ELFNOTE_XEN_VERSION': 5, 'XEN_ELFNOTE_GUEST_OS': 6, 'XEN_ELFNOTE_GUEST_VERSION': 7, 'XEN_ELFNOTE_LOADER': 8, 'XEN_ELFNOTE_PAE_MODE': 9, 'XEN_ELFNOTE_FEATURES': 10, 'XEN_ELFNOTE_BSD_SYMTAB': 11, 'XEN_ELFNOTE_HV_START_LOW': 12, 'XEN_ELFNOTE_L1_MFN_VALID': 13, 'XEN_ELFNOTE_SUSPEND_CANCEL': 14, 'XEN_ELFNOTE_INIT_P2M': 15, 'XEN_ELFNOTE_MOD_START_PFN': 16, 'XEN_ELFNOTE_SUPPORTED_FEATURES': 17, 'XEN_ELFNOTE_PHYS32_ENTRY': 18, 'XEN_ELFNOTE_CRASH_INFO': 16777217, 'XEN_ELFNOTE_CRASH_REGS': 16777218, 'XEN_ELFNOTE_DUMPCORE_NONE': 33554432, 'XEN_ELFNOTE_DUMPCORE_HEADER': 33554433, 'XEN_ELFNOTE_DUMPCORE_XEN_VERSION': 33554434, 'XEN_ELFNOTE_DUMPCORE_FORMAT_VERSION': 33554435}  # RELEASE-4.17.0
-ELFNOTE['4.22'] = {'XEN_ELFNOTE_INFO': 0, 'XEN_ELFNOTE_ENTRY': 1, 'XEN_ELFNOTE_HYPERCALL_PAGE': 2, 'XEN_ELFNOTE_VIRT_BASE': 3, 'XEN_ELFNOTE_PADDR_OFFSET': 4, 'XEN_ELFNOTE_XEN_VERSION': 5, 'XEN_ELFNOTE_GUEST_OS': 6, 'XEN_ELFNOTE_GUEST_VERSION': 7, 'XEN_ELFNOTE_LOADER': 8, 'XEN_ELFNOTE_PAE_MODE': 9, 'XEN_ELFNOTE_FEATURES': 10, 'XEN_ELFNOTE_BSD_SYMTAB': 11, 'XEN_ELFNOTE_HV_START_LOW': 12, 'XEN_ELFNOTE_L1_MFN_VALID': 13, 'XEN_ELFNOTE_SUSPEND_CANCEL': 14, 'XEN_ELFNOTE_INIT_P2M': 15, 'XEN_ELFNOTE_MOD_START_PFN': 16, 'XEN_ELFNOTE_SUPPORTED_FEATURES': 17, 'XEN_ELFNOTE_PHYS32_ENTRY': 18, 'XEN_ELFNOTE_PHYS32_RELOC': 19, 'XEN_ELFNOTE_CRASH_INFO': 16777217, 'XEN_ELFNOTE_CRASH_REGS': 16777218, 'XEN_ELFNOTE_DUMPCORE_NONE': 33554432, 'XEN_ELFNOTE_DUMPCORE_HEADER': 33554433, 'XEN_ELFNOTE_DUMPCORE_XEN_VERSION': 33554434, 'XEN_ELFNOTE_DUMPCORE_FORMAT_VERSION': 33554435}  # RELEASE-4.22.0
+ELFNOTE['4.20'] = {'XEN_ELFNOTE_INFO': 0, 'XEN_ELFNOTE_ENTRY': 1, 'XEN_ELFNOTE_HYPERCALL_PAGE': 2, 'XEN_ELFNOTE_VIRT_BASE': 3, 'XEN_ELFNOTE_PADDR_OFFSET': 4, 'XEN_ELFNOTE_XEN_VERSION': 5, 'XEN_ELFNOTE_GUEST_OS': 6, 'XEN_ELFNOTE_GUEST_VERSION': 7, 'XEN_ELFNOTE_LOADER': 8, 'XEN_ELFNOTE_PAE_MODE': 9, 'XEN_ELFNOTE_FEATURES': 10, 'XEN_ELFNOTE_BSD_SYMTAB': 11, 'XEN_ELFNOTE_HV_START_LOW': 12, 'XEN_ELFNOTE_L1_MFN_VALID': 13, 'XEN_ELFNOTE_SUSPEND_CANCEL': 14, 'XEN_ELFNOTE_INIT_P2M': 15, 'XEN_ELFNOTE_MOD_START_PFN': 16, 'XEN_ELFNOTE_SUPPORTED_FEATURES': 17, 'XEN_ELFNOTE_PHYS32_ENTRY': 18, 'XEN_ELFNOTE_PHYS32_RELOC': 19, 'XEN_ELFNOTE_CRASH_INFO': 16777217, 'XEN_ELFNOTE_CRASH_REGS': 16777218, 'XEN_ELFNOTE_DUMPCORE_NONE': 33554432, 'XEN_ELFNOTE_DUMPCORE_HEADER': 33554433, 'XEN_ELFNOTE_DUMPCORE_XEN_VERSION': 33554434, 'XEN_ELFNOTE_DUMPCORE_FORMAT_VERSION': 33554435}  # RELEASE-4.20.0
+ELFNOTE['4.22'] = ELFNOTE['4.20']
 
 # xen/include/public/errno.h, RELEASE-4.22.0; older Xen returned the same x86 values.
 ERRNO: dict[str, int] = {'EPERM': 1, 'ENOENT': 2, 'ESRCH': 3, 'EINTR': 4, 'EIO': 5, 'ENXIO': 6, 'E2BIG': 7, 'ENOEXEC': 8, 'EBADF': 9, 'ECHILD': 10, 'EAGAIN': 11, 'EWOULDBLOCK': 11, 'ENOMEM': 12, 'EACCES': 13, 'EFAULT': 14, 'EBUSY': 16, 'EEXIST': 17, 'EXDEV': 18, 'ENODEV': 19, 'ENOTDIR': 20, 'EISDIR': 21, 'EINVAL': 22, 'ENFILE': 23, 'EMFILE': 24, 'ENOSPC': 28, 'EROFS': 30, 'EMLINK': 31, 'EDOM': 33, 'ERANGE': 34, 'EDEADLK': 35, 'EDEADLOCK': 35, 'ENAMETOOLONG': 36, 'ENOLCK': 37, 'ENOSYS': 38, 'ENOTEMPTY': 39, 'ENODATA': 61, 'ETIME': 62, 'EBADMSG': 74, 'EOVERFLOW': 75, 'EILSEQ': 84, 'ERESTART': 85, 'ENOTSOCK': 88, 'EMSGSIZE': 90, 'EOPNOTSUPP': 95, 'EADDRINUSE': 98, 'EADDRNOTAVAIL': 99, 'ENOBUFS': 105, 'EISCONN': 106, 'ENOTCONN': 107, 'ETIMEDOUT': 110, 'ECONNREFUSED': 111}

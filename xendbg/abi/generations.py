@@ -18,7 +18,8 @@ from xendbg.names import GENERATIONS, NEWEST  # the names, light enough for gdb 
 # (first version of the span, generation), newest first.
 _SPANS: tuple[tuple[tuple[int, int, int], str], ...] = (
     ((4, 22, 0), "4.22"),
-    ((4, 17, 0), "4.17"),
+    ((4, 20, 0), "4.20"),  # Debian 13
+    ((4, 17, 0), "4.17"),  # Debian 12
     ((4, 0, 0), "4.0"),
     ((3, 0, 3), "3.0.3"),  # 3.0.3 .. 3.4.x
     ((3, 0, 2), "3.0.2"),
