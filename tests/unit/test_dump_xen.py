@@ -153,3 +153,40 @@ def test_an_elf_that_is_not_xen_syms_is_one_line(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(XendbgError, match="empty file, not Xen's xen-syms"):
         XenSyms(str(empty))
+
+
+# In the shape of Xen 4.20's arch_get_info_guest (gcc 14): an epilogue and tail call in the middle.
+#    push %rbp; push %rbx; mov %rdi,%rbp; mov %rsi,%rbx
+#    testb $0x1,0x10(%rbp); jne 1f
+#    pop %rbx; pop %rbp; jmp get_info          (the tail call)
+#   1: mov 0x518(%rbp),%rax; mov %rax,0x1368(%rbx)
+#    jmp 2f
+#   3: mov %rax,0x1370(%rbx)                   (reached from elsewhere: %rax is not v's field here)
+#   2: mov 0x520(%rbp),%rax; mov %rax,0x1370(%rbx)
+#    pop %rbx; pop %rbp; ret
+MID_EPILOGUE = bytes.fromhex("55534889fd4889f3f645100175045b5debee488b851805000048898368130000eb074889837013"
+                             "0000488b8520050000488983701300005b5dc3")
+
+
+def test_an_epilogue_in_the_middle_keeps_v_and_c():
+    stores = xl.context_sources(MID_EPILOGUE, BASE)
+    assert stores[0x1368] == [xl.Source(0x518)]
+    assert stores[0x1370] == [xl.Source(0x520)]  # not the stale %rax after the jmp
+
+
+@pytest.mark.parametrize("version,domain,vcpus", [
+    ("4.17", 0x10, 0x8), ("4.18", 0x18, 0x8), ("4.19", 0x18, 0x8), ("4.20", 0x18, 0x10)])
+def test_leading_fields_follow_the_release(version, domain, vcpus):
+    fields, note = xl.leading_fields(version)
+    assert fields is not None and note == ""
+    assert (fields.vcpu_domain, fields.domain_vcpus, fields.cpu_info_size) == (domain, vcpus, 264)
+
+
+def test_a_newer_or_unknown_xen_says_so():
+    fields, note = xl.leading_fields("4.22")
+    assert fields is None and "Xen 4.22's struct cpu_info and struct domain differ" in note
+    fields, note = xl.leading_fields(None)
+    assert fields is not None and fields.vcpu_domain == 0x10
+    assert note == "a Xen whose version is not in its image: read with Xen 4.17's struct layouts, each checked"
+    fields, note = xl.leading_fields("4.16")
+    assert fields is not None and note.startswith("Xen 4.16: read with Xen 4.17's")

@@ -35,7 +35,7 @@ from xendbg.dump.cpus import CpuState, Segment
 from xendbg.dump.paging import PhysicalMemory
 from xendbg.dump.target import DumpTarget
 from xendbg.errors import DecodeError, TargetError, XendbgError
-from xendbg.session import Symbols
+from xendbg.session import Symbols, xen_image_version
 from xendbg.sites import ElfFile
 
 SOURCE = "from Xen's struct vcpu"
@@ -72,6 +72,8 @@ class XenSyms:
         self._by_name = {name: (start, size) for start, size, name in self.functions}
         self.symbols = self.elf.symbols(_SYMBOLS) or {}
         self.build_id = self._build_id()
+        self.version = xen_image_version(lambda name: (found := self.code_of(name)) and found[0])
+        self.fields, self.fields_note = xl.leading_fields(self.version)
         self.layout = xl.recover(self.code_of, self._users_of(self.symbols.get("domain_list")),
                                  self.symbols.get("domain_list"))
 
@@ -243,8 +245,13 @@ def read_xen(memory: PhysicalMemory, cpus: list[CpuState], syms: XenSyms, guest_
     if lay.domain_next is None:
         raise DecodeError(f"{syms.path}: could not recover struct domain's next_in_list from the code that walks "
                           f"domain_list (an unknown Xen build): the domains cannot be listed")
+    fields = syms.fields
+    if fields is None:
+        raise DecodeError(f"{syms.path}: {syms.fields_note}: its domains cannot be listed")
     reader = _xen_reader(memory, cpus, syms)
     data = XenData()
+    if syms.fields_note:
+        data.problems.append(syms.fields_note)
     data.problems += [f"not recovered from {os.path.basename(syms.path)}'s code: {what}" for what in lay.missing]
 
     # Physical CPUs: cpu_info at the top of each stack, checked by its processor_id and per-CPU offset.
@@ -254,13 +261,13 @@ def read_xen(memory: PhysicalMemory, cpus: list[CpuState], syms: XenSyms, guest_
         try:
             base = reader.u64(sym["stack_base"] + 8 * cpu.index)
             offset = reader.u64(sym["__per_cpu_offset"] + 8 * cpu.index)
-            info = base + xl.STACK_SIZE - xl.CPU_INFO_SIZE
-            processor = reader.u32(info + xl.CPU_INFO_PROCESSOR_ID)
-            if base == 0 or processor != cpu.index or reader.u64(info + xl.CPU_INFO_PER_CPU_OFFSET) != offset:
+            info = base + xl.STACK_SIZE - fields.cpu_info_size
+            processor = reader.u32(info + fields.cpu_info_processor_id)
+            if base == 0 or processor != cpu.index or reader.u64(info + fields.cpu_info_per_cpu_offset) != offset:
                 data.problems.append(f"CPU {cpu.index}: its cpu_info does not check out (processor_id "
                                      f"{processor}): its registers are not attributed to a vCPU")
                 continue
-            current = reader.u64(info + xl.CPU_INFO_CURRENT_VCPU)
+            current = reader.u64(info + fields.cpu_info_current_vcpu)
             curr = reader.u64(sym["per_cpu__curr_vcpu"] + offset)
             idle.add(reader.u64(sym["idle_vcpu"] + 8 * cpu.index))
         except TargetError as exc:
@@ -277,20 +284,22 @@ def read_xen(memory: PhysicalMemory, cpus: list[CpuState], syms: XenSyms, guest_
         seen.add(d)
         try:
             domid = reader.u16(d + xl.DOMAIN_ID)
-            count = reader.u32(d + xl.DOMAIN_MAX_VCPUS)
-            array = reader.u64(d + xl.DOMAIN_VCPUS)
+            count = reader.u32(d + fields.domain_max_vcpus)
+            array = reader.u64(d + fields.domain_vcpus)
             if count > _MAX_VCPUS:
-                raise DecodeError(f"domain at {d:#x} says {count} vCPUs: struct domain's layout is not Xen 4.17's")
+                raise DecodeError(f"domain at {d:#x} says {count} vCPUs: struct domain's layout is not "
+                                  f"Xen {syms.version or '4.17'}'s")
             pointers = struct.unpack(f"<{count}Q", reader.read(array, 8 * count)) if count else ()
         except TargetError as exc:
             raise DecodeError(f"domain_list leads to unreadable memory ({exc}): not this Xen's layout") from None
         for index, v in enumerate(pointers):
             if not v:
                 continue
-            vcpu_id, back = reader.u32(v + xl.VCPU_ID), reader.u64(v + xl.VCPU_DOMAIN)
+            vcpu_id, back = reader.u32(v + xl.VCPU_ID), reader.u64(v + fields.vcpu_domain)
             if vcpu_id != index or back != d:
                 raise DecodeError(f"d{domid} vcpu[{index}] at {v:#x} says vcpu_id {vcpu_id}, domain {back:#x}: "
-                                  f"struct vcpu's layout is not the one xendbg assumes (Xen 4.17)")
+                                  f"struct vcpu's layout is not the one xendbg assumes (Xen "
+                                  f"{syms.version or '4.17'})")
             data.vcpus.append(_vcpu(reader, memory, syms, domid, index, v, holders.get(v), guest_symbols,
                                     guest_ranges, cpus[0], data.problems))
         d = reader.u64(d + lay.domain_next)

@@ -10,9 +10,8 @@ sysenter, xen/arch/x86/pv/callback.c), and `for_each_domain` loops the link of `
 
 The leading fields of `struct vcpu` (vcpu_id, processor, vcpu_info, domain) and `struct domain`
 (domain_id, max_vcpus, vcpu) and `struct cpu_info` at the top of each CPU's stack are taken from
-Xen's headers (xen/include/xen/sched.h, xen/arch/x86/include/asm/current.h, RELEASE-4.17.0 and
-RELEASE-4.17.7: the same offsets); xendbg/dump/xen.py checks every offset against the dump before
-trusting it.
+Xen's headers per release (`leading_fields`); xendbg/dump/xen.py checks every offset against the dump
+before trusting it.
 """
 
 from __future__ import annotations
@@ -23,17 +22,55 @@ from dataclasses import dataclass, field
 
 from xendbg.abi import get_abi
 
-# struct vcpu (xen/include/xen/sched.h, RELEASE-4.17.0): int vcpu_id; int processor; vcpu_info_t
-# *vcpu_info; struct domain *domain; struct vcpu *next_in_list.
-VCPU_ID, VCPU_PROCESSOR, VCPU_DOMAIN = 0x0, 0x4, 0x10
-# struct domain: domid_t domain_id; unsigned int max_vcpus; struct vcpu **vcpu.
-DOMAIN_ID, DOMAIN_MAX_VCPUS, DOMAIN_VCPUS = 0x0, 0x4, 0x8
-# struct cpu_info (asm/current.h, RELEASE-4.17.0 and 4.17.7: 264 bytes) ends at the top of each CPU's
-# STACK_SIZE (8 pages) stack: guest_cpu_user_regs (200 bytes), processor_id, verw_sel, current_vcpu,
-# per_cpu_offset, cr4, xen_cr3, pv_cr3, ...
+# struct vcpu and struct domain both start with their id (xen/include/xen/sched.h, RELEASE-4.17.0 to
+# RELEASE-4.22.0): int vcpu_id; domid_t domain_id.
+VCPU_ID, DOMAIN_ID = 0x0, 0x0
+# Each CPU's stack is STACK_SIZE (8 pages, asm/config.h STACK_ORDER 3) with struct cpu_info at its top.
 STACK_SIZE = 8 * 4096
-CPU_INFO_SIZE = 264
-CPU_INFO_PROCESSOR_ID, CPU_INFO_CURRENT_VCPU, CPU_INFO_PER_CPU_OFFSET = 200, 208, 216
+
+
+@dataclass(frozen=True)
+class LeadingFields:
+    """The offsets xendbg takes from one Xen release's internal headers."""
+
+    vcpu_domain: int  # struct vcpu's `struct domain *domain`
+    domain_max_vcpus: int  # struct domain's `unsigned int max_vcpus`
+    domain_vcpus: int  # struct domain's `struct vcpu **vcpu`
+    cpu_info_size: int  # struct cpu_info (asm/current.h), at the top of each CPU's stack
+    cpu_info_processor_id: int
+    cpu_info_current_vcpu: int
+    cpu_info_per_cpu_offset: int
+
+
+# (first release, its fields), newest first.  struct cpu_info is guest_cpu_user_regs (200 bytes),
+# processor_id, verw_sel, current_vcpu, per_cpu_offset, cr4, xen_cr3, pv_cr3, spec-ctrl bytes: 264
+# bytes from RELEASE-4.17.0 to RELEASE-4.20.0.
+_LEADING: tuple[tuple[tuple[int, int], LeadingFields], ...] = (
+    # RELEASE-4.20.0: struct domain gains `uint64_t unique_id` before vcpu.
+    ((4, 20), LeadingFields(0x18, 0x4, 0x10, 264, 200, 208, 216)),
+    # RELEASE-4.18.0: struct vcpu's `vcpu_info_t *vcpu_info` becomes a 16-byte struct guest_area.
+    ((4, 18), LeadingFields(0x18, 0x4, 0x8, 264, 200, 208, 216)),
+    # RELEASE-4.17.0: int vcpu_id; int processor; vcpu_info_t *vcpu_info; struct domain *domain.
+    ((4, 17), LeadingFields(0x10, 0x4, 0x8, 264, 200, 208, 216)),
+)
+# RELEASE-4.21.0 puts a struct fred_info into struct cpu_info and RELEASE-4.22.0 an enum into struct
+# domain: layouts xendbg has not verified against a running Xen.
+NEWEST_KNOWN = (4, 20)
+
+
+def leading_fields(version: str | None) -> tuple[LeadingFields | None, str]:
+    """The fields for Xen `version` ("4.20", from its image) and a note when they are assumed: None
+    when xendbg knows this Xen's internal layout is different from every one it has."""
+    key = tuple(int(part) for part in version.split(".")[:2]) if version else None
+    if key is not None and key > NEWEST_KNOWN:
+        return None, (f"Xen {version}'s struct cpu_info and struct domain differ from the releases xendbg "
+                      f"knows (4.17 to {NEWEST_KNOWN[0]}.{NEWEST_KNOWN[1]})")
+    for first, fields in _LEADING:
+        if key is not None and key >= first:
+            return fields, ""
+    oldest = _LEADING[-1]
+    what = f"Xen {version}" if version else "a Xen whose version is not in its image"
+    return oldest[1], f"{what}: read with Xen {oldest[0][0]}.{oldest[0][1]}'s struct layouts, each checked"
 
 # vcpu_guest_context fields whose source in struct vcpu is wanted (public arch-x86/xen-x86_64.h).
 _CONTEXT_FIELDS = ("flags", "user_regs", "trap_ctxt", "kernel_ss", "kernel_sp", "ctrlreg",
@@ -140,9 +177,15 @@ def context_sources(code: bytes, address: int) -> dict[int, list[Source]]:
             written = [_wide(insn.reg_name(r)) for r in insn.regs_access()[1]]
         except Exception:
             pass
-        if mnemonic.startswith("call"):
+        if mnemonic.startswith("call") or mnemonic in ("jmp", "ret"):
+            # A call clobbers the scratch registers; after a jump or return the next instruction is
+            # reached from elsewhere, where they hold something else.
             for reg in _CALLER_SAVED:
                 values.pop(reg, None)
+            continue
+        if mnemonic == "pop":
+            # An epilogue in the middle of the function (before a tail call): the code after it is
+            # reached by a branch, with the registers the prologue set up still holding v and c.
             continue
         if mnemonic in ("mov", "movzx", "movsxd", "movsx") and len(ops) == 2:
             dst, src = ops
