@@ -29,6 +29,7 @@ from xendbg.decode.rules import MAX_MULTICALL_ENTRIES
 from xendbg.errors import UsageError, XendbgError
 from xendbg.render import json as render_json
 from xendbg.render import text as render_text
+from xendbg.session import AbiChoice
 from xendbg.target import InMemoryTarget
 
 # Piped output is for scripts and files: rich must not fold it at 80 columns.
@@ -200,6 +201,9 @@ def _add_postmortem(sub: argparse._SubParsersAction) -> None:
                                 "--xentrace-out, or xentrace on a real host)")
     p.add_argument("--xentrace-out", metavar="OUT", help="a xentrace file: write its records again to OUT, "
                                                          "one window per CPU (what xentrace_format reads)")
+    p.add_argument("--xen", metavar="VERSION", help="a xentrace file: the Xen version whose ABI names its "
+                                                    "records (the file does not say; default: the newest, "
+                                                    "marked as a guess)")
     p.add_argument("names", nargs="*", metavar="NAME", help="only these hypercalls (names or numbers)")
     p.add_argument("--stats", action="store_true", help="counts like strace -c (the xen stats table)")
     p.add_argument("--errors", action="store_true", help="only calls that failed")
@@ -279,9 +283,22 @@ def _xentrace_records(args: argparse.Namespace) -> list[dict] | None:
         out.close()
     log = TraceLog(None, ())
     log.recent = deque()  # a file is read whole: keep every record
-    abi = get_abi(NEWEST, 64)
-    BufferFeed(log, Stats(), lambda: abi).feed(per_cpu)
+    BufferFeed(log, Stats(), lambda: _xentrace_abi(args.xen)).feed(per_cpu)
     return [r for r in log.recent if r["event"] not in ("start", "stop")]
+
+
+def _xentrace_abi(version: str | None) -> tuple[Abi, AbiChoice]:
+    """The ABI a xentrace file's records are named with: --xen, else the newest as a stated guess (a
+    64-bit Xen: its compat guests' hypercalls have the same numbers)."""
+    from xendbg.abi import GENERATIONS
+
+    if version is not None:
+        generation = resolve_generation(version)
+        return get_abi(generation, 64), AbiChoice(generation, f"--xen {version}", None, (generation,))
+    warning = (f"decoding with Xen {NEWEST}'s ABI, a guess: a xentrace file does not record Xen's version; "
+               f"give --xen VERSION")
+    return get_abi(NEWEST, 64), AbiChoice(NEWEST, "guessed: a xentrace file does not say (--xen VERSION)",
+                                          warning, tuple(reversed(GENERATIONS)))
 
 
 def _abi(version: str, width: int) -> Abi:

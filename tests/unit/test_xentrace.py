@@ -4,12 +4,14 @@ data area, the newest records dropped when full, then a LOST_RECORDS record)."""
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
 
-from xendbg.abi import get_abi
-from xendbg.errors import UnreadableMemory, UsageError
+from xendbg.abi import NEWEST, get_abi
+from xendbg.errors import UnreadableMemory, UsageError, XendbgError
+from xendbg.session import AbiChoice
 from xendbg.trace import Stats, TraceLog, show_lines
 from xendbg.xentrace import events as ev
 from xendbg.xentrace.buffers import PAGE, TraceBuffers
@@ -18,6 +20,7 @@ from xendbg.xentrace.records import Record, call_of, hypercall_of, parse
 from xendbg.xentrace.xtfile import read_bytes, window
 
 ABI = get_abi("4.17", 64)
+CHOSEN = (ABI, AbiChoice("4.17", "set by hand", None, ("4.17",)))
 DIRECTMAP = 0xFFFF830000000000
 SYMS = {"t_info": 0xFFFF82D040600000, "per_cpu__t_bufs": 0x1000, "__per_cpu_offset": 0xFFFF82D040601000,
         "opt_tbuf_size": 0xFFFF82D040602000, "opt_tevt_mask": 0xFFFF82D040602004,
@@ -71,10 +74,20 @@ class PagedMemory:
         return bytes(out)
 
 
-class FakeXen:
-    """A Xen with `cpus` trace buffers of `pages` pages each, its pages scattered in descending order."""
+# A 32-bit Xen (shim32's layout): 4-byte pointers and per-CPU offsets, frames identity-mapped.
+SYMS32 = {"t_info": 0x10C420, "per_cpu__t_bufs": 0x10C000, "__per_cpu_offset": 0x10C020,
+          "opt_tbuf_size": 0x1034C8, "opt_tevt_mask": 0x1034CC, "init_trace_bufs": 0x100E8C}
 
-    def __init__(self, pages: int = 2, cpus: int = 2) -> None:
+
+class FakeXen:
+    """A Xen with `cpus` trace buffers of `pages` pages each, its pages scattered in descending order
+    (`width` 32: a 32-bit Xen with SYMS32 and no direct-map offset)."""
+
+    def __init__(self, pages: int = 2, cpus: int = 2, width: int = 64) -> None:
+        syms, directmap, per_cpu_area, t_info = ((SYMS, DIRECTMAP, PER_CPU_AREA, T_INFO) if width == 64 else
+                                                 (SYMS32, 0, 0x200000, 0x300000))
+        pointer = "<Q" if width == 64 else "<I"
+        self.directmap = directmap
         self.target = PagedMemory()
         self.pages = pages
         self.data_size = pages * PAGE - 8
@@ -88,20 +101,21 @@ class FakeXen:
             self.mfns[cpu] = [mfn - 2 * i for i in range(pages)]  # not contiguous, descending
             mfn -= 2 * pages + 7
             info += b"".join(struct.pack("<I", m) for m in self.mfns[cpu])
-            per_cpu = PER_CPU_AREA + cpu * 0x10000 - SYMS["per_cpu__t_bufs"]
-            self.write(SYMS["__per_cpu_offset"] + 8 * cpu, struct.pack("<Q", per_cpu & (1 << 64) - 1))
-            self.write(PER_CPU_AREA + cpu * 0x10000, struct.pack("<Q", self.page(cpu, 0)))
+            per_cpu = per_cpu_area + cpu * 0x10000 - syms["per_cpu__t_bufs"]
+            self.write(syms["__per_cpu_offset"] + width // 8 * cpu, struct.pack(pointer, per_cpu % (1 << width)))
+            self.write(per_cpu_area + cpu * 0x10000, struct.pack(pointer, self.page(cpu, 0)))
             for i in range(pages):
                 self.write(self.page(cpu, i), bytes(PAGE))
-        self.write(T_INFO, info)
-        self.write(SYMS["t_info"], struct.pack("<Q", T_INFO))
-        self.write(SYMS["opt_tbuf_size"], struct.pack("<II", pages, ev.TRC_PV))
+        self.write(t_info, info)
+        self.write(syms["t_info"], struct.pack(pointer, t_info))
+        self.write(syms["opt_tbuf_size"], struct.pack("<I", pages))
+        self.write(syms["opt_tevt_mask"], struct.pack("<I", ev.TRC_PV))
 
     def write(self, address: int, data: bytes) -> None:
         self.target.write(address, data)
 
     def page(self, cpu: int, index: int) -> int:
-        return DIRECTMAP + (self.mfns[cpu][index] << 12)
+        return self.directmap + (self.mfns[cpu][index] << 12)
 
     def positions(self, cpu: int) -> tuple[int, int]:
         return struct.unpack("<II", self.target.read_memory(self.page(cpu, 0), 8))
@@ -227,7 +241,7 @@ def test_full_buffer_reported_as_a_gap() -> None:
     xen.emit(0, ev.HYPERCALL_V2, hypercall(MMU_UPDATE, (1, 999)), 999)
     log = TraceLog(None, ())
     stats = Stats()
-    feed = BufferFeed(log, stats, lambda: ABI)
+    feed = BufferFeed(log, stats, lambda: CHOSEN)
     feed.feed({0: first})
     feed.feed(tb.drain(advance(xen)))
     gaps = [r for r in log.recent if r["event"] == "gap"]
@@ -263,7 +277,7 @@ def test_merge_by_tsc_and_fold_continuations() -> None:
         ("call", False), ("subcall", False), ("subcall", False), ("call", False), ("call", True),
         ("call", False), ("call", False), ("call", True)]
     log, stats = TraceLog(None, ()), Stats()
-    BufferFeed(log, stats, lambda: ABI).feed({0: cpu0, 1: cpu1})
+    BufferFeed(log, stats, lambda: CHOSEN).feed({0: cpu0, 1: cpu1})
     assert stats.calls == {"multicall": 1, "sched_op": 2, "mmu_update": 1}
     assert stats.batched == {"mmu_update": 2}
     calls = [r for r in log.recent if r["event"] == "call"]
@@ -276,11 +290,11 @@ def test_only_hypercalls_and_skip() -> None:
                    Record(0, ev.HYPERCALL_V2, 2, hypercall(SCHED_OP, (0, 1))),
                    Record(0, ev.HYPERCALL_V2, 3, hypercall(VCPU_OP, (0, 0), (1, 1)))]}
     log = TraceLog(None, ())
-    BufferFeed(log, Stats(), lambda: ABI).feed(records)
+    BufferFeed(log, Stats(), lambda: CHOSEN).feed(records)
     assert [r["event"] for r in log.recent][1:] == ["xen", "call", "call"]
     assert log.recent[1]["name"] == "emulate_privop64" and log.recent[1]["fields"] == {"rip": 0x1000}
     log = TraceLog(None, ())
-    BufferFeed(log, Stats(), lambda: ABI, only_hypercalls=True, skip=frozenset({"vcpu_op"})).feed(records)
+    BufferFeed(log, Stats(), lambda: CHOSEN, only_hypercalls=True, skip=frozenset({"vcpu_op"})).feed(records)
     assert [r.get("name") for r in log.recent][1:] == ["sched_op"]
 
 
@@ -307,3 +321,46 @@ def test_cli_reads_and_rewrites_xentrace_files(tmp_path, capsys) -> None:
     assert read_bytes(copy.read_bytes()) == read_bytes(path.read_bytes())
     assert run(["trace", str(path), "--stats", "--json"]) == 0
     assert '"name": "sched_op"' in capsys.readouterr().out
+
+
+def test_a_32_bit_xen_has_4_byte_pointers() -> None:
+    """shim32's buffers: the same layout with 32-bit pointers and per-CPU offsets."""
+    xen = FakeXen(pages=2, width=32)
+    for n in range(3):
+        xen.emit(n % 2, ev.HYPERCALL_V2, hypercall(SCHED_OP, (0, n)), 100 + n)
+    tb = TraceBuffers(xen.target, Syms(SYMS32), width=32)
+    got = tb.drain(advance(xen))
+    assert tb.directmap == 0 and [b.t_buf for b in tb.cpus] == [xen.page(0, 0), xen.page(1, 0)]
+    assert {cpu: [r.tsc for r in records] for cpu, records in got.items()} == {0: [100, 102], 1: [101]}
+    with pytest.raises(XendbgError):  # read as a 64-bit Xen, the pointers are garbage
+        TraceBuffers(xen.target, Syms(SYMS32)).drain()
+
+
+def test_each_call_says_why_its_abi_and_warns_when_guessed() -> None:
+    records = {0: [Record(0, ev.HYPERCALL_V2, 2, hypercall(SCHED_OP, (0, 1)))]}
+    guess = AbiChoice(NEWEST, "guessed: no evidence of the Xen version", "decoding with Xen 4.22, a guess",
+                      ("4.22", "4.17"))
+    log = TraceLog(None, ())
+    BufferFeed(log, Stats(), lambda: (get_abi(NEWEST, 64), guess)).feed(records)
+    call = next(r for r in log.recent if r["event"] == "call")
+    assert call["hypercall"]["xen"] == NEWEST
+    assert call["hypercall"]["xen_source"] == "guessed: no evidence of the Xen version"
+    assert [f["rule"] for f in call["hypercall"]["findings"]] == ["abi-evidence"]
+    log = TraceLog(None, ())
+    BufferFeed(log, Stats(), lambda: CHOSEN).feed(records)
+    call = next(r for r in log.recent if r["event"] == "call")
+    assert call["hypercall"]["xen_source"] == "set by hand" and call["hypercall"]["findings"] == []
+
+
+def test_cli_names_xentrace_records_by_xen_version(tmp_path, capsys) -> None:
+    from xendbg.cli import run
+
+    path = tmp_path / "trace.bin"
+    path.write_bytes(window(0, [Record(0, ev.HYPERCALL_V2, 10, hypercall(6, (0, 0)))]))
+    assert run(["trace", str(path), "--json"]) == 0
+    guessed = json.loads(capsys.readouterr().out)[0]["hypercall"]
+    assert guessed["name"] == "sched_op_compat" and guessed["xen"] == NEWEST
+    assert guessed["xen_source"].startswith("guessed: a xentrace file does not say")
+    assert run(["trace", str(path), "--json", "--xen", "3.0"]) == 0
+    exact = json.loads(capsys.readouterr().out)[0]["hypercall"]
+    assert (exact["name"], exact["xen"], exact["xen_source"], exact["findings"]) == ("sched_op", "3.0", "--xen 3.0", [])

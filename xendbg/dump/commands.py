@@ -264,8 +264,8 @@ def trace(core: Core, args: Any, emit: Emit) -> None:
         raise XendbgError(f"no CPU of the dump maps Xen's trace buffers: {problem}")
     log = TraceLog(None, ())
     log.recent = deque()  # a dump is read whole: keep every record
-    abi, _ = core.session.abi(64)
-    feed = BufferFeed(log, Stats(), lambda: abi)
+    chosen = core.session.abi(64)
+    feed = BufferFeed(log, Stats(), lambda: chosen)
     feed.feed(per_cpu)
     records = [r for r in log.recent if r["event"] not in ("start", "stop")]
     lines = show_lines(records)

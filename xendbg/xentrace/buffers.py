@@ -10,7 +10,8 @@ The layout (xen/include/public/trace.h and xen/common/trace.c, RELEASE-4.17.0):
 - Xen writes whole records and then advances `prod`; a full buffer drops the newest records (it never
   overwrites) and, once there is room again, says how many in a LOST_RECORDS record.
 The pages are read through Xen's direct map: its base is the t_buf pointer minus its first MFN's
-address, so no build-specific constant is assumed.
+address, so no build-specific constant is assumed.  Pointers and `__per_cpu_offset` entries are Xen's
+word size: 8 bytes for x86_64 Xen, 4 for a 32-bit one (shim32's buffers, which follow the same layout).
 """
 
 from __future__ import annotations
@@ -62,9 +63,11 @@ class TraceBuffers:
     mapped by the CPU's current page tables (XPTI)."""
 
     def __init__(self, target: Target, symbols: Symbols,
-                 physical: Callable[[int, int], bytes] | None = None) -> None:
+                 physical: Callable[[int, int], bytes] | None = None, width: int = 64) -> None:
         self.target = target
         self.physical = physical
+        self.word = width // 8  # Xen's pointer size
+        self.mask = (1 << width) - 1
         self.syms = xen_symbols(symbols)
         self.cpus: list[CpuBuffer] = []
         self.pages = 0
@@ -90,7 +93,7 @@ class TraceBuffers:
         return self.physical((mfn << 12) + offset, size)
 
     def allocated(self) -> bool:
-        return self._u(self.syms["t_info"], 8) != 0
+        return self._u(self.syms["t_info"], self.word) != 0
 
     def options(self) -> tuple[int, int]:
         """(opt_tbuf_size, opt_tevt_mask): the boot options as Xen holds them now."""
@@ -98,7 +101,7 @@ class TraceBuffers:
 
     def locate(self) -> None:
         """Read t_info and each CPU's t_buf; raises a one-line error when the buffers are not allocated."""
-        info = self._u(self.syms["t_info"], 8)
+        info = self._u(self.syms["t_info"], self.word)
         if info == 0:
             size, mask = self.options()
             raise UsageError(f"Xen's trace buffers are not allocated (opt_tbuf_size={size}, tevt_mask={mask:#x}): "
@@ -114,12 +117,12 @@ class TraceBuffers:
             if offset == 0:
                 break
             mfns = struct.unpack(f"<{self.pages}I", self._read(info + 4 * offset, 4 * self.pages))
-            per_cpu = self._u(self.syms["__per_cpu_offset"] + 8 * cpu, 8)
-            t_buf = self._u((self.syms["per_cpu__t_bufs"] + per_cpu) & (1 << 64) - 1, 8)
+            per_cpu = self._u(self.syms["__per_cpu_offset"] + self.word * cpu, self.word)
+            t_buf = self._u((self.syms["per_cpu__t_bufs"] + per_cpu) & self.mask, self.word)
             if t_buf == 0 or t_buf & (PAGE - 1):
                 raise DecodeError(f"CPU {cpu}'s t_buf pointer is {t_buf:#x}: not a buffer's first page")
             if self.directmap is None:
-                self.directmap = (t_buf - (mfns[0] << 12)) & (1 << 64) - 1
+                self.directmap = (t_buf - (mfns[0] << 12)) & self.mask
             cons, _ = self.positions_at(t_buf)
             self.cpus.append(CpuBuffer(cpu, t_buf, mfns, data_size, cons))
         if not self.cpus:

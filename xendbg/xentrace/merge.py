@@ -18,6 +18,7 @@ from typing import Any
 from xendbg.abi import Abi
 from xendbg.decode.model import Hypercall
 from xendbg.observe import PREEMPTED_COUNT_BIT
+from xendbg.session import AbiChoice, annotate
 from xendbg.trace import Stats, TraceLog
 from xendbg.xentrace import events as ev
 from xendbg.xentrace.records import CallRecord, Lost, Record, call_of, hypercall_of, lost_of
@@ -110,10 +111,11 @@ class BufferFeed:
     hypercall (source "xen-buffers", with its TSC; `continues` for a continuation), subcalls counted as
     batched calls and logged as `subcall` records, LOST_RECORDS as `gap` records; other PV and scheduler
     records as `xen` records unless `only_hypercalls`.  Calls named in `skip` are left to probes
-    (`--detail`)."""
+    (`--detail`).  `abi()` gives the ABI to name the calls with and why (each call says so, and carries
+    the warning when it is a guess)."""
 
-    def __init__(self, log: TraceLog, stats: Stats, abi: Callable[[], Abi], only_hypercalls: bool = False,
-                 skip: frozenset[str] = frozenset()) -> None:
+    def __init__(self, log: TraceLog, stats: Stats, abi: Callable[[], tuple[Abi, AbiChoice]],
+                 only_hypercalls: bool = False, skip: frozenset[str] = frozenset()) -> None:
         self.log = log
         self.stats = stats
         self.abi = abi
@@ -126,13 +128,13 @@ class BufferFeed:
 
     def feed(self, per_cpu: dict[int, list[Record]]) -> int:
         """Log the records of one drain; returns how many trace records it wrote."""
-        abi = self.abi()
+        abi, choice = self.abi()
         written = 0
         for event in self.folder.events(merge(per_cpu), abi):
-            written += self._one(event, abi)
+            written += self._one(event, abi, choice)
         return written
 
-    def _one(self, event: Event, abi: Abi) -> int:
+    def _one(self, event: Event, abi: Abi, choice: AbiChoice) -> int:
         r = event.record
         if event.kind == "gap":
             lost = event.lost
@@ -148,7 +150,7 @@ class BufferFeed:
             self.log.add(describe(event, abi))
             return 1
         self.records += 1
-        hc = hypercall_of(event.call, abi)
+        hc = annotate(hypercall_of(event.call, abi), choice)
         if hc.display_name in self.skip:
             return 0
         if event.kind == "subcall":
