@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+from conftest import XENDBG_SCRIPT as SCRIPT
 from conftest import build, runner_argv
 from test_postmortem_xen import core, qmp
 
@@ -56,3 +57,48 @@ def test_flight_recorder_of_a_crash(tmp_path) -> None:
     r = core(plain, "trace", "--xen-syms", artifacts["xen_syms"])
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
     assert "never allocated in this dump" in r.stderr and "tbuf_size=" in r.stderr
+
+
+# Run inside gdb (the machine stopped at Xen's domain_shutdown): QEMU dumps its memory through QMP.
+QMP_DUMP = """
+import json, socket
+def qmp(sock, *commands):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock)
+    f = s.makefile("rw")
+    f.readline()
+    for command in ({{"execute": "qmp_capabilities"}}, *commands):
+        f.write(json.dumps(command) + "\\n")
+        f.flush()
+        while True:
+            reply = json.loads(f.readline())
+            if "return" in reply or "error" in reply:
+                break
+    s.close()
+    return reply
+print("QMP", json.dumps(qmp({sock!r}, {{"execute": "dump-guest-memory",
+                                       "arguments": {{"paging": False, "protocol": "file:{dump}"}}}})))
+"""
+
+
+def test_a_dump_holds_what_a_live_drain_reads(boot_gdb, tmp_path) -> None:
+    """One boot stopped at dom0's crash (domain_shutdown), nothing drained before: QEMU dumps the
+    machine, then xendbg drains the same buffers live. The dump's records are the live drain's."""
+    artifacts = build("linux64")
+    sock, dump, live, script = (str(tmp_path / "qmp.sock"), tmp_path / "crash.dump", tmp_path / "live.jsonl",
+                                tmp_path / "dump.py")
+    script.write_text(QMP_DUMP.format(sock=sock, dump=dump))
+    booted = boot_gdb("linux64", timeout=200, extra=("--xentrace", "--qmp", sock))
+    out = booted.gdb_batch("hbreak domain_shutdown", "continue", f"source {script}", f"source {SCRIPT}",
+                           "set xen color off", "set xen abi auto", f"xen trace start --buffers --file {live}",
+                           "xen trace stop", "delete", "detach", timeout=190)
+    assert '"return": {}' in out and "trace stopped" in out, out[-3000:]
+    drained = [x for x in (json.loads(line) for line in live.read_text().splitlines())
+               if x["event"] not in ("start", "stop")]
+    r = core(str(dump), "trace", "--xen-syms", artifacts["xen_syms"], "--json")
+    assert r.returncode == 0, r.stderr
+    from_dump = json.loads(r.stdout)["records"]
+    assert len(from_dump) > 20000
+    # The same records; `t` is when xendbg wrote each line, the one key that differs.
+    assert [{k: v for k, v in x.items() if k != "t"} for x in from_dump] == \
+        [{k: v for k, v in x.items() if k != "t"} for x in drained]
