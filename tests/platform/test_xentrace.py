@@ -123,7 +123,8 @@ def test_whole_boot_to_panic(boot_gdb, tmp_path) -> None:
     """Linux's whole boot to its root-mount panic at the default size with the timed drain: nothing
     lost, every record counted by `xen stats`, and the last call is dom0's shutdown."""
     log = tmp_path / "boot.jsonl"
-    booted = boot_gdb("linux64", timeout=150, extra=("--xentrace",))
+    # --hold: the runner must not end QEMU at the console's panic line while gdb holds it at the shutdown.
+    booted = boot_gdb("linux64", timeout=150, extra=("--xentrace", "--hold"))
     out = booted.gdb_batch(f"source {SCRIPT}", "set xen color off", "set xen abi auto",
                            f"xen trace start --buffers --only hypercalls --file {log}", "hbreak domain_shutdown",
                            "continue", "xen stats --json", "xen trace stop", "delete", "detach", timeout=140)

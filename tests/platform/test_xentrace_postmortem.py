@@ -88,13 +88,15 @@ def test_a_dump_holds_what_a_live_drain_reads(boot_gdb, tmp_path) -> None:
     sock, dump, live, script = (str(tmp_path / "qmp.sock"), tmp_path / "crash.dump", tmp_path / "live.jsonl",
                                 tmp_path / "dump.py")
     script.write_text(QMP_DUMP.format(sock=sock, dump=dump))
-    booted = boot_gdb("linux64", timeout=200, extra=("--xentrace", "--qmp", sock))
+    # --hold: the runner must not end QEMU when the console shows the panic, while gdb holds it there.
+    booted = boot_gdb("linux64", timeout=200, extra=("--xentrace", "--qmp", sock, "--hold"))
     out = booted.gdb_batch("hbreak domain_shutdown", "continue", f"source {script}", f"source {SCRIPT}",
                            "set xen color off", "set xen abi auto", f"xen trace start --buffers --file {live}",
                            "xen trace stop", "delete", "detach", timeout=190)
     assert '"return": {}' in out and "trace stopped" in out, out[-3000:]
     drained = [x for x in (json.loads(line) for line in live.read_text().splitlines())
                if x["event"] not in ("start", "stop")]
+    assert drained, out[-3000:]
     r = core(str(dump), "trace", "--xen-syms", artifacts["xen_syms"], "--json")
     assert r.returncode == 0, r.stderr
     from_dump = json.loads(r.stdout)["records"]

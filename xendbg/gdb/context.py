@@ -4,6 +4,7 @@ gdb's symbols, the loaded guest files, and output.  The policy itself lives in x
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -83,6 +84,11 @@ def capture_text() -> Iterator[list[object]]:
         _text_sink = outer
 
 
+# `info address`: "... is static storage at address 0x...", "... is a function at address 0x...", or
+# for a symbol without debug info "... is at 0x... in a file compiled without debugging".
+_AT_ADDRESS = re.compile(r"\bat (?:address )?(0x[0-9a-fA-F]+)")
+
+
 class GdbSymbols:
     """The session's Symbols protocol over gdb's symbol tables (minimal symbols are enough)."""
 
@@ -114,7 +120,14 @@ class GdbSymbols:
         try:
             return int(gdb.parse_and_eval(f"(unsigned long)&'{name}'")) & ((1 << 64) - 1)
         except gdb.error:
+            pass
+        # gdb 16 reads some variables before it takes their address (Xen 4.20's `t_info`, whose type it
+        # sizes from memory) and fails while Xen is not in memory yet; `info address` reads nothing.
+        try:
+            found = _AT_ADDRESS.search(gdb.execute(f"info address {name}", to_string=True))
+        except gdb.error:
             return None
+        return int(found.group(1), 16) if found else None
 
 
 SYMBOLS = GdbSymbols()
