@@ -81,3 +81,14 @@ def test_buffers_hold_every_gate_entry_and_batch(boot_gdb, tmp_path, abi: str) -
     named = {r["nr"]: r["name"] for r in calls}
     assert {nr: named[nr] for nr in NAMES[abi] if nr in named} == NAMES[abi]
     assert calls[-1]["line"].startswith("sched_op") and "shutdown" in calls[-1]["line"].lower()
+
+
+def test_gdb_exits_cleanly_after_a_long_stop(boot_gdb) -> None:
+    """The drain timer posts to gdb only while the target runs: an event still queued when gdb exits
+    crashed gdb 13 at exit (it was posted every interval while the target sat stopped)."""
+    booted = boot_gdb("shim32", abi="4.0", timeout=60)
+    out = booted.gdb_batch(f"source {SCRIPT}", "xen trace start --buffers", "hbreak shim.c:shutdown", "continue",
+                           "python import time; time.sleep(4 * float(gdb.parameter('xen trace-interval')))",
+                           "xen trace stop", "detach", timeout=50)
+    assert "trace stopped" in out, out[-2000:]
+    assert "Fatal signal" not in out and "internal to GDB" not in out, out[-2000:]

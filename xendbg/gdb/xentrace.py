@@ -74,6 +74,10 @@ class BufferTrace:
     drains: int = 0
     catchpoint: gdb.Breakpoint | None = None
     tick_pending: bool = False
+    # The timer posts an event to gdb only while the target runs, and one at a time: an event still
+    # queued when gdb exits is destroyed after Python is finalized, and gdb 13 crashes at exit.
+    running: bool = False
+    posted: bool = False
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -112,15 +116,23 @@ class BufferTrace:
 
     def start_timer(self) -> None:
         self._catch()
+        try:
+            thread = gdb.selected_thread()
+            self.running = thread is not None and thread.is_running()
+        except gdb.error:
+            self.running = False
         self._thread = threading.Thread(target=self._tick_loop, name="xendbg-xentrace", daemon=True)
         self._thread.start()
 
     def _tick_loop(self) -> None:
         while not self._stop.wait(self.interval):
-            gdb.post_event(self._tick)
+            if self.running and not self.posted:
+                self.posted = True
+                gdb.post_event(self._tick)
 
     def _tick(self) -> None:
         """In gdb's thread: interrupt a running target, so the catchpoint's condition drains."""
+        self.posted = False
         try:
             thread = gdb.selected_thread()
             if thread is None or not thread.is_running() or self.tick_pending:
@@ -172,10 +184,16 @@ ACTIVE = Active()
 _registered = False
 
 
+def _on_continue(event: object) -> None:
+    if ACTIVE.trace is not None:
+        ACTIVE.trace.running = True
+
+
 def _on_stop(event: object) -> None:
     trace = ACTIVE.trace
     if trace is None:
         return
+    trace.running = False
     try:
         trace.drain()
     except XendbgError as exc:
@@ -197,6 +215,7 @@ def start(log: TraceLog, stats: Stats, only_hypercalls: bool, detail: frozenset[
     if not _registered:
         _TickFunction()
         gdb.events.stop.connect(_on_stop)
+        gdb.events.cont.connect(_on_continue)
         gdb.events.gdb_exiting.connect(lambda event: stop())
         _registered = True
     ACTIVE.trace = trace
