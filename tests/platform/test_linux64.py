@@ -16,7 +16,7 @@ import time
 import pytest
 from conftest import XENDBG_SCRIPT as SCRIPT
 from conftest import json_blocks
-from test_xentrace import RAW_RECORDER
+from test_xentrace import REGS_AT
 
 pytestmark = pytest.mark.platform
 
@@ -112,11 +112,27 @@ def test_gdb_linux_first_multicall_guest_side(boot_gdb) -> None:
     assert all(e["result"] is None for e in hc["detail"]["entries"])
 
 
+# gdb's own breakpoint at pv_hypercall(regs), no xendbg code: each entry's RAX read raw from struct
+# cpu_user_regs, a line per entry in a file written as it happens (gdb may not answer once QEMU is gone).
+RAW_LOG = """
+import gdb, struct
+class RawLog(gdb.Breakpoint):
+    def __init__(self, path):
+        super().__init__("*pv_hypercall", type=gdb.BP_HARDWARE_BREAKPOINT)
+        self.out = open(path, "a", buffering=1)
+    def stop(self):
+        regs = bytes(gdb.selected_inferior().read_memory(int(gdb.parse_and_eval("$rdi")) & (1 << 64) - 1, 120))
+        self.out.write(f"{{struct.unpack_from('<Q', regs, {rax})[0]}}\\n")
+        return False
+RAW_LOG = RawLog({path!r})
+"""
+
+
 def test_trace_survives_kill_9_of_qemu(boot_gdb, tmp_path) -> None:
     """Every record reaches the JSONL file as it happens; after QEMU dies gdb and xendbg still answer.
     The calls in the file are the ones gdb's own breakpoint at pv_hypercall saw (read raw)."""
-    log, recorder = tmp_path / "linux.jsonl", tmp_path / "raw_recorder.py"
-    recorder.write_text(RAW_RECORDER)
+    log, recorder, raw_log = tmp_path / "linux.jsonl", tmp_path / "raw_log.py", tmp_path / "raw.txt"
+    recorder.write_text(RAW_LOG.format(rax=REGS_AT["rax"], path=str(raw_log)))
     booted = boot_gdb("linux64", timeout=120)
     mi = booted.gdb_mi()
 
@@ -155,7 +171,7 @@ def test_trace_survives_kill_9_of_qemu(boot_gdb, tmp_path) -> None:
     assert seqs == list(range(1, len(seqs) + 1))  # nothing missing in between
     # The file's calls are pv_hypercall's entries in order (gdb may report one stop twice), up to where
     # QEMU died: the probe in the guest and the breakpoint in Xen may be a call or two apart there.
-    raw = [regs[0] for regs in json.loads(console("python print(json.dumps(RAW.seen))", timeout=60))]
+    raw = [int(line) for line in raw_log.read_text().splitlines()]
     traced = [r["nr"] for r in calls]
     at = 0
     for index, nr in enumerate(raw):
