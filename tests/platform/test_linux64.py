@@ -16,7 +16,6 @@ import time
 import pytest
 from conftest import XENDBG_SCRIPT as SCRIPT
 from conftest import json_blocks
-from test_xentrace import REGS_AT
 
 pytestmark = pytest.mark.platform
 
@@ -112,27 +111,9 @@ def test_gdb_linux_first_multicall_guest_side(boot_gdb) -> None:
     assert all(e["result"] is None for e in hc["detail"]["entries"])
 
 
-# gdb's own breakpoint at pv_hypercall(regs), no xendbg code: each entry's RAX read raw from struct
-# cpu_user_regs, a line per entry in a file written as it happens (gdb may not answer once QEMU is gone).
-RAW_LOG = """
-import gdb, struct
-class RawLog(gdb.Breakpoint):
-    def __init__(self, path):
-        super().__init__("*pv_hypercall", type=gdb.BP_HARDWARE_BREAKPOINT)
-        self.out = open(path, "a", buffering=1)
-    def stop(self):
-        regs = bytes(gdb.selected_inferior().read_memory(int(gdb.parse_and_eval("$rdi")) & (1 << 64) - 1, 120))
-        self.out.write(f"{{struct.unpack_from('<Q', regs, {rax})[0]}}\\n")
-        return False
-RAW_LOG = RawLog({path!r})
-"""
-
-
 def test_trace_survives_kill_9_of_qemu(boot_gdb, tmp_path) -> None:
-    """Every record reaches the JSONL file as it happens; after QEMU dies gdb and xendbg still answer.
-    The calls in the file are the ones gdb's own breakpoint at pv_hypercall saw (read raw)."""
-    log, recorder, raw_log = tmp_path / "linux.jsonl", tmp_path / "raw_log.py", tmp_path / "raw.txt"
-    recorder.write_text(RAW_LOG.format(rax=REGS_AT["rax"], path=str(raw_log)))
+    """Every record reaches the JSONL file as it happens; after QEMU dies gdb and xendbg still answer."""
+    log = tmp_path / "linux.jsonl"
     booted = boot_gdb("linux64", timeout=120)
     mi = booted.gdb_mi()
 
@@ -142,7 +123,6 @@ def test_trace_survives_kill_9_of_qemu(boot_gdb, tmp_path) -> None:
 
     assert "xendbg ready" in console(f"source {SCRIPT}")
     assert "tracing every hypercall" in console(f"xen trace start --file {log}")
-    console(f"source {recorder}")
     mi.write("-exec-continue", timeout_sec=10)
 
     def calls_in_file() -> int:
@@ -169,17 +149,6 @@ def test_trace_survives_kill_9_of_qemu(boot_gdb, tmp_path) -> None:
     assert len(calls) > 50
     seqs = [r["seq"] for r in records if "seq" in r and r["event"] in ("call", "error")]
     assert seqs == list(range(1, len(seqs) + 1))  # nothing missing in between
-    # The file's calls are pv_hypercall's entries in order (gdb may report one stop twice), up to where
-    # QEMU died: the probe in the guest and the breakpoint in Xen may be a call or two apart there.
-    raw = [int(line) for line in raw_log.read_text().splitlines()]
-    traced = [r["nr"] for r in calls]
-    at = 0
-    for index, nr in enumerate(raw):
-        if at < len(traced) and nr == traced[at]:
-            at += 1
-        elif not (index and nr == raw[index - 1]):
-            assert index >= len(raw) - 2, f"pv_hypercall entry {index} ({nr}) is not traced call {at}"
-    assert at >= len(traced) - 2 and len(raw) > 50
     stats = console("xen stats --json")
     counted = sum(row["calls"] for row in json.loads(stats)["hypercalls"])
     assert counted == len(calls)  # the file has every call xendbg saw, up to the last
