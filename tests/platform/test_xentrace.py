@@ -103,7 +103,10 @@ def test_buffers_agree_with_pv_hypercall_stops_and_the_batch(boot_gdb, tmp_path)
     raw_keys = [key_of_raw(regs) for regs in json.loads(re.search(r"^RAWCALLS (.*)$", out, re.M).group(1))]
     buffer_keys = [key_of_buffer(r) for r in calls[:first + 1]]
     assert buffer_keys[-1][0] == raw_keys[-1][0] == 13 and len(buffer_keys) > 1000  # up to the first multicall
-    assert duplicates_between(buffer_keys, raw_keys) <= len(raw_keys) // 200
+    # A duplicate report comes from an interrupt meeting a stop: the drain timer's (one per drain) or
+    # QEMU's own (a few per thousand stops).
+    drains = int(re.search(r"in (\d+) drains", out).group(1))
+    assert duplicates_between(buffer_keys, raw_keys) <= drains + len(raw_keys) // 200
 
 
 def test_full_buffer_is_a_gap(boot_gdb, tmp_path) -> None:
