@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
 
-from xendbg.abi import NEWEST, Abi, get_abi, resolve_generation
+from xendbg.abi import GENERATIONS, NEWEST, Abi, get_abi, resolve_generation
 from xendbg.arch import cpu_mode
 from xendbg.decode import decode_multicall, decode_pending, decode_trap_table
 from xendbg.decode.rules import MAX_MULTICALL_ENTRIES
@@ -290,8 +290,6 @@ def _xentrace_records(args: argparse.Namespace) -> list[dict] | None:
 def _xentrace_abi(version: str | None) -> tuple[Abi, AbiChoice]:
     """The ABI a xentrace file's records are named with: --xen, else the newest as a stated guess (a
     64-bit Xen: its compat guests' hypercalls have the same numbers)."""
-    from xendbg.abi import GENERATIONS
-
     if version is not None:
         generation = resolve_generation(version)
         return get_abi(generation, 64), AbiChoice(generation, f"--xen {version}", None, (generation,))

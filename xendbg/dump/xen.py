@@ -287,8 +287,8 @@ def read_xen(memory: PhysicalMemory, cpus: list[CpuState], syms: XenSyms, guest_
             count = reader.u32(d + fields.domain_max_vcpus)
             array = reader.u64(d + fields.domain_vcpus)
             if count > _MAX_VCPUS:
-                raise DecodeError(f"domain at {d:#x} says {count} vCPUs: struct domain's layout is not "
-                                  f"Xen {syms.version or '4.17'}'s")
+                raise DecodeError(f"domain at {d:#x} says {count} vCPUs: struct domain's layout is not the one "
+                                  f"xendbg assumes ({_which(syms)})")
             pointers = struct.unpack(f"<{count}Q", reader.read(array, 8 * count)) if count else ()
         except TargetError as exc:
             raise DecodeError(f"domain_list leads to unreadable memory ({exc}): not this Xen's layout") from None
@@ -298,12 +298,16 @@ def read_xen(memory: PhysicalMemory, cpus: list[CpuState], syms: XenSyms, guest_
             vcpu_id, back = reader.u32(v + xl.VCPU_ID), reader.u64(v + fields.vcpu_domain)
             if vcpu_id != index or back != d:
                 raise DecodeError(f"d{domid} vcpu[{index}] at {v:#x} says vcpu_id {vcpu_id}, domain {back:#x}: "
-                                  f"struct vcpu's layout is not the one xendbg assumes (Xen "
-                                  f"{syms.version or '4.17'})")
+                                  f"struct vcpu's layout is not the one xendbg assumes ({_which(syms)})")
             data.vcpus.append(_vcpu(reader, memory, syms, domid, index, v, holders.get(v), guest_symbols,
                                     guest_ranges, cpus[0], data.problems))
         d = reader.u64(d + lay.domain_next)
     return data
+
+
+def _which(syms: XenSyms) -> str:
+    """Which Xen the leading struct fields were taken for, for an error message."""
+    return syms.fields_note or f"Xen {syms.version}"
 
 
 def _in_hypercall(reader: _Reader, symbols: XenSymbolsView, sp: int, top: int) -> bool:
