@@ -15,6 +15,7 @@ xendbg into gdb stays cheap) recognises the instruction at PC and the stubs of a
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import cache
 
@@ -107,6 +108,7 @@ class Site:
     address: int  # address of the hypercall instruction (PC for "registers")
     stub_nr: int | None = None  # the number a stub loads into EAX/RAX before the instruction
     pushes: int = 0  # bytes the stub pushes before its instruction (the stack then is this much lower)
+    pushed: tuple[str, ...] = ()  # what it pushes, in order: a register name or an immediate ("rcx", "0x10")
 
     def describe(self) -> str:
         if self.kind == "instruction":
@@ -141,6 +143,7 @@ def find_hypercall_site(code: bytes, pc: int, width: int, max_insns: int = 8) ->
     """
     stub_nr: int | None = None
     pushes = 0
+    pushed: list[str] = []
     for index, insn in enumerate(_disassembler(width).disasm(code, pc)):
         if index >= max_insns:
             break
@@ -151,11 +154,12 @@ def find_hypercall_site(code: bytes, pc: int, width: int, max_insns: int = 8) ->
                 convention = f"x86_{width}-hvm"
             kind = "instruction" if index == 0 else "stub"
             text = f"{mnemonic} {insn.op_str}".strip()
-            return Site(kind, convention, text, insn.address, stub_nr, pushes)
+            return Site(kind, convention, text, insn.address, stub_nr, pushes, tuple(pushed))
         if mnemonic in _END_OF_STUB:
             break
         if mnemonic in ("push", "pushq", "pushl"):
             pushes += width // 8  # push imm and push reg both store one word
+            pushed.append(ops)
         if mnemonic == "mov" and (ops.startswith("eax,") or ops.startswith("rax,")):
             try:
                 stub_nr = int(ops.split(",", 1)[1], 0)
@@ -238,6 +242,24 @@ IRET_STUB_SHAPE = {64: StubShape(9, 24), 32: StubShape(6, 4)}
 def stub_shape(width: int, iret: bool) -> StubShape:
     """The shape of a hypercall-page stub: the iret stub's, or every other one's."""
     return (IRET_STUB_SHAPE if iret else PAGE_STUB_SHAPE)[width]
+
+
+def stub_pushed_words(target: Target, site: Site, width: int) -> tuple[int | None, ...]:
+    """The words a stub will push before its instruction, lowest address first (the last push lands
+    lowest): from the registers it pushes, or the immediate; None for an operand xendbg cannot read
+    (a memory operand, a segment register)."""
+    words: list[int | None] = []
+    for operand in site.pushed:
+        value: int | None
+        try:
+            value = int(operand, 0) & ((1 << width) - 1)
+        except ValueError:
+            try:
+                value = _reg_either(target, operand, width) & ((1 << width) - 1)
+            except (UnknownRegister, TargetError):
+                value = None
+        words.append(value)
+    return tuple(reversed(words))
 
 
 def pv_args(target: Target, width: int) -> tuple[int, ...]:
@@ -382,6 +404,28 @@ def handler_entry(target: Target, function: str) -> XenEntry:
     convention = CONVENTIONS["xen-c"]
     site = Site("handler", "xen-c", f"{function}()", pc)
     return XenEntry(None, name, _read_args(target, convention, width), width, site)
+
+
+def handler_guest_frame(target: Target, numbers: Collection[int]) -> XenEntry | None:
+    """At a Xen handler, the guest frame Xen saved when the guest entered it: `guest_cpu_user_regs` at the
+    start of the `struct cpu_info` at the top of the CPU's stack (get_cpu_info_from_stack in
+    asm/current.h, RELEASE-4.17.0 to RELEASE-4.20.0).  None unless the frame checks out: a guest code
+    selector, and in its RAX/EAX one of `numbers`: the hypercall being served, or multicall while
+    do_multicall runs its entries' handlers."""
+    from xendbg.dump.xenlayout import CPU_INFO_SIZES, STACK_SIZE
+
+    try:
+        top = (_reg(target, "rsp") | (STACK_SIZE - 1)) + 1
+    except TargetError:
+        return None
+    for size in CPU_INFO_SIZES:
+        try:
+            entry = guest_frame_entry(target, top - size)
+        except TargetError:
+            continue
+        if entry.guest_cs is not None and cpu_mode(entry.guest_cs).width is not None and entry.nr in numbers:
+            return entry
+    return None
 
 
 def guest_frame_entry(target: Target, regs_address: int, function: str = XEN_HYPERCALL_ENTRY) -> XenEntry:

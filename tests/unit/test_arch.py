@@ -55,19 +55,22 @@ def test_site_descriptions(site, text):
     assert site.describe() == text
 
 
-@pytest.mark.parametrize("width,code,kind,convention,instruction,address,nr,pushes", [
-    (32, "cd82c3", "instruction", "x86_32-pv", "int 0x82", PC, None, 0),
-    (64, "0f05c3", "instruction", "x86_64-pv", "syscall", PC, None, 0),
-    (64, "0f01c1c3", "instruction", "x86_64-hvm", "vmcall", PC, None, 0),
-    (32, "0f01d9c3", "instruction", "x86_32-hvm", "vmmcall", PC, None, 0),
-    (32, "b818000000cd82c3", "stub", "x86_32-pv", "int 0x82", PC + 5, 24, 0),
-    (64, "514153b81d0000000f05415b59c3", "stub", "x86_64-pv", "syscall", PC + 8, 29, 16),
-    (64, "514153488b05000000000f05c3", "stub", "x86_64-pv", "syscall", PC + 10, None, 16),  # mov from memory
-    (64, "48c7c0110000000f05c3", "stub", "x86_64-pv", "syscall", PC + 7, 17, 0),  # mov $17, %rax
+@pytest.mark.parametrize("width,code,kind,convention,instruction,address,nr,pushed", [
+    (32, "cd82c3", "instruction", "x86_32-pv", "int 0x82", PC, None, ()),
+    (64, "0f05c3", "instruction", "x86_64-pv", "syscall", PC, None, ()),
+    (64, "0f01c1c3", "instruction", "x86_64-hvm", "vmcall", PC, None, ()),
+    (32, "0f01d9c3", "instruction", "x86_32-hvm", "vmmcall", PC, None, ()),
+    (32, "b818000000cd82c3", "stub", "x86_32-pv", "int 0x82", PC + 5, 24, ()),
+    (32, "50b817000000cd82", "stub", "x86_32-pv", "int 0x82", PC + 6, 23, ("eax",)),  # the iret stub
+    (64, "514153b81d0000000f05415b59c3", "stub", "x86_64-pv", "syscall", PC + 8, 29, ("rcx", "r11")),
+    (64, "51415350b8170000000f05", "stub", "x86_64-pv", "syscall", PC + 9, 23, ("rcx", "r11", "rax")),  # iret
+    (64, "514153488b05000000000f05c3", "stub", "x86_64-pv", "syscall", PC + 10, None, ("rcx", "r11")),
+    (64, "48c7c0110000000f05c3", "stub", "x86_64-pv", "syscall", PC + 7, 17, ()),  # mov $17, %rax
+    (32, "6a10cd82", "stub", "x86_32-pv", "int 0x82", PC + 2, None, ("0x10",)),  # push imm
 ])
-def test_find_hypercall_site(width, code, kind, convention, instruction, address, nr, pushes):
+def test_find_hypercall_site(width, code, kind, convention, instruction, address, nr, pushed):
     site = arch.find_hypercall_site(bytes.fromhex(code), PC, width)
-    assert site == arch.Site(kind, convention, instruction, address, nr, pushes)
+    assert site == arch.Site(kind, convention, instruction, address, nr, len(pushed) * width // 8, pushed)
 
 
 @pytest.mark.parametrize("code", ["c3cd82", "e900000000cd82", "e800000000cd82", "cccd82", "f4cd82", "0f0bcd82",

@@ -51,7 +51,7 @@ def test_stub_shapes_agree_with_the_stub_walk(width, iret, code):
 
 def test_the_walk_counts_push_imm_as_a_word():
     site = find_hypercall_site(LINUX_IRET, PC, 64)
-    assert site == Site("stub", "x86_64-pv", "syscall", PC + 11, 23, 32)
+    assert site == Site("stub", "x86_64-pv", "syscall", PC + 11, 23, 32, ("0", "rcx", "r11", "rax"))
 
 
 def test_at_the_instruction_nothing_was_pushed():

@@ -314,15 +314,85 @@ def test_iret_frame_from_stack_at_the_instruction():
     assert dict(hc.detail.fields)["rip"] == 0x401000 and hc.detail.address == 0x8000
 
 
+STALE = b"\xee" * 24  # what lies below the stack pointer before the stub's pushes
+
+
 def test_iret_frame_at_the_stub_entry_is_below_the_stack_pointer():
     """At the stub's first instruction rcx, r11 and rax are not pushed yet: the frame the syscall will
-    hand Xen starts 24 bytes below RSP, not at RSP."""
+    hand Xen starts 24 bytes below RSP, and its first three words are those registers, not the stale
+    words in memory there."""
     abi = get_abi("4.17", 64)
-    regs = registers(64, 23, pc=PC) | {"rsp": 0x8000 + 24}
-    hc = decode_pending(InMemoryTarget(regs, [(PC, IRET_STUB), (0x8000, IRET_FRAME)]), abi)
+    regs = registers(64, 0, pc=PC) | {"rsp": 0x8000 + 24, "rax": 0, "r11": 0x246, "rcx": 0xFFFFFFFE}
+    hc = decode_pending(InMemoryTarget(regs, [(PC, IRET_STUB), (0x8000, STALE + IRET_FRAME[24:])]), abi)
     assert hc.name == "iret" and isinstance(hc.detail, StructFields)
-    assert hc.detail.address == 0x8000 and dict(hc.detail.fields)["rip"] == 0x401000
-    assert dict(hc.detail.fields)["cs"] == 0xE033
+    fields = dict(hc.detail.fields)
+    assert hc.detail.address == 0x8000
+    assert (fields["rax"], fields["r11"], fields["rcx"]) == (0, 0x246, 0xFFFFFFFE)
+    assert (fields["rip"], fields["cs"], fields["ss"]) == (0x401000, 0xE033, 0xE02B)
+
+
+def test_iret_frame_midway_through_the_stub_takes_only_the_pushes_still_to_come():
+    """After `push %rcx` only r11 and rax are still to be pushed: rcx's word is in memory already."""
+    abi = get_abi("4.17", 64)
+    frame = bytearray(STALE + IRET_FRAME[24:])
+    frame[16:24] = (0x1234).to_bytes(8, "little")  # rcx, pushed by the stub's first instruction
+    regs = registers(64, 0, pc=PC + 1) | {"rsp": 0x8000 + 16, "rax": 7, "r11": 0x202}
+    hc = decode_pending(InMemoryTarget(regs, [(PC, IRET_STUB), (0x8000, bytes(frame))]), abi)
+    fields = dict(hc.detail.fields)
+    assert (fields["rax"], fields["r11"], fields["rcx"], fields["rip"]) == (7, 0x202, 0x1234, 0x401000)
+
+
+def test_iret_frame_at_the_32_bit_stub_entry_takes_eax_from_the_register():
+    """Xen's 32-bit iret stub is `push %eax; mov $23,%eax; int $0x82` (pv_ring1_init_hypercall_page,
+    RELEASE-4.17.0): the frame's EAX is the register, the rest is at ESP."""
+    abi = get_abi("4.17", 32)
+    stub = bytes.fromhex("50 b817000000 cd82").ljust(32, b"\xcc")
+    rest = b"".join(v.to_bytes(4, "little") for v in (0xC0101000, 0xE019, 0x202, 0xC0400000, 0xE021))
+    regs = registers(32, 0, pc=0xC0001000) | {"esp": 0x8004, "eax": 0x104010}
+    hc = decode_pending(InMemoryTarget(regs, [(0xC0001000, stub), (0x8000, b"\x55\x03\x10\x00" + rest)]), abi)
+    fields = dict(hc.detail.fields)
+    assert hc.detail.address == 0x8000
+    assert (fields["eax"], fields["eip"], fields["cs"], fields["ss"]) == (0x104010, 0xC0101000, 0xE019, 0xE021)
+
+
+def test_batched_iret_at_the_multicall_stub_entry_sees_the_pushes_to_come():
+    """A multicall's iret entry reads its frame at the guest's stack pointer at the syscall; from the
+    stub's entry that is 16 bytes lower, where rcx and r11 will be pushed."""
+    abi = get_abi("4.17", 64)
+    call_list = 0x9000
+    entry = pack(abi, "multicall_entry", op=23, args=[0] * 6)
+    stub = bytes.fromhex("514153 b80d000000 0f05").ljust(32, b"\xcc")
+    regs = registers(64, 0, pc=PC) | {"rdi": call_list, "rsi": 1, "rsp": 0x8000 + 16, "rcx": 0xAA, "r11": 0xBB}
+    target = InMemoryTarget(regs, [(PC, stub), (0x8000, STALE[:16] + IRET_FRAME[16:]), (call_list, entry)])
+    hc = decode_pending(target, abi)
+    assert hc.name == "multicall" and hc.stack is not None and hc.stack.sp == 0x8000
+    (batched,) = hc.detail.entries
+    fields = dict(batched.call.detail.fields)
+    assert (fields["rax"], fields["r11"], fields["rcx"]) == (0xBB, 0xAA, 3)  # r11 pushed last lands lowest
+    batch, _ = decode_multicall(target, abi, call_list, 1, stack=hc.stack)  # as `xen multicall` does
+    assert batch.entries[0].call.detail == batched.call.detail
+
+
+def test_batched_iret_inside_a_xen_handler_reads_the_guest_frame_xen_saved():
+    """At do_multicall the guest's stack pointer is in guest_cpu_user_regs at the base of cpu_info, at
+    the top of Xen's 32 KiB stack (asm/current.h, RELEASE-4.17.0)."""
+    abi = get_abi("4.17", 64)
+    call_list, stack_top, guest_sp = 0x9000, 0xFFFF830000008000, 0x7000
+    cpu_info = stack_top - 264
+    frame = pack(abi, "cpu_user_regs", rax=13, rsp=guest_sp, cs=0xE033, rip=0x401234, ss=0xE02B)
+    entry = pack(abi, "multicall_entry", op=23, args=[0] * 6)
+    regs = {"rip": 0xFFFF82D040229A90, "rdi": call_list, "rsi": 1, "rdx": 0, "rcx": 0, "r8": 0,
+            "rsp": stack_top - 0x200}
+    target = InMemoryTarget(regs, [(call_list, entry), (cpu_info, frame), (guest_sp, IRET_FRAME)])
+    hc = decode_in_xen(target, "do_multicall", lambda w, cs=None: get_abi("4.17", w))
+    (batched,) = hc.detail.entries
+    assert batched.call.detail.address == guest_sp
+    assert dict(batched.call.detail.fields)["rip"] == 0x401000
+    # A frame that does not check out (not a guest selector, or not this call's number) is not used.
+    bad = pack(abi, "cpu_user_regs", rax=13, rsp=guest_sp, cs=0xE008)
+    hc = decode_in_xen(InMemoryTarget(regs, [(call_list, entry), (cpu_info, bad), (guest_sp, IRET_FRAME)]),
+                       "do_multicall", lambda w, cs=None: get_abi("4.17", w))
+    assert any(f.rule == "iret-frame-unknown" for f in hc.detail.entries[0].call.findings)
 
 
 def test_batched_iret_inside_a_xen_handler_is_not_read_from_xens_stack():

@@ -22,6 +22,7 @@ from xendbg.decode.model import (
     Detail,
     FastTrap,
     Finding,
+    GuestStack,
     GuestState,
     Hypercall,
     MulticallBatch,
@@ -43,16 +44,16 @@ class _Ctx:
     """One decode: the target, the ABI, what the guest registered, and the findings so far."""
 
     def __init__(self, target: Target, abi: Abi, state: GuestState | None, depth: int,
-                 guest_sp: int | None = None, in_xen: bool = False) -> None:
+                 stack: GuestStack | None = None, in_xen: bool = False) -> None:
         self.target = target
         self.abi = abi
         self.state = state
         self.depth = depth
         self.findings: list[Finding] = []
-        # The guest's stack pointer at its hypercall instruction (iret reads its frame there): given when
-        # the decode does not stand there itself (a stub's entry, Xen's saved frame); inside a Xen
-        # handler it is unknown, and the stack pointer register is Xen's own.
-        self.guest_sp = guest_sp
+        # The guest's stack at its hypercall instruction (iret reads its frame there): given when the
+        # decode does not stand there itself (a stub's entry, Xen's saved frame); inside a Xen handler
+        # without the saved frame it is unknown, and the stack pointer register is Xen's own.
+        self.stack = stack
         self.in_xen = in_xen
 
     def read(self, address: int, size: int) -> bytes:
@@ -290,9 +291,12 @@ def _set_fast_trap(ctx: _Ctx, args: list[Arg]) -> Detail:
 
 
 def decode_multicall(target: Target, abi: Abi, address: int, count: int, *, results: bool = True,
-                     state: GuestState | None = None) -> tuple[MulticallBatch, tuple[Finding, ...]]:
-    """Decode a multicall_entry array; `results` says whether Xen has run it and written results."""
-    ctx = _Ctx(target, abi, state, 0)
+                     state: GuestState | None = None,
+                     stack: GuestStack | None = None) -> tuple[MulticallBatch, tuple[Finding, ...]]:
+    """Decode a multicall_entry array; `results` says whether Xen has run it and written results.
+    `stack` is the guest's stack at its multicall instruction (an iret entry's frame is there), when
+    the vCPU does not stand at that instruction (the pending call's `stack`)."""
+    ctx = _Ctx(target, abi, state, 0, stack, in_xen=stack is not None and stack.sp is None)
     batch = _multicall(ctx, address, count, results)
     return batch, tuple(ctx.findings)
 
@@ -328,7 +332,7 @@ def _multicall(ctx: _Ctx, address: int, count: int, results: bool) -> MulticallB
                              abi.generation, abi.width)
         else:
             call = _decode(ctx.target, abi, op, raw_args, ctx.state, ctx.depth + 1,
-                           where=f"multicall entry {index}", guest_sp=ctx.guest_sp, in_xen=ctx.in_xen)
+                           where=f"multicall entry {index}", stack=ctx.stack, in_xen=ctx.in_xen)
         result = arch.signed(result_raw, abi.width) if results else None
         result_text = None
         if result is not None:
@@ -559,21 +563,30 @@ def _iret(ctx: _Ctx, args: list[Arg]) -> Detail:
     names = (("eax", "eip", "cs", "eflags", "esp", "ss") if abi.width == 32 else
              ("rax", "r11", "rcx", "flags", "rip", "cs", "rflags", "rsp", "ss"))
     word = abi.width // 8
-    if ctx.guest_sp is None and ctx.in_xen:
+    stack = ctx.stack
+    if (stack is None and ctx.in_xen) or (stack is not None and stack.sp is None):
         ctx.add(Finding("iret-frame-unknown", "info", "the iret frame is on the guest's stack, whose pointer "
                         "xendbg does not know at a Xen handler's entry (catch at pv_hypercall or guest side "
                         "to see it)"))
         return None
+    # Stopped in a stub before its pushes: the frame's first words are still in registers.
+    pushed = stack.pushed[:len(names)] if stack is not None else ()
+    if None in pushed:
+        ctx.add(Finding("iret-frame-unknown", "info", "the stub pushes part of the iret frame from an operand "
+                        "xendbg cannot read: step to the hypercall instruction to see it"))
+        return None
     try:
-        sp = ctx.guest_sp if ctx.guest_sp is not None else ctx.target.read_register(
+        sp = stack.sp if stack is not None and stack.sp is not None else ctx.target.read_register(
             "esp" if abi.width == 32 else "rsp")
-        data = ctx.read(sp, word * len(names))
+        rest = len(names) - len(pushed)
+        data = ctx.read(sp + word * len(pushed), word * rest) if rest else b""
     except UnreadableMemory as exc:
         ctx.add(rules.unreadable("iret frame", exc.address))
         return None
-    except Exception:  # noqa: BLE001 - no stack pointer (e.g. an offline decode without it)
+    except UnknownRegister:  # no stack pointer (an offline decode without it)
         return None
-    values = [int.from_bytes(data[i * word:(i + 1) * word], "little") for i in range(len(names))]
+    values = [int(v) for v in pushed if v is not None]
+    values += [int.from_bytes(data[i * word:(i + 1) * word], "little") for i in range(rest)]
     return StructFields("iret_context", sp, tuple(zip(names, values, strict=False)))
 
 
@@ -605,8 +618,8 @@ def _subop(args: list[Arg]) -> str | None:
 
 def _decode(target: Target, abi: Abi, nr: int, raw_args: list[int] | tuple[int, ...],
             state: GuestState | None, depth: int, where: str = "", site: str = "",
-            guest_sp: int | None = None, in_xen: bool = False) -> Hypercall:
-    ctx = _Ctx(target, abi, state, depth, guest_sp, in_xen)
+            stack: GuestStack | None = None, in_xen: bool = False) -> Hypercall:
+    ctx = _Ctx(target, abi, state, depth, stack, in_xen)
     mask = abi.address_mask
     raw = [v & mask for v in raw_args]
     slot = rules.dispatched_number(abi, nr)  # old Xen masks a number past its table (rules.py)
@@ -634,7 +647,7 @@ def _decode(target: Target, abi: Abi, nr: int, raw_args: list[int] | tuple[int, 
     elif hc.name in _DETAILS:
         detail = _DETAILS[hc.name](ctx, args)
     return Hypercall(nr, hc.name, tuple(args), abi.generation, abi.width, hc.former_names, subop, detail,
-                     _located(ctx.findings, where), site)
+                     _located(ctx.findings, where), site, stack=stack)
 
 
 def _located(findings: list[Finding], where: str) -> tuple[Finding, ...]:
@@ -652,15 +665,17 @@ def decode_pending(target: Target, abi: Abi, *, state: GuestState | None = None,
                    code_at_pc: bytes | None = None) -> Hypercall:
     """Decode the hypercall a stopped vCPU is about to make (at the instruction or in its stub)."""
     pending = arch.pending_call(target, abi.width, code_at_pc=code_at_pc)
-    guest_sp = None
+    stack = None
     if pending.site.pushes:  # stopped in a stub before its pushes: the stack is lower at the instruction
         try:
             sp = target.read_register("esp" if abi.width == 32 else "rsp")
         except UnknownRegister:
             sp = None  # an offline decode without a stack pointer
-        guest_sp = None if sp is None else (sp - pending.site.pushes) & abi.address_mask
+        if sp is not None:
+            stack = GuestStack((sp - pending.site.pushes) & abi.address_mask,
+                               arch.stub_pushed_words(target, pending.site, abi.width))
     return _decode(target, abi, pending.nr, list(pending.args), state, 0, site=pending.site.describe(),
-                   guest_sp=guest_sp)
+                   stack=stack)
 
 
 def decode_in_xen(target: Target, function: str, abi_for_width: Callable[[int, int | None], Abi], *,
@@ -682,6 +697,11 @@ def decode_in_xen(target: Target, function: str, abi_for_width: Callable[[int, i
         if known is None:
             raise DecodeError(f"{function} serves {entry.name}, which Xen {abi.generation} has no number for")
         nr = known.nr
+    guest_sp = entry.guest_sp
+    if guest_sp is None and entry.site.kind == "handler":  # the guest's stack is in the frame Xen saved
+        multicall = abi.hypercall_named("multicall")
+        frame = arch.handler_guest_frame(target, {nr} | ({multicall.nr} if multicall else set()))
+        guest_sp = frame.guest_sp if frame is not None and frame.width == entry.width else None
     return _decode(target, abi, nr, list(entry.args), state, 0, site=entry.site.describe(),
-                   guest_sp=entry.guest_sp, in_xen=True)
+                   stack=GuestStack(guest_sp), in_xen=True)
 

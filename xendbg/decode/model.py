@@ -140,6 +140,20 @@ Detail = TrapTable | Callbacks | FastTrap | MulticallBatch | StructFields | Tabl
 
 
 @dataclass(frozen=True)
+class GuestStack:
+    """The guest's stack as Xen will see it at the hypercall instruction (an iret reads its frame
+    there), when the decode does not stand at that instruction itself.
+
+    `sp` is the guest's stack pointer at the instruction, None where xendbg cannot know it (inside a
+    Xen handler, whose stack pointer register is Xen's own).  `pushed` are the words a stub pushes
+    between where the vCPU stopped and its instruction, lowest address first: they are not in memory
+    yet, they come from registers (None: a push whose value xendbg cannot tell)."""
+
+    sp: int | None
+    pushed: tuple[int | None, ...] = ()
+
+
+@dataclass(frozen=True)
 class Hypercall:
     nr: int
     name: str | None  # None for a number this generation does not know
@@ -152,6 +166,9 @@ class Hypercall:
     findings: tuple[Finding, ...] = ()
     site: str = ""
     abi_reason: str = ""  # why this generation (set by hand, from xen_version, guessed, ...)
+    # The guest's stack at the instruction, when the decode did not stand there (a stub's entry, inside
+    # Xen): what a command that decodes the call's memory again (xen multicall) must read it with.
+    stack: GuestStack | None = None
 
     @property
     def display_name(self) -> str:

@@ -105,7 +105,7 @@ def multicall(core: Core, args: Any, emit: Emit) -> None:
         raise XendbgError(f"vCPU {vcpu.index}'s pending hypercall is {hc.display_name}, not multicall")
     abi, why = _abi_of(core, hc)
     batch, found = decode_multicall(vcpu.target, abi, hc.args[0].value, hc.args[1].value, results=args.results,
-                                    state=core.session.state(vcpu.index))
+                                    state=core.session.state(vcpu.index), stack=hc.stack)
     used = AbiUsed(abi.generation, abi.width, why.reason)
     extra = why.findings()
     emit(render_json.multicall_report(batch, found + extra, used),

@@ -53,6 +53,8 @@ _LEADING: tuple[tuple[tuple[int, int], LeadingFields], ...] = (
     # RELEASE-4.17.0: int vcpu_id; int processor; vcpu_info_t *vcpu_info; struct domain *domain.
     ((4, 17), LeadingFields(0x10, 0x4, 0x8, 264, 200, 208, 216)),
 )
+# The sizes struct cpu_info has had in the releases above (its guest_cpu_user_regs is at offset 0).
+CPU_INFO_SIZES = tuple(sorted({fields.cpu_info_size for _, fields in _LEADING}))
 # RELEASE-4.21.0 puts a struct fred_info into struct cpu_info and RELEASE-4.22.0 an enum into struct
 # domain: layouts xendbg has not verified against a running Xen.
 NEWEST_KNOWN = (4, 20)

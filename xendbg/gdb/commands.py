@@ -253,14 +253,15 @@ has run, show the results Xen wrote."""
         if words:
             abi, why = context.current_abi(target)
             address, count = _address(words[0], abi.width), _count(words[1])
-        else:
+        stack = None
+        if not words:
             hc = _pending(target)
             if hc.name != "multicall":
                 raise XendbgError(f"the pending hypercall is {hc.display_name}, not multicall: give ADDR COUNT")
             abi, why = context.abi_of(hc)
-            address, count = hc.args[0].value, hc.args[1].value
+            address, count, stack = hc.args[0].value, hc.args[1].value, hc.stack
         batch, found = decode.decode_multicall(target, abi, address, count, results="--results" in flags,
-                                               state=_registered(context.cpu_index()))
+                                               state=_registered(context.cpu_index()), stack=stack)
         used = context.used(abi, why)
         extra = why.findings()
         if "--json" in flags:
