@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 
 from xendbg import arch
 from xendbg.abi import Abi
+from xendbg.abi.hypercalls import CONTINUED_BY_XEN, NEVER_RETURN
 from xendbg.decode.model import GuestState, Hypercall, MulticallBatch, TrapTable
 from xendbg.sites import HypercallSites
 
@@ -243,17 +244,24 @@ def _args(hc: Hypercall) -> tuple[int, ...]:
     return tuple(a.value for a in hc.args)
 
 
-def is_continuation(earlier: Hypercall, now: Hypercall, abi: Abi) -> bool:
+def is_continuation(earlier: Hypercall, now: Hypercall, abi: Abi, *, same_place: bool = False) -> bool:
     """Whether `now` is Xen continuing `earlier` after preempting it: the guest re-enters the same
-    hypercall with its arguments advanced (hypercall_create_continuation, RELEASE-4.17.0
-    xen/arch/x86/hypercall.c; multicall.c, traps.c and mm.c build the advanced arguments)."""
-    if earlier.nr != now.nr or earlier.name is None:
+    hypercall with the arguments Xen left it (hypercall_create_continuation, RELEASE-4.17.0
+    xen/arch/x86/hypercall.c; multicall.c, pv/callback.c, mm.c and console.c build the advanced ones).
+
+    `same_place`: `now` entered at the instruction `earlier` entered at, from the same stack, with no
+    return in between and not as a repeated report of the same stop.  Only Xen's rewinding brings a
+    guest back there, so any call Xen continues counts, even one whose arguments did not move (a
+    multicall whose first entry was preempted and rewritten in guest memory, a vcpu_op).  Without it
+    (a Xen handler seen again) the arguments must show the progress."""
+    if earlier.nr != now.nr or earlier.name not in CONTINUED_BY_XEN:
         return False
     before, after = _args(earlier), _args(now)
     if earlier.name == "multicall":
         size = abi.layout("multicall_entry").size
-        done = (after[0] - before[0]) // size if after[0] > before[0] else 0
-        return 0 < done < before[1] and after[0] == before[0] + done * size and after[1] == before[1] - done
+        done = (after[0] - before[0]) // size if after[0] >= before[0] else -1
+        least = 0 if same_place else 1
+        return least <= done < before[1] and after[0] == before[0] + done * size and after[1] == before[1] - done
     if earlier.name == "set_trap_table":
         size, done = abi.layout("trap_info").size, after[0] - before[0]
         # Continued at an entry of the earlier table (at most its terminator), never past it.
@@ -261,7 +269,10 @@ def is_continuation(earlier: Hypercall, now: Hypercall, abi: Abi) -> bool:
         return done > 0 and done % size == 0 and within
     if earlier.name in ("mmu_update", "mmuext_op"):
         return bool(after[1] & PREEMPTED_COUNT_BIT)
-    return False
+    if earlier.name == "console_io":  # guest_console_write: the rest of the text, after what was written
+        written = before[1] - after[1]
+        return after[0] == before[0] and 0 < written and after[2] == before[2] + written
+    return same_place
 
 
 def completed_part(earlier: Hypercall, now: Hypercall, abi: Abi) -> Hypercall:
@@ -289,40 +300,65 @@ class PendingCall:
     # be told (Xen side: the same arguments may well be a new call).
     registers: tuple[int, ...] = ()
 
+    def same_stop(self, other: PendingCall) -> bool:
+        """Whether `other` shows exactly what this call showed: the registers, and the guest memory the
+        decode read (a batch Xen rewrote, an iret frame), so nothing visible ran in between."""
+        return bool(self.registers) and self.registers == other.registers and self.call.detail == other.call.detail
+
 
 @dataclass(frozen=True)
 class Entered:
-    """What a probe hit means: a new call, the same call reported again, or a continuation."""
+    """What a probe hit means: a new call, the same call reported again, or a continuation.  `certain`
+    is False for a repeat that could also be Xen continuing the call without visible progress: xendbg
+    then has no evidence either way, and says so."""
 
     kind: str  # "new", "repeat", "continuation"
     earlier: PendingCall | None = None
+    certain: bool = True
 
 
 class CallTracker:
-    """Calls entered and not yet returned, by (CPU, return address, stack pointer)."""
+    """Calls entered and not yet returned, by (CPU, return address, stack pointer), and per CPU the last
+    call that never returns (iret), which has nothing to wait for."""
 
     def __init__(self) -> None:
         self.pending: dict[tuple[int, int, int], PendingCall] = {}
+        self.last_gone: dict[int, tuple[tuple[int, int, int], PendingCall]] = {}
 
     def enter(self, key: tuple[int, int, int], call: PendingCall) -> Entered:
         """Record a call entering at `key`.  The same key again before a return is either the probe
-        reporting the same call twice (identical registers: the instruction never ran, e.g. an
+        reporting the same stop twice (everything identical: the instruction never ran, e.g. an
         interrupt came first and the breakpoint hit again), or Xen's continuation of a preempted call."""
+        cpu = key[0]
+        gone = self.last_gone.pop(cpu, None)
+        if call.call.name in NEVER_RETURN:
+            # Nothing comes back to wait for: only an identical hit with nothing else seen on this CPU
+            # in between can be the same stop reported again, and then a second iret from the same
+            # stack with the same frame is indistinguishable.
+            self.last_gone[cpu] = (key, call)
+            if gone is not None and gone[0] == key and gone[1].same_stop(call):
+                self.last_gone[cpu] = gone
+                return Entered("repeat", gone[1], certain=False)
+            return Entered("new")
         earlier = self.pending.get(key)
-        if earlier is not None and call.registers and earlier.registers == call.registers:
-            return Entered("repeat", earlier)
+        if earlier is not None and earlier.same_stop(call):
+            return Entered("repeat", earlier, certain=call.call.name not in CONTINUED_BY_XEN)
         self.pending[key] = call
         if earlier is None:
             return Entered("new")
-        if is_continuation(earlier.call, call.call, call.abi):
+        if is_continuation(earlier.call, call.call, call.abi, same_place=True):
             return Entered("continuation", earlier)
         return Entered("new", earlier)  # the earlier call never came back here (a vCPU reset, ...)
 
     def returned(self, key: tuple[int, int, int]) -> PendingCall | None:
-        return self.pending.pop(key, None)
+        call = self.pending.pop(key, None)
+        if call is not None:
+            self.last_gone.pop(key[0], None)  # the CPU went on: an iret before this one is over
+        return call
 
     def clear(self) -> None:
         self.pending.clear()
+        self.last_gone.clear()
 
 
 # --- entry points followed across registrations ------------------------------------------------------

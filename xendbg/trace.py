@@ -39,6 +39,9 @@ class Stats:
     errnos: dict[str, Counter[str]] = field(default_factory=dict)
     subops: dict[str, Counter[str]] = field(default_factory=dict)
     batched: Counter[str] = field(default_factory=Counter)  # calls made inside multicall batches
+    # Hits identical to the call before them at the same place: gdb's repeated report of one stop, or
+    # Xen continuing the call without visible progress; not in `calls`, since xendbg cannot tell.
+    uncertain: Counter[str] = field(default_factory=Counter)
 
     def count_call(self, hc: Hypercall) -> None:
         self.calls[hc.display_name] += 1
@@ -63,6 +66,9 @@ class Stats:
             for entry in detail["entries"]:
                 self.batched[entry["name"] or f"hypercall_{entry['op']}"] += 1
 
+    def count_uncertain(self, name: str) -> None:
+        self.uncertain[name] += 1
+
     def count_result(self, name: str, result: int) -> None:
         if result < 0:
             self.errors[name] += 1
@@ -70,12 +76,16 @@ class Stats:
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per hypercall, most called first (the `xen stats --json` form)."""
-        return [{"name": name, "calls": n, "errors": self.errors[name],
+        rows = [{"name": name, "calls": n, "errors": self.errors[name],
                  "errnos": dict(self.errnos.get(name, {})), "subops": dict(self.subops.get(name, {})),
                  "in_multicalls": self.batched[name]}
                 for name, n in self.calls.most_common()] + [
                 {"name": name, "calls": 0, "errors": 0, "errnos": {}, "subops": {}, "in_multicalls": n}
                 for name, n in self.batched.most_common() if name not in self.calls]
+        for row in rows:
+            if self.uncertain[str(row["name"])]:
+                row["uncertain"] = self.uncertain[str(row["name"])]
+        return rows
 
 
 class TraceLog:
@@ -158,6 +168,13 @@ class TraceLog:
     def preempted(self, cpu: int, seq: int, name: str) -> None:
         self._emit({"event": "preempted", "seq": seq, "cpu": cpu, "name": name})
 
+    def uncertain(self, cpu: int, seq: int | None, name: str) -> None:
+        """The call `seq` was hit again with nothing changed: a repeated stop report or a continuation
+        without progress, which xendbg cannot tell apart."""
+        self._emit({"event": "uncertain", "seq": seq, "cpu": cpu, "name": name,
+                    "why": "hit again with the same registers and memory: gdb's repeated stop report, or Xen "
+                           "continuing it without progress"})
+
     def error(self, cpu: int, where: str, message: str) -> None:
         self.seq += 1
         self._emit({"event": "error", "seq": self.seq, "cpu": cpu, "where": where, "error": message})
@@ -197,6 +214,9 @@ def show_lines(records: list[dict[str, Any]]) -> list[str]:
                 lines.append(f"{stamp}<... {r['name']} resumed>{tail}")
         elif event == "error":
             lines.append(f"{stamp}xendbg could not decode {r['where']}: {r['error']}")
+        elif event == "uncertain":
+            lines.append(f"{stamp}<{r.get('name')} #{r.get('seq')} hit again unchanged: a repeated stop report or "
+                         f"a continuation without progress, xendbg cannot tell>")
         elif event == "gap":  # Xen's trace buffer was full (xendbg/xentrace)
             lines.append(f"{stamp}<gap: Xen lost {r['lost']} trace records on this CPU>")
         elif event == "subcall":

@@ -4,13 +4,15 @@ scan of guest memory for the hypercall page."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from tests.unit.images import pack_many, registers, stub
 from xendbg import arch
 from xendbg.abi import get_abi
 from xendbg.decode import decode_pending
-from xendbg.decode.model import Arg, Callback, FastTrap, GuestState, Hypercall, TrapEntry
+from xendbg.decode.model import Arg, Callback, FastTrap, GuestState, Hypercall, StructFields, TrapEntry
 from xendbg.errors import XendbgError
 from xendbg.observe import (
     PREEMPTED_COUNT_BIT,
@@ -302,7 +304,8 @@ def test_call_tracker_tells_new_repeat_and_continuation_apart():
     first = PendingCall(call(13, "multicall", BATCH, 5), A417_64, seq=1, registers=(0x7000, 1, 13, BATCH, 5))
     assert tracker.enter(key, first) == Entered("new")
     same = PendingCall(call(13, "multicall", BATCH, 5), A417_64, seq=2, registers=(0x7000, 1, 13, BATCH, 5))
-    assert tracker.enter(key, same) == Entered("repeat", first)
+    # Identical, but Xen could be continuing the batch without progress: a repeat, not a certain one.
+    assert tracker.enter(key, same) == Entered("repeat", first, certain=False)
     assert tracker.pending[key] is first  # the repeat does not replace the call
     cont = PendingCall(call(13, "multicall", BATCH + 64, 4), A417_64, seq=3,
                        registers=(0x7000, 1, 13, BATCH + 64, 4))
@@ -318,6 +321,76 @@ def test_call_tracker_tells_new_repeat_and_continuation_apart():
     assert tracker.returned(key) is None
     tracker.clear()
     assert tracker.pending == {}
+
+
+def test_a_call_xen_never_continues_repeats_for_certain():
+    tracker = CallTracker()
+    key = (0, 0x7002, 0x8000)
+    first = PendingCall(call(17, "xen_version", 0, 0), A417_64, registers=(0x7000, 0x8000, 17, 0, 0))
+    tracker.enter(key, first)
+    again = PendingCall(call(17, "xen_version", 0, 0), A417_64, registers=(0x7000, 0x8000, 17, 0, 0))
+    assert tracker.enter(key, again) == Entered("repeat", first, certain=True)
+
+
+def test_a_multicall_continued_at_its_first_entry_is_told_by_the_rewritten_entry():
+    """Xen rewrites a preempted sub-call into the batch and continues the multicall with the same
+    registers (common/multicall.c, RELEASE-4.17.0): the guest memory the decode read differs."""
+    entries = pack_many(A417_64, "multicall_entry", [{"op": 1, "args": [BATCH + 0x1000, 40, 0, 0x7FF0]}])
+    rewritten = pack_many(A417_64, "multicall_entry",
+                          [{"op": 1, "args": [BATCH + 0x1000 + 16 * 24, 16 | PREEMPTED_COUNT_BIT, 0, 0x7FF0]}])
+    tracker = CallTracker()
+    key = (0, 0x7002, 0x7F00)
+    regs = (0x7000, 0x7F00, 13, BATCH, 1)
+    first = PendingCall(_decoded(A417_64, 13, BATCH, 1, memory=[(BATCH, entries)]), A417_64, registers=regs)
+    assert tracker.enter(key, first) == Entered("new")
+    cont = PendingCall(_decoded(A417_64, 13, BATCH, 1, memory=[(BATCH, rewritten)]), A417_64, registers=regs)
+    assert tracker.enter(key, cont) == Entered("continuation", first)
+
+
+@pytest.mark.parametrize("name,nr", [("vcpu_op", 24), ("update_va_mapping", 14), ("memory_op", 12)])
+def test_any_call_xen_continues_is_a_continuation_at_the_same_place(name, nr):
+    """vcpu_op, update_va_mapping, ... continue with the arguments unchanged or re-encoded: back at
+    the same instruction and stack with no return in between, it can only be Xen's rewind."""
+    tracker = CallTracker()
+    key = (0, 0x7002, 0x7F00)
+    first = PendingCall(call(nr, name, 1, 2, 3), A417_64, registers=(0x7000, 0x7F00, nr, 1, 2, 3))
+    tracker.enter(key, first)
+    cont = PendingCall(call(nr, name, 1 | 5 << 6, 2, 3), A417_64, registers=(0x7000, 0x7F00, nr, 1 | 5 << 6, 2, 3))
+    assert tracker.enter(key, cont) == Entered("continuation", first)
+    assert not is_continuation(first.call, cont.call, A417_64)  # a handler seen again needs progress
+
+
+@pytest.mark.parametrize("after,verdict", [
+    ((0, 200 - 127, BATCH + 127), True),  # guest_console_write wrote 127 bytes and continues
+    ((0, 200, BATCH), False),
+    ((0, 100, BATCH + 127), False),  # advanced by other than what it wrote
+    ((1, 73, BATCH + 127), False),  # another command
+])
+def test_console_io_continuation(after, verdict):
+    """drivers/char/console.c guest_console_write at RELEASE-4.17.0 and RELEASE-4.20.0."""
+    assert is_continuation(call(18, "console_io", 0, 200, BATCH), call(18, "console_io", *after), A417_64) is verdict
+
+
+def _iret(frame_rip: int) -> PendingCall:
+    frame = StructFields("iret_context", 0x7F00, (("rax", 0), ("rip", frame_rip)))
+    return PendingCall(replace(call(23, "iret"), detail=frame), A417_64, registers=(0x7000, 0x7F00, 23))
+
+
+def test_a_second_iret_from_the_same_stack_is_a_new_call_once_anything_happened_between():
+    tracker = CallTracker()
+    key = (0, 0x7002, 0x7F00)
+    first = _iret(0x401000)
+    assert tracker.enter(key, first) == Entered("new")
+    assert tracker.pending == {}  # an iret never comes back: nothing awaits it
+    assert tracker.enter(key, _iret(0x402000)) == Entered("new")  # another frame: another iret
+    other = (0, 0x9002, 0x7E00)
+    tracker.enter(other, PendingCall(call(17, "xen_version", 0, 0), A417_64, registers=(0x9000, 0x7E00, 17)))
+    tracker.returned(other)
+    assert tracker.enter(key, _iret(0x402000)) == Entered("new")  # the CPU ran between: a new iret
+    same = _iret(0x402000)
+    entered = tracker.enter(key, same)
+    assert entered.kind == "repeat" and not entered.certain  # nothing between: cannot tell
+    assert tracker.enter((1, 0x7002, 0x7F00), _iret(0x402000)) == Entered("new")  # another CPU
 
 
 def test_a_repeat_needs_every_register_equal():

@@ -160,3 +160,16 @@ FORMER_NAMES: dict[str, tuple[str, ...]] = {
 # do_set_segment_base returns -ENOSYS to a 32-bit vCPU (xen/arch/x86/pv/misc-hypercalls.c).
 # Every other x86 hypercall is wired for both widths (hypercall-defs.c, RELEASE-4.17.0/4.22.0).
 WIDTH_ONLY: dict[str, int] = {"switch_vm86": 32, "switch_to_user": 64, "set_segment_base": 64}
+
+
+# The hypercalls Xen can preempt and continue (it rewinds the guest onto the hypercall instruction
+# with the arguments it needs to go on): every caller of hypercall_create_continuation in xen/arch/x86,
+# xen/common and xen/drivers, the same set at RELEASE-4.17.0 and RELEASE-4.20.0 (paging_domctl_cont is
+# __HYPERVISOR_arch_1 under its 4.17 name).  Older Xen continues a subset of these.
+CONTINUED_BY_XEN = frozenset({
+    "multicall", "mmu_update", "mmuext_op", "update_va_mapping", "update_va_mapping_otherdomain",
+    "set_trap_table", "console_io", "memory_op", "grant_table_op", "vcpu_op", "event_channel_op",
+    "domctl", "sysctl", "platform_op", "hvm_op", "dm_op", "kexec_op", "paging_domctl_cont",
+})
+# Hypercalls that never come back to the instruction after them: iret goes where its frame says.
+NEVER_RETURN = frozenset({"iret"})

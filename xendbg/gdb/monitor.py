@@ -230,7 +230,9 @@ class Monitor:
             if earlier_call is not None and observe.is_continuation(earlier_call.call, hc, abi):
                 entered = observe.Entered("continuation", earlier_call)
         if entered.kind == "repeat":
-            return False  # the same call reported again: it was already counted and shown
+            if entered.certain:
+                return False  # the same call reported again: it was already counted and shown
+            return self._uncertain_repeat(cpu, hc, entered)
         continues = None
         earlier = entered.earlier if entered.kind == "continuation" else None
         if key is None:  # Xen side: the CPU's previous call has completed now
@@ -258,11 +260,27 @@ class Monitor:
             stop = True
         return stop or self._trace_file_stop()
 
+    def _uncertain_repeat(self, cpu: int, hc: Hypercall, entered: observe.Entered) -> bool:
+        """A hit identical to the call before it at the same place, which Xen could be continuing without
+        visible progress: neither counted again nor dropped without a word."""
+        earlier, name = entered.earlier, hc.display_name
+        if self.trace is not None and (not self.trace.names or name in self.trace.names):
+            self.stats.count_uncertain(name)
+            self.trace.uncertain(cpu, earlier.seq if earlier else None, name)
+        stop = self.catch is not None and self.catch.matches(name)
+        if stop:
+            self.reports.append(("uncertain", (cpu, name)))
+        return stop or self._trace_file_stop()
+
     def _registers(self, spec: ProbeSpec, target: GdbTarget, hc: Hypercall) -> tuple[int, ...]:
-        """What identifies a guest-side hit (a repeat report has the same); Xen-side hits are never repeats."""
+        """What identifies a guest-side hit (a repeat report has the same); Xen-side hits are never repeats.
+        On 64-bit, RCX and R11 too: Xen returns from a syscall-entered hypercall with sysret, which loads
+        RCX from the saved RIP, so after Xen rewound a continuation onto the syscall RCX holds its address
+        (restore_all_guest, xen/arch/x86/x86_64/entry.S at RELEASE-4.17.0)."""
         if spec.kind in ("handler", "frame", "gate"):
             return ()
-        return (target.read_register("pc"), target.read_register("sp"), hc.nr, *(a.value for a in hc.args))
+        extra = (target.read_register("rcx"), target.read_register("r11")) if spec.width == 64 else ()
+        return (target.read_register("pc"), target.read_register("sp"), hc.nr, *(a.value for a in hc.args), *extra)
 
     def _return_key(self, spec: ProbeSpec, target: GdbTarget, cpu: int) -> tuple[int, int, int] | None:
         """(vCPU, where the call comes back to the guest, the guest's stack pointer then)."""
@@ -466,7 +484,12 @@ def on_stop(event: object) -> None:
         for kind, payload in reports:
             if kind in ("catch", "error"):
                 MONITOR.events.add(kind, payload)
-            if kind == "catch":
+            if kind == "uncertain":
+                cpu, name = cast("tuple[int, str]", payload)
+                gdb.write(f"xendbg: cpu {cpu} stopped at {name} again with the same registers and memory: gdb "
+                          f"reporting the same stop twice, or Xen continuing the call without progress (xendbg "
+                          f"cannot tell which; counted once, as uncertain in xen stats)\n")
+            elif kind == "catch":
                 cpu, hc, continuation = cast("tuple[int, Hypercall, bool]", payload)
                 what = ", Xen's continuation of the preempted call" if continuation else ""
                 gdb.write(f"xendbg: cpu {cpu} caught hypercall {hc.display_name} ({hc.site}{what})\n")

@@ -191,8 +191,8 @@ def stats_table(rows: list[dict[str, Any]]) -> RenderableType:
     for r in rows:
         subops = ", ".join(f"{k} {v}" for k, v in sorted(r["subops"].items(), key=lambda kv: -kv[1]))
         errnos = ", ".join(f"{k} {v}" for k, v in r["errnos"].items())
-        listing.add_row(str(r["calls"]), str(r["errors"]), str(r["name"]), str(r["in_multicalls"] or ""), errnos,
-                        subops)
+        calls = str(r["calls"]) + (f" (+{r['uncertain']} uncertain)" if r.get("uncertain") else "")
+        listing.add_row(calls, str(r["errors"]), str(r["name"]), str(r["in_multicalls"] or ""), errnos, subops)
     return listing
 
 
