@@ -7,6 +7,7 @@ The guest's hypercalls go through its hypercall page; a hardware breakpoint on a
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import XENDBG_SCRIPT as SCRIPT
@@ -55,3 +56,25 @@ def test_faulty_findings(boot_gdb) -> None:
     assert [e["op"] for e in mc["entries"]] == [18, 12, HC_multicall]
     assert "multicall-nested" in json.dumps(mc)
     assert booted.finish().ok
+
+
+def test_registered_trap_table_shows_the_selector_xen_holds(boot_gdb) -> None:
+    """The faulty guest passes RPL-0 selectors (0xe030); Xen 4.17 stores them with RPL 3
+    (__fixup_guest_selector, asm/desc.h at RELEASE-4.17.0) and enters the handlers with that CS, as the
+    guest's own transcript says (handler_cs). The registered table shows what Xen holds, and beside it
+    what the guest passed, read raw from the guest's trap_table."""
+    booted = boot_gdb("xen64", faulty=True, timeout=60)
+    out = booted.gdb_batch(
+        f"source {SCRIPT}", "set xen abi auto", "set xen color off", "xen trace start",
+        at_syscall(booted, HC_multicall), "continue", "xen traps --registered --json", "x/12gx &trap_table",
+        "delete", "xen trace stop", "continue", timeout=60)
+    traps = json_blocks(out)[0]
+    words = [int(w, 16) for line in out.splitlines() if line.startswith("0x") and "<trap_table" in line
+             for w in line.split(":", 1)[1].split()]
+    passed = {words[2 * i] & 0xFF: (words[2 * i] >> 16) & 0xFFFF for i in range(len(words) // 2) if words[2 * i + 1]}
+    held = {e["vector"]: e["cs"] for e in traps["entries"]}
+    assert passed and set(held) == set(passed)
+    assert {e["vector"]: e["passed_cs"] for e in traps["entries"]} == passed == dict.fromkeys(passed, KERNEL_CS & ~3)
+    run = booted.finish()
+    handler_cs = {int(v, 16) for v in re.findall(r"\[guest\] trap\.\S+: .*handler_cs=(0x[0-9a-f]+)", run.stdout)}
+    assert handler_cs and set(held.values()) == handler_cs == {KERNEL_CS}

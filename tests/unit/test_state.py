@@ -346,3 +346,41 @@ def test_seeding_ignores_calls_that_start_no_vcpu_even_where_xen_has_no_vcpu_con
 
     call = Hypercall(17, "xen_version", (), "2.0", 32)
     assert seed_initialised_vcpu(lambda vcpu: GuestState(), InMemoryTarget(), get_abi("2.0", 32), call, 0) == []
+
+
+@pytest.mark.parametrize("version,width,passed,held", [
+    ("4.17", 64, 0xE030, 0xE033),  # a 64-bit kernel's RPL 0 becomes 3
+    ("4.17", 32, 0xE018, 0xE019),  # a 32-bit kernel's RPL 0 becomes 1
+    ("4.17", 32, 0xE01A, 0xE01A),  # RPL 2 is not below 1: kept
+    ("4.0", 32, 0x0818, 0x0819),
+])
+def test_registered_trap_table_holds_the_selector_xen_keeps(version, width, passed, held):
+    """__fixup_guest_selector (asm/desc.h, RELEASE-4.17.0): Xen raises an RPL below the kernel's; the
+    registered entry is what Xen holds, with what the guest passed beside it, and the rules still speak
+    about what the guest passed."""
+    abi = get_abi(version, width)
+    table = pack_many(abi, "trap_info", [{"vector": 14, "cs": passed, "address": 0xC0101000}, {}])
+    state = GuestState()
+    apply(state, abi, decoded(version, width, 0, 0x9000, memory=[(0x9000, table)])[1], 0)
+    entry = state.trap_table[14]
+    assert (entry.cs, entry.rpl) == (held, held & 3)
+    assert entry.passed_cs == (passed if held != passed else None)
+    found = {(f.rule, f.severity) for f in check_state(state, abi) if f.subject == "trap_table"}
+    assert (("selector-rpl", "info") in found) is (held != passed)
+
+
+def test_xen_2_0_keeps_no_fixed_selector_it_refuses_the_table():
+    abi = get_abi("2.0", 32)
+    table = pack_many(abi, "trap_info", [{"vector": 14, "cs": 0x0818, "address": 0xC0101000}, {}])
+    state = GuestState()
+    apply(state, abi, decoded("2.0", 32, 0, 0x9000, memory=[(0x9000, table)])[1], 0)
+    assert 14 not in state.trap_table  # 2.0 rejects RPL 0 with -EPERM (traps.c do_set_trap_table)
+
+
+def test_registered_32_bit_callback_holds_the_fixed_selector():
+    abi = get_abi("4.17", 32)
+    state = GuestState()
+    apply(state, abi, decoded("4.17", 32, 4, 0xE018, 0xC0100000, 0xE019, 0xC0100100)[1], 0)  # set_callbacks
+    event, failsafe = state.callbacks["event"], state.callbacks["failsafe"]
+    assert (event.selector, event.passed_selector, event.rpl) == (0xE019, 0xE018, 1)
+    assert (failsafe.selector, failsafe.passed_selector) == (0xE019, None)

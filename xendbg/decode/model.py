@@ -54,6 +54,9 @@ class TrapEntry:
     cs: int
     rpl: int
     address: int
+    # Registered state only: the selector the guest passed, where Xen keeps another (it raises a low RPL,
+    # fixup_guest_code_selector); `cs` is then what Xen holds.
+    passed_cs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class Callback:
     rpl: int | None = None
     flags: int = 0
     flag_names: tuple[str, ...] = ()
+    passed_selector: int | None = None  # registered state only: what the guest passed, where Xen keeps another
 
 
 @dataclass(frozen=True)

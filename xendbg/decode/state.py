@@ -60,7 +60,7 @@ def _apply_trap_table(state: GuestState, abi: Abi, table: TrapTable) -> str:
         if _refused(rules.check_code_selector(abi, entry.cs, what) + rules.check_code_address(abi, entry.address,
                                                                                              what)):
             break
-        state.trap_table[entry.vector] = entry
+        state.trap_table[entry.vector] = held_trap_entry(abi, entry)
         applied += 1
     state.table = table
     return f"trap table: {applied} of {len(table.entries)} entries applied"
@@ -73,7 +73,7 @@ def _apply_callbacks(state: GuestState, abi: Abi, callbacks: Callbacks, findings
         if callbacks.operation == "unregister":
             state.callbacks.pop(cb.kind, None)
         else:
-            state.callbacks[cb.kind] = cb
+            state.callbacks[cb.kind] = _held_callback(abi, cb)
         if cb.kind == "nmi":
             # register_guest_nmi_callback (xen/arch/x86/traps.c, RELEASE-4.0.0; pv/callback.c, RELEASE-4.17.0):
             # the NMI callback is trap_ctxt[2], with the IF flag and the flat kernel CS; unregistering clears it.
@@ -125,10 +125,26 @@ def apply(state: GuestState, abi: Abi, call: Hypercall, result: int | None = Non
 
 
 def _fixed(abi: Abi, selector: int) -> int:
-    """A selector as Xen keeps it: from 3.0.2 an RPL below the kernel's is raised (fixup_guest_code_selector)."""
+    """A selector as Xen keeps it: from 3.0.2 an RPL below the kernel's is raised to it
+    (__fixup_guest_selector in asm/desc.h at RELEASE-4.17.0: 1 for a 32-bit guest, 3 for a 64-bit one)."""
     if abi.rejects_bad_selectors or selector & 3 >= abi.kernel_rpl:
         return selector
     return (selector & ~3) | abi.kernel_rpl
+
+
+def held_trap_entry(abi: Abi, entry: TrapEntry) -> TrapEntry:
+    """A trap-table entry as Xen stores it in the virtual IDT, with what the guest passed when it differs."""
+    held = _fixed(abi, entry.cs)
+    if held == entry.cs:
+        return entry
+    return replace(entry, cs=held, rpl=held & 3, passed_cs=entry.cs)
+
+
+def _held_callback(abi: Abi, cb: Callback) -> Callback:
+    if cb.selector is None or _fixed(abi, cb.selector) == cb.selector:
+        return cb
+    held = _fixed(abi, cb.selector)
+    return replace(cb, selector=held, rpl=held & 3, passed_selector=cb.selector)
 
 
 def _initialise_calls(call: Hypercall, result: int | None) -> list[Hypercall]:
@@ -166,8 +182,8 @@ def seed_initialised_vcpu(state_of: Callable[[int], GuestState], target: Target,
         for vector, row in enumerate(rows):
             if row["address"]:
                 entry = trap_entry(len(state.trap_table), row)
-                state.trap_table[vector] = replace(entry, vector=vector, vector_name=arch.vector_name(vector),
-                                                   cs=_fixed(abi, entry.cs), rpl=_fixed(abi, entry.cs) & 3)
+                state.trap_table[vector] = held_trap_entry(abi, replace(entry, vector=vector,
+                                                                        vector_name=arch.vector_name(vector)))
         state.table = TrapTable(pointer + lay.field("trap_ctxt").offset, tuple(state.trap_table.values()), True,
                                 f"the trap_ctxt of vCPU {vcpu}'s initial context")
         state.callbacks.clear()
@@ -176,8 +192,9 @@ def seed_initialised_vcpu(state_of: Callable[[int], GuestState], target: Target,
             address = int(ctxt[f"{kind}_callback_eip"])
             if not address:
                 continue
-            selector = _fixed(abi, int(ctxt[f"{kind}_callback_cs"]) & 0xFFFF) if abi.width == 32 else None
-            state.callbacks[kind] = Callback(kind, address, selector, None if selector is None else selector & 3)
+            selector = int(ctxt[f"{kind}_callback_cs"]) & 0xFFFF if abi.width == 32 else None
+            state.callbacks[kind] = _held_callback(abi, Callback(kind, address, selector,
+                                                                 None if selector is None else selector & 3))
         state.fast_trap = None
         state.width = abi.width
         line = (f"trap table of {len(state.trap_table)} entries and callbacks "
@@ -196,8 +213,8 @@ def check_state(state: GuestState, abi: Abi) -> list[Finding]:
                         subject="state")]
     traps: list[Finding] = []
     by_selector: dict[int, list[int]] = {}
-    for vector, entry in sorted(state.trap_table.items()):
-        by_selector.setdefault(entry.cs, []).append(vector)
+    for vector, entry in sorted(state.trap_table.items()):  # the rules are about what the guest passed
+        by_selector.setdefault(entry.cs if entry.passed_cs is None else entry.passed_cs, []).append(vector)
         traps += rules.check_code_address(abi, entry.address, f"trap table entry for vector {vector:#x}")
     for selector, vectors in by_selector.items():  # one finding per selector, not per vector
         traps += rules.check_code_selector(abi, selector, f"trap table entries for {rules.vector_list(vectors)}")
@@ -208,7 +225,8 @@ def check_state(state: GuestState, abi: Abi) -> list[Finding]:
     callbacks: list[Finding] = []
     for kind, cb in state.callbacks.items():
         if cb.selector is not None:
-            callbacks += rules.check_code_selector(abi, cb.selector, f"{kind} callback")
+            passed = cb.selector if cb.passed_selector is None else cb.passed_selector
+            callbacks += rules.check_code_selector(abi, passed, f"{kind} callback")
         callbacks += rules.check_code_address(abi, cb.address, f"{kind} callback")
     if "event" not in state.callbacks and state.callbacks:
         callbacks.append(Finding("no-event-callback", "warning",

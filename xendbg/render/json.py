@@ -34,7 +34,8 @@ def finding(f: Finding) -> dict[str, Any]:
 
 def trap_entry(e: TrapEntry) -> dict[str, Any]:
     return {"index": e.index, "vector": e.vector, "vector_name": e.vector_name, "flags": e.flags, "dpl": e.dpl,
-            "if": e.interrupt_flag, "cs": e.cs, "rpl": e.rpl, "address": e.address}
+            "if": e.interrupt_flag, "cs": e.cs, "rpl": e.rpl, "address": e.address,
+            **({"passed_cs": e.passed_cs} if e.passed_cs is not None else {})}
 
 
 def detail(d: Detail) -> dict[str, Any] | None:
@@ -47,7 +48,9 @@ def detail(d: Detail) -> dict[str, Any] | None:
     if isinstance(d, Callbacks):
         return {"type": "callbacks", "operation": d.operation, "callbacks": [
             {"kind": c.kind, "address": c.address, "selector": c.selector, "rpl": c.rpl, "flags": c.flags,
-             "flag_names": list(c.flag_names)} for c in d.entries]}
+             "flag_names": list(c.flag_names),
+             **({"passed_selector": c.passed_selector} if c.passed_selector is not None else {})}
+            for c in d.entries]}
     if isinstance(d, FastTrap):
         return {"type": "fast_trap", "vector": d.vector, "vector_name": d.vector_name,
                 "handler": trap_entry(d.handler) if d.handler else None}

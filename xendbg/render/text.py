@@ -75,16 +75,21 @@ def trap_table(t: TrapTable) -> RenderableType:
     rows = table("#", "vector", "name", "DPL", "IF", "cs", "RPL", "handler")
     for e in t.entries:
         rows.add_row(str(e.index), hexv(e.vector), e.vector_name, str(e.dpl), "yes" if e.interrupt_flag else "",
-                      f"{e.cs:#06x}", str(e.rpl), hexv(e.address))
+                      _held(e.cs, e.passed_cs), str(e.rpl), hexv(e.address))
     if t.note:
         return _titled(title, rows, RichText(f"note: {t.note}", style="dim"))
     return _titled(title, rows)
 
 
+def _held(selector: int, passed: int | None) -> str:
+    """A registered selector as Xen holds it, and what the guest passed when Xen changed it."""
+    return f"{selector:#06x}" if passed is None else f"{selector:#06x} (passed {passed:#06x})"
+
+
 def callbacks(c: Callbacks) -> RenderableType:
     rows = table("callback", "address", "selector", "RPL", "flags")
     for cb in c.entries:
-        rows.add_row(cb.kind, hexv(cb.address), "" if cb.selector is None else f"{cb.selector:#06x}",
+        rows.add_row(cb.kind, hexv(cb.address), "" if cb.selector is None else _held(cb.selector, cb.passed_selector),
                       "" if cb.rpl is None else str(cb.rpl), "|".join(cb.flag_names) or "")
     return _titled(f"callbacks ({c.operation})", rows)
 
