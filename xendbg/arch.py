@@ -428,6 +428,48 @@ def handler_guest_frame(target: Target, numbers: Collection[int]) -> XenEntry | 
     return None
 
 
+def cpu_guest_frame_address(target: Target, stack_base: int, cpu: int) -> int | None:
+    """Where Xen saves the guest's registers on each entry from the guest on physical CPU `cpu`: the
+    guest_cpu_user_regs at the start of the cpu_info at the top of that CPU's stack (`stack_base[cpu]`,
+    xen/arch/x86/smpboot.c; asm/current.h at RELEASE-4.17.0 to RELEASE-4.20.0).  None until the CPU's
+    stack exists or when its cpu_info does not name this CPU (another layout)."""
+    from xendbg.dump.xenlayout import CPU_INFO_SIZES, STACK_SIZE
+
+    try:
+        base = int.from_bytes(target.read_memory(stack_base + 8 * cpu, 8), "little")
+        if not base:
+            return None
+        for size in CPU_INFO_SIZES:
+            info = base + STACK_SIZE - size
+            processor_id = info + CPU_USER_REGS_SIZE  # cpu_info's first field after the frame
+            if int.from_bytes(target.read_memory(processor_id, 4), "little") == cpu:
+                return info
+    except TargetError:
+        return None
+    return None
+
+
+# struct cpu_user_regs of a 64-bit Xen (public arch-x86/xen-x86_64.h, RELEASE-4.17.0): 200 bytes, the
+# u32 entry_vector at 124 (TRAP_syscall, 256, for a `syscall` entry; HYPERCALL_VECTOR 0x82 for
+# entry_int82, x86_64/compat/entry.S), rip at 128, rsp at 152.
+CPU_USER_REGS_SIZE = 200
+FRAME_ENTRY_VECTOR, FRAME_RIP, FRAME_RSP = 124, 128, 152
+TRAP_SYSCALL = 256
+
+
+def frame_shows_rewound_hypercall(frame: bytes, instruction: int, sp: int) -> bool:
+    """Whether Xen's saved guest frame says its last entry was a hypercall from `instruction` with stack
+    `sp` that it rewound onto the instruction to continue it (pv_hypercall's `regs->rip -= 2` for a
+    preempted call, pv/hypercall.c at RELEASE-4.17.0: after it returned, RIP is past the instruction)."""
+    if len(frame) < CPU_USER_REGS_SIZE:
+        return False
+    vector = int.from_bytes(frame[FRAME_ENTRY_VECTOR:FRAME_ENTRY_VECTOR + 4], "little")
+    rip = int.from_bytes(frame[FRAME_RIP:FRAME_RIP + 8], "little")
+    rsp = int.from_bytes(frame[FRAME_RSP:FRAME_RSP + 8], "little")
+    width_mask = (1 << 64) - 1 if vector == TRAP_SYSCALL else (1 << 32) - 1
+    return vector in (TRAP_SYSCALL, HYPERCALL_VECTOR) and rip & width_mask == instruction and rsp & width_mask == sp
+
+
 def guest_frame_entry(target: Target, regs_address: int, function: str = XEN_HYPERCALL_ENTRY) -> XenEntry:
     """The hypercall in the guest registers Xen saved at `regs_address` (the argument of
     pv_hypercall or do_entry_int82)."""

@@ -299,6 +299,9 @@ class PendingCall:
     # What the probe saw; a repeat with the same values is the same call.  Empty where a repeat cannot
     # be told (Xen side: the same arguments may well be a new call).
     registers: tuple[int, ...] = ()
+    # The guest frame Xen saved at its last entry from the guest on this CPU, when Xen's memory can be
+    # read (QEMU's gdbstub with xen-syms): evidence whether Xen ran the call between two identical hits.
+    xen_frame: bytes | None = None
 
     def same_stop(self, other: PendingCall) -> bool:
         """Whether `other` shows exactly what this call showed: the registers, and the guest memory the
@@ -338,11 +341,16 @@ class CallTracker:
             self.last_gone[cpu] = (key, call)
             if gone is not None and gone[0] == key and gone[1].same_stop(call):
                 self.last_gone[cpu] = gone
-                return Entered("repeat", gone[1], certain=False)
+                return Entered("repeat", gone[1], certain=_xen_frame_unchanged(gone[1], call))
             return Entered("new")
         earlier = self.pending.get(key)
         if earlier is not None and earlier.same_stop(call):
-            return Entered("repeat", earlier, certain=call.call.name not in CONTINUED_BY_XEN)
+            if call.call.name not in CONTINUED_BY_XEN:
+                return Entered("repeat", earlier)
+            if _rewound_since(earlier, call):
+                self.pending[key] = call
+                return Entered("continuation", earlier)
+            return Entered("repeat", earlier, certain=_xen_frame_unchanged(earlier, call))
         self.pending[key] = call
         if earlier is None:
             return Entered("new")
@@ -359,6 +367,21 @@ class CallTracker:
     def clear(self) -> None:
         self.pending.clear()
         self.last_gone.clear()
+
+
+def _xen_frame_unchanged(earlier: PendingCall, now: PendingCall) -> bool:
+    """Xen's saved guest frame is the same at both hits: Xen was not entered from the guest on this CPU
+    in between, so the instruction never ran and `now` is the same stop reported again."""
+    return earlier.xen_frame is not None and earlier.xen_frame == now.xen_frame
+
+
+def _rewound_since(earlier: PendingCall, now: PendingCall) -> bool:
+    """Xen's saved guest frame changed between the hits, and says Xen entered from this instruction and
+    stack and rewound the guest onto it: Xen continued the call."""
+    if earlier.xen_frame is None or now.xen_frame is None or earlier.xen_frame == now.xen_frame:
+        return False
+    pc, sp = now.registers[0], now.registers[1]
+    return arch.frame_shows_rewound_hypercall(now.xen_frame, pc, sp)
 
 
 # --- entry points followed across registrations ------------------------------------------------------

@@ -502,3 +502,58 @@ def test_a_set_trap_table_continues_within_its_table_only():
     assert len(table.detail.entries) == 3
     assert is_continuation(table, call(0, "set_trap_table", BATCH + 3 * 16), abi)  # at its terminator
     assert not is_continuation(table, call(0, "set_trap_table", BATCH + 4 * 16), abi)
+
+
+def _xen_frame(vector: int, rip: int, rsp: int) -> bytes:
+    """A 64-bit Xen's saved guest frame (struct cpu_user_regs, xen-x86_64.h at RELEASE-4.17.0)."""
+    frame = bytearray(200)
+    frame[124:128] = vector.to_bytes(4, "little")
+    frame[128:136] = rip.to_bytes(8, "little")
+    frame[152:160] = rsp.to_bytes(8, "little")
+    return bytes(frame)
+
+
+def _mmu(frame: bytes | None) -> PendingCall:
+    return PendingCall(call(1, "mmu_update", BATCH, 8 | PREEMPTED_COUNT_BIT, 0, 0x7FF0), A417_64,
+                       registers=(0x7000, 0x7F00, 1, BATCH, 8 | PREEMPTED_COUNT_BIT, 0, 0x7FF0), xen_frame=frame)
+
+
+@pytest.mark.parametrize("second,verdict", [
+    (_xen_frame(0xF0, 0x9000, 0x8000), Entered("repeat", None, certain=True)),  # Xen not entered since
+    (_xen_frame(256, 0x7000, 0x7F00), Entered("continuation", None)),  # a syscall from here, rewound onto it
+    (_xen_frame(256, 0x7002, 0x7F00), Entered("repeat", None, certain=False)),  # returned past it: not rewound
+    (_xen_frame(0xF0, 0x7000, 0x7F00), Entered("repeat", None, certain=False)),  # an interrupt at the instruction
+    (_xen_frame(256, 0x7000, 0x7E00), Entered("repeat", None, certain=False)),  # another stack
+    (None, Entered("repeat", None, certain=False)),  # no evidence
+])
+def test_xens_saved_frame_tells_a_repeat_from_a_continuation_without_progress(second, verdict):
+    """Two identical hits on a call Xen continues: Xen's saved guest frame (cpu_info's guest_cpu_user_regs)
+    says whether Xen was entered between them, and from where (pv_hypercall rewinds RIP by 2)."""
+    tracker = CallTracker()
+    key = (0, 0x7002, 0x7F00)
+    first = _mmu(_xen_frame(0xF0, 0x9000, 0x8000))
+    tracker.enter(key, first)
+    entered = tracker.enter(key, _mmu(second))
+    assert (entered.kind, entered.certain) == (verdict.kind, verdict.certain) and entered.earlier is first
+
+
+def test_an_iret_hit_again_with_xens_frame_unchanged_is_the_same_stop():
+    tracker = CallTracker()
+    key = (0, 0x7002, 0x7F00)
+    frame = _xen_frame(256, 0x5002, 0x6000)
+    tracker.enter(key, replace(_iret(0x401000), xen_frame=frame))
+    entered = tracker.enter(key, replace(_iret(0x401000), xen_frame=frame))
+    assert (entered.kind, entered.certain) == ("repeat", True)
+
+
+def test_the_guest_frame_address_of_a_cpu_is_checked_by_its_processor_id():
+    stack_base, stack = 0xFFFF82D040600000, 0xFFFF830000100000
+    info = stack + 8 * 4096 - 264
+    memory = [(stack_base, (0).to_bytes(8, "little") + stack.to_bytes(8, "little")),
+              (info + 200, (1).to_bytes(4, "little"))]
+    target = InMemoryTarget({}, memory)
+    assert arch.cpu_guest_frame_address(target, stack_base, 1) == info
+    assert arch.cpu_guest_frame_address(target, stack_base, 0) is None  # its stack is not there yet
+    wrong = InMemoryTarget({}, [memory[0], (info + 200, (0).to_bytes(4, "little"))])
+    assert arch.cpu_guest_frame_address(wrong, stack_base, 1) is None  # cpu_info names another CPU
+    assert arch.cpu_guest_frame_address(InMemoryTarget({}, []), stack_base, 1) is None

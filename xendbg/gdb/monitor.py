@@ -24,6 +24,7 @@ import gdb
 
 from xendbg import arch, observe
 from xendbg.abi import Abi, get_abi
+from xendbg.abi.hypercalls import CONTINUED_BY_XEN, NEVER_RETURN
 from xendbg.abi.layouts import ERA_3, layout
 from xendbg.decode import Hypercall, decode_call, decode_in_xen, decode_multicall, decode_pending
 from xendbg.decode.model import MulticallBatch
@@ -112,6 +113,10 @@ class Monitor:
     trace_failed: bool = False  # the trace file failed: stop the trace at the next stop
     events: EventLog = field(default_factory=lambda: EventLog())  # for MI clients (-xen-events)
     before_probe: Callable[[], None] | None = None  # xen trace start --buffers --detail: drain Xen's buffers first
+    # Xen's stack_base[] (xen-syms loaded) and, per CPU, where Xen saves the guest frame (None: unknown);
+    # looked up at each replan, since stop() may not run gdb commands.
+    stack_base: int | None = None
+    frame_addresses: dict[int, int | None] = field(default_factory=dict)
 
     # --- what to observe, and where ---------------------------------------------------------------
 
@@ -153,6 +158,7 @@ class Monitor:
                 plan.description += f" ({how})"
         else:
             plan = observe.plan_gate(gate or 0, wanted, context.candidate_abis(32), how)
+        self.stack_base = context.address_of("stack_base") if xen else None
         self.probes = [_Probe(self, spec) for spec in plan.probes]
         # Results (and so completed registrations and the xen_version answer) are read where calls come
         # back to the guest; placed now, since stop() may not add breakpoints.
@@ -164,6 +170,7 @@ class Monitor:
         return self.plan
 
     def _delete_probes(self) -> None:
+        self.frame_addresses.clear()  # symbols may have changed since
         for probe in self.probes:
             if probe.is_valid():
                 probe.delete()
@@ -220,7 +227,8 @@ class Monitor:
                 self.reports.append(("error", f"xendbg: cannot decode the hypercall at the {where}: {exc}"))
                 return True
             return self._trace_file_stop()
-        pending = PendingCall(hc, abi, registers=self._registers(spec, target, hc))
+        pending = PendingCall(hc, abi, registers=self._registers(spec, target, hc),
+                              xen_frame=self._xen_frame(spec, target, cpu, hc))
         if key is not None:
             entered = self.calls.enter(key, pending)
         else:
@@ -281,6 +289,23 @@ class Monitor:
             return ()
         extra = (target.read_register("rcx"), target.read_register("r11")) if spec.width == 64 else ()
         return (target.read_register("pc"), target.read_register("sp"), hc.nr, *(a.value for a in hc.args), *extra)
+
+    def _xen_frame(self, spec: ProbeSpec, target: GdbTarget, cpu: int, hc: Hypercall) -> bytes | None:
+        """For a guest-side hit on a call whose repeat could be a continuation, the guest frame Xen saved
+        on this CPU, when Xen's symbols say where (observe.CallTracker weighs it)."""
+        if spec.kind not in ("instruction", "stub") or not (hc.name in CONTINUED_BY_XEN or hc.name in NEVER_RETURN):
+            return None
+        if self.stack_base is None:
+            return None
+        if cpu not in self.frame_addresses:
+            self.frame_addresses[cpu] = arch.cpu_guest_frame_address(target, self.stack_base, cpu)
+        address = self.frame_addresses[cpu]
+        if address is None:
+            return None
+        try:
+            return target.read_memory(address, arch.CPU_USER_REGS_SIZE)
+        except XendbgError:
+            return None
 
     def _return_key(self, spec: ProbeSpec, target: GdbTarget, cpu: int) -> tuple[int, int, int] | None:
         """(vCPU, where the call comes back to the guest, the guest's stack pointer then)."""
