@@ -395,7 +395,7 @@ is running the hypervisor."""
             for thread in threads:
                 thread.switch()
                 target = GdbTarget()
-                mode = arch.cpu_mode(target.read_register("cs") & 0xFFFF)
+                mode = arch.vcpu_mode(target)
                 pending = _try_pending(target)
                 state = context.SESSION.states.get(thread.num - 1)
                 rows.append({"vcpu": thread.num - 1, "thread": thread.num, "mode": mode.description,

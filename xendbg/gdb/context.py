@@ -190,7 +190,7 @@ def machine_entries() -> tuple[list[GuestSite], int | None, str]:
     target = GdbTarget()
     found: list[GuestSite] = []
     notes = []
-    mode = arch.cpu_mode(target.read_register("cs") & 0xFFFF)
+    mode = arch.vcpu_mode(target)
     pc = target.read_register("pc")
     if mode.width is not None:
 
