@@ -388,7 +388,9 @@ is running the hypervisor."""
         inferior = gdb.selected_inferior()
         threads = sorted(inferior.threads(), key=lambda t: t.num) if inferior.pid else []
         if not threads:
-            raise XendbgError("no target: connect gdb to the guest first (target remote HOST:PORT)")
+            from xendbg.gdb.connect import no_vcpu_reason
+
+            raise XendbgError(no_vcpu_reason())
         selected = gdb.selected_thread()
         rows = []
         try:
@@ -922,6 +924,9 @@ def register() -> None:
     XenParameter("color", "whether xendbg colours its output (never when gdb's style is off)",
                  gdb.PARAM_BOOLEAN, None, True)
     gdb.events.stop.connect(_on_stop)
+    from xendbg.gdb import connect
+
+    connect.register()  # gdb's architecture against the target's registers, at each connection
     from xendbg.gdb import mi_commands
 
     mi_commands.register()  # -xen-* MI commands (gdb 13's gdb.MICommand); loads nothing heavy

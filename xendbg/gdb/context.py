@@ -281,7 +281,9 @@ def cpu_index() -> int:
     Under a real Xen these are QEMU's CPUs, which Xen schedules the guest's vCPUs on."""
     thread = gdb.selected_thread()
     if thread is None:
-        raise TargetGone("no thread selected: is gdb connected to a stopped target?")
+        from xendbg.gdb.connect import no_vcpu_reason
+
+        raise TargetGone(no_vcpu_reason())
     return thread.num - 1
 
 
