@@ -287,7 +287,8 @@ class Session:
         (Xen 2.0 ran no 64-bit PV guests) instead of decoding with numbers no such Xen had."""
         abi, choice = self.abi(width, code_selector)
         if abi.width not in guest_widths(choice.generation):
-            fix = "set xen abi to 3.0 or later" + (", or set xen width auto" if self.forced_width() else "")
+            fix = ("choose Xen 3.0 or later (set xen abi in gdb, --xen for xendbg core)"
+                   + (", or set xen width auto" if self.forced_width() else ""))
             raise XendbgError(f"Xen {choice.generation} had no {abi.width}-bit PV guests (64-bit PV came with "
                               f"Xen 3.0), but {source}; xendbg decodes with Xen {choice.generation} "
                               f"({choice.reason}): {fix}")

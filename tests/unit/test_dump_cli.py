@@ -80,6 +80,14 @@ def test_core_names_a_vcpu_at_reset_real_mode_not_xen(tmp_path, capsys):
     assert (rows[1]["mode"], rows[1]["width"]) == ("in real mode, paging off (firmware or boot code)", None)
 
 
+def test_core_with_xen_2_0_refuses_a_64_bit_vcpu_in_one_line(tmp_path, capsys):
+    # Xen 2.0 ran no 64-bit PV guests: its numbers are not used on vCPU 0's CS 0xe033
+    assert main(["core", dump64(tmp_path), "hypercall", "--vcpu", "0", "--xen", "2.0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Xen 2.0 had no 64-bit PV guests" in err and "CS 0xe033" in err
+    assert "--xen for xendbg core" in err
+
+
 def test_to_gdb_writes_the_virtual_address_space(tmp_path, capsys):
     out = tmp_path / "gdb.core"
     assert main(["core", dump64(tmp_path), "--to-gdb", str(out)]) == 0

@@ -370,11 +370,12 @@ def test_xen_2_0_refuses_a_64_bit_vcpu_instead_of_decoding_with_an_abi_no_xen_ha
     session.settings.abi = "2.0"
     with pytest.raises(XendbgError, match=r"^Xen 2.0 had no 64-bit PV guests \(64-bit PV came with Xen 3.0\), but "
                                           r"the vCPU's CS 0xe033 says 64-bit PV guest \(ring 3\); xendbg decodes with "
-                                          r"Xen 2.0 \(set by hand\): set xen abi to 3.0 or later$"):
+                                          r"Xen 2.0 \(set by hand\): choose Xen 3.0 or later \(set xen abi in "
+                                          r"gdb, --xen for xendbg core\)$"):
         session.current_abi(InMemoryTarget({"cs": 0xE033}))
     session.settings.width = "64"
-    with pytest.raises(XendbgError, match=r"but set xen width 64; .*: set xen abi to 3.0 or later, or set xen width "
-                                          r"auto$"):
+    with pytest.raises(XendbgError, match=r"but set xen width 64; .*: choose Xen 3.0 or later .*, or set xen "
+                                          r"width auto$"):
         session.current_abi(InMemoryTarget({"cs": 0xE019}))
     session.settings.width = "auto"  # with the width from CS, 2.0's one width decodes
     abi, _ = session.current_abi(InMemoryTarget({"cs": 0xE019}))

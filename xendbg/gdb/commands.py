@@ -376,7 +376,8 @@ class XenVcpus(_XenCommand):
     """List the vCPUs (gdb threads) with their mode and pending hypercall: xen vcpus [--json]
 
 Under a real Xen, gdb's threads are QEMU's CPUs: the guest's vCPUs run on them, and a CPU "in Xen"
-is running the hypervisor."""
+is running the hypervisor.  The mode comes from CS and, where gdb has them, CR0 and EFER: at reset a CPU
+is in real mode, paging off, neither in Xen nor in a guest."""
 
     usage = "xen vcpus [--json]"
     flags = ("--json",)
