@@ -9,7 +9,7 @@ the first new thread, takes the target's architecture and says so in one line.  
 depends on gdb's architecture: a PV guest's width comes from its code selector (arch.cpu_mode).
 
 When xendbg was loaded after such a failure, its commands name the fix instead (`no_vcpu_reason`).
-This module is imported when gdb loads xendbg: it imports nothing but gdb and re.
+This module is imported when gdb loads xendbg: it imports nothing but gdb, os and re.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def _reported_architecture(connection: object) -> str | None:
     return found.group(1) if found else None
 
 
-def _whence(architecture: str) -> str:
-    """Where gdb's architecture came from, for the one line."""
+def _whence() -> str:
+    """Where gdb's current architecture came from, for the one line."""
     if gdb.parameter("architecture") != "auto":
         return "set by hand"
     exec_file = gdb.current_progspace().filename
@@ -58,7 +58,7 @@ def on_new_thread(event: object) -> None:
         current = inferior.architecture().name()
         if reported is None or reported == current or None in (_X86_WIDTH.get(reported), _X86_WIDTH.get(current)):
             return
-        whence = _whence(current)
+        whence = _whence()
         gdb.execute(f"set architecture {reported}", to_string=True)
         gdb.write(f"xendbg: set architecture {reported}: the target's registers are {_X86_WIDTH[reported]}-bit "
                   f"({reported}), which gdb's architecture {current} ({whence}) cannot read; xendbg takes a guest's "
@@ -79,7 +79,7 @@ def no_vcpu_reason(to: str = "the guest") -> str:
         if _X86_WIDTH.get(current) == 32:
             # gdb took a 32-bit architecture (a 32-bit ELF): a 64-bit QEMU fails the connection
             fix += (f"; if `target remote` said \"Remote 'g' packet reply is too long\", the target's registers "
-                    f"are 64-bit and gdb's architecture is {current} ({_whence(current)}): set architecture "
+                    f"are 64-bit and gdb's architecture is {current} ({_whence()}): set architecture "
                     f"{X86_64}, then target remote again")
         return f"no target: {fix}"
     if not inferior.threads():
