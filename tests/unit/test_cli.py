@@ -273,3 +273,11 @@ def test_piped_text_is_not_folded():
     out = xendbg("traps", "0xc0300000", "@examples/xen20-trap-table.args", env={"COLUMNS": ""})
     finding = next(line for line in out.stdout.splitlines() if line.startswith("error"))
     assert finding.endswith("runs in ring 1: Xen 2.0 rejects the call with -EPERM")
+
+
+def test_a_xentrace_file_under_xen_2_0_is_named_with_its_32_bit_abi():
+    # a xentrace file is read as a 64-bit Xen's, but Xen 2.0 ran 32-bit guests only (abi.guest_widths)
+    from xendbg.cli import _xentrace_abi
+
+    assert [(abi.generation, abi.width) for abi, _ in (_xentrace_abi("2.0"), _xentrace_abi("4.17"))] == [
+        ("2.0", 32), ("4.17", 64)]
