@@ -63,11 +63,12 @@ def pv_convention(width: int) -> CallingConvention:
 
 @dataclass(frozen=True)
 class CpuMode:
-    """What a code selector says about the code running on a vCPU."""
+    """What the registers say about the code running on a vCPU."""
 
-    width: int | None  # guest width, None when the vCPU is in Xen (ring 0)
+    width: int | None  # guest width, None when the vCPU is not in a PV guest (in Xen, firmware, boot code)
     ring: int
     description: str
+    paging: bool | None = None  # whether paging is on, None when no CR0 or EFER said (then assumed on)
 
 
 # 64-bit code selector of a PV guest: FLAT_RING3_CS64, 0xe033 from RELEASE-3.0.0 (arch-x86_64.h; later
@@ -78,21 +79,62 @@ _PV64_CS = frozenset({0xE033})
 # The compat (32-bit) user code selector of a 64-bit PV guest, FLAT_RING3_CS32 (0xe023, same tags).
 _PV64_CS32 = frozenset({0xE023})
 
+# Control bits (Intel SDM vol. 3, 2.5 and 2.2.1): CR0.PE protected mode, CR0.PG paging, EFER.LMA long
+# mode active (which needs paging).  Xen and its PV guests always run with paging on.
+CR0_PE, CR0_PG = 1 << 0, 1 << 31
+# Xen's own ring-0 code selectors: __HYPERVISOR_CS64 0xe008 and __HYPERVISOR_CS32 0xe038
+# (xen/arch/x86/include/asm/config.h, RELEASE-4.17.0; 0xe008 since 3.0), and the 2.0 series' x86_32
+# __HYPERVISOR_CS 0x0808 (xen/include/asm-x86/config.h).  Only the selector: at reset CS is 0xf000, which
+# lies in the GDT range Xen reserves but is no selector of Xen's.
+_XEN_CS = frozenset({0xE008, 0xE038, 0x0808})
+EFER_LMA = 1 << 10
+REAL_MODE = "in real mode, paging off (firmware or boot code)"
 
-def cpu_mode(cs: int, *, long_mode: bool | None = None) -> CpuMode:
-    """Classify the vCPU from its CS (and, when known, whether the segment is a 64-bit one)."""
+
+def cpu_mode(cs: int, *, long_mode: bool | None = None, cr0: int | None = None,
+             efer: int | None = None) -> CpuMode:
+    """Classify the vCPU from its CS (and, when known, whether the segment is a 64-bit one), and from
+    CR0 and EFER when the target has them: a CPU at reset or in boot code is neither Xen nor a guest.
+    Without CR0 (gdbsx, a dump without control registers) ring 0 is said to be ring 0, and no more."""
     ring = cs & 3
+    paging = bool(cr0 & CR0_PG) if cr0 is not None else (True if efer is not None and efer & EFER_LMA else None)
+    if cr0 is not None and not cr0 & CR0_PE:
+        return CpuMode(None, 0, REAL_MODE, False)  # no rings in real mode: CS is a segment, not a selector
+    if paging is False:
+        return CpuMode(None, ring, f"in protected mode, paging off (ring {ring}, boot code)", False)
     if ring == 0:
-        return CpuMode(None, 0, "in Xen (ring 0)")
+        if paging is None and not _xen_selector(cs):
+            return CpuMode(None, 0, "in ring 0 (no CR0 to tell Xen from firmware or boot code)")
+        return CpuMode(None, 0, "in Xen (ring 0)", paging)
     if ring == 1:
-        return CpuMode(32, 1, "32-bit PV guest kernel (ring 1)")
+        return CpuMode(32, 1, "32-bit PV guest kernel (ring 1)", paging)
     if ring == 2:
-        return CpuMode(32, 2, "ring 2 (unusual for a PV guest)")
+        return CpuMode(32, 2, "ring 2 (unusual for a PV guest)", paging)
     if cs in _PV64_CS or long_mode:
-        return CpuMode(64, 3, "64-bit PV guest (ring 3)")
+        return CpuMode(64, 3, "64-bit PV guest (ring 3)", paging)
     if cs in _PV64_CS32:
-        return CpuMode(32, 3, "32-bit user code of a 64-bit PV guest (ring 3)")
-    return CpuMode(32, 3, "32-bit guest user code (ring 3)")
+        return CpuMode(32, 3, "32-bit user code of a 64-bit PV guest (ring 3)", paging)
+    return CpuMode(32, 3, "32-bit guest user code (ring 3)", paging)
+
+
+def _xen_selector(cs: int) -> bool:
+    """Whether CS is one of Xen's own ring-0 code selectors, which no firmware or boot code uses."""
+    return cs in _XEN_CS
+
+
+def vcpu_mode(target: Target) -> CpuMode:
+    """cpu_mode of the vCPU a target shows: its CS, and its CR0 and EFER where the target has them
+    (QEMU's gdbstub and dumps do; gdbsx and gdb on an ELF core do not)."""
+    cr0 = _optional_register(target, "cr0")
+    efer = _optional_register(target, "efer") if cr0 is None else None  # CR0 says all EFER would
+    return cpu_mode(target.read_register("cs") & 0xFFFF, cr0=cr0, efer=efer)
+
+
+def _optional_register(target: Target, name: str) -> int | None:
+    try:
+        return target.read_register(name)
+    except TargetError:  # absent (UnknownRegister), or present but unavailable
+        return None
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
 
-from xendbg.abi import GENERATIONS, NEWEST, Abi, get_abi, resolve_generation
+from xendbg.abi import GENERATIONS, NEWEST, Abi, get_abi, guest_widths, resolve_generation
 from xendbg.arch import cpu_mode
 from xendbg.decode import decode_multicall, decode_pending, decode_trap_table
 from xendbg.decode.rules import MAX_MULTICALL_ENTRIES
@@ -114,7 +114,8 @@ _GROUP_HELP = ("Numbers are unsigned and must fit the guest width: a negative or
 def _add_target_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("guest state", _GROUP_HELP)
     group.add_argument("--width", type=int, choices=(32, 64),
-                       help="guest width (default: from --reg cs=..., else required)")
+                       help="guest width (default: from --reg cs=..., else 32 with --xen 2.0, which had no "
+                            "64-bit PV guests; else required)")
     group.add_argument("--xen", default=NEWEST, metavar="VERSION",
                        help=f"Xen version or ABI generation (default: {NEWEST}, the newest)")
     group.add_argument("--reg", action="append", default=[], metavar="NAME=VALUE",
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("abi", help="list the hypercalls of a Xen ABI generation")
     p.add_argument("--xen", default=NEWEST, metavar="VERSION", help=f"Xen version (default: {NEWEST})")
-    p.add_argument("--width", type=int, choices=(32, 64), default=64, help="guest width (default: 64)")
+    p.add_argument("--width", type=int, choices=(32, 64),
+                   help="guest width (default: 64; 32 with --xen 2.0, which had no 64-bit PV guests)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("decode", help="decode the pending hypercall from registers and memory")
@@ -292,20 +294,31 @@ def _xentrace_abi(version: str | None) -> tuple[Abi, AbiChoice]:
     64-bit Xen: its compat guests' hypercalls have the same numbers)."""
     if version is not None:
         generation = resolve_generation(version)
-        return get_abi(generation, 64), AbiChoice(generation, f"--xen {version}", None, (generation,))
+        width = 64 if 64 in guest_widths(generation) else 32  # a 64-bit Xen, unless there was none
+        return get_abi(generation, width), AbiChoice(generation, f"--xen {version}", None, (generation,))
     warning = (f"decoding with Xen {NEWEST}'s ABI, a guess: a xentrace file does not record Xen's version; "
                f"give --xen VERSION")
     return get_abi(NEWEST, 64), AbiChoice(NEWEST, "guessed: a xentrace file does not say (--xen VERSION)",
                                           warning, tuple(reversed(GENERATIONS)))
 
 
-def _abi(version: str, width: int) -> Abi:
-    # Xen 2.0 ran 32-bit PV guests only: its x86_64 port has no hypercall entry
-    # (xen/arch/x86/x86_64/entry.S is empty at RELEASE-2.0.0); 64-bit PV arrived with RELEASE-3.0.0.
-    if width == 64 and resolve_generation(version) == "2.0":
-        raise UsageError(f"Xen {version} had no 64-bit PV guests (64-bit PV came with Xen 3.0): "
-                         "use --width 32 or a newer --xen")
+_DROP_WIDTH = "drop --width (Xen {version}'s only width, {only}, is the default)"
+
+
+def _abi(version: str, width: int | None) -> Abi:
+    """The ABI of Xen `version` for `width` (None: the generation's only width, else 64)."""
+    widths = guest_widths(resolve_generation(version))
+    if width is None:
+        width = widths[0] if len(widths) == 1 else 64
+    _refuse_width(version, width, f"--width is {width}", _DROP_WIDTH.format(version=version, only=widths[0]))
     return get_abi(version, width)
+
+
+def _refuse_width(version: str, width: int, source: str, fix: str) -> None:
+    """A guest width the Xen version never ran is refused, saying where the width came from."""
+    if width not in guest_widths(resolve_generation(version)):  # 64-bit PV arrived with RELEASE-3.0.0
+        raise UsageError(f"Xen {version} had no {width}-bit PV guests (64-bit PV came with Xen 3.0), but {source}: "
+                         f"{fix} or give a newer --xen")
 
 
 def _cs_width(cs: int) -> int | None:
@@ -315,23 +328,30 @@ def _cs_width(cs: int) -> int | None:
     return cpu_mode(cs).width
 
 
-def _guest_width(width: int | None, registers: dict[str, int]) -> int:
-    """--width, else the width the code selector says; a selector that contradicts --width is an error."""
+def _guest_width(width: int | None, registers: dict[str, int], version: str) -> int:
+    """--width, else the width the code selector says, else the only width of Xen `version`; a selector
+    that contradicts --width, or a width that version never ran, is an error."""
     cs = registers.get("cs")
     if cs is not None and not 0 <= cs <= 0xFFFF:
         raise UsageError(f"cs={cs:#06x} is not a 16-bit selector")
+    widths = guest_widths(resolve_generation(version))
     if width is not None:
         implied = _cs_width(cs) if cs is not None else None
         if cs is not None and implied is not None and implied != width:
             raise UsageError(f"cs={cs:#06x} says {cpu_mode(cs).description}, but --width is {width}: "
                              "drop one or make them agree")
+        _refuse_width(version, width, f"--width is {width}", _DROP_WIDTH.format(version=version, only=widths[0]))
         return width
+    mode = cpu_mode(cs) if cs is not None else None
+    if mode is not None and mode.width is not None:
+        _refuse_width(version, mode.width, f"cs={cs:#06x} says {mode.description}",
+                      "give the registers of a 32-bit guest")
+        return mode.width
+    if len(widths) == 1:
+        return widths[0]
     if cs is None:
         raise UsageError("give --width 32|64 (or --reg cs=... to tell it from the code selector)")
-    mode = cpu_mode(cs)
-    if mode.width is None:
-        raise UsageError(f"cs={cs:#06x} is a ring-0 selector: give --width for the guest")
-    return mode.width
+    raise UsageError(f"cs={cs:#06x} is a ring-0 selector: give --width for the guest")
 
 
 def _unsigned(what: str, value: int, width: int) -> int:
@@ -375,7 +395,7 @@ def _regions(given: list[str], width: int, base_dir: Path) -> list[tuple[int, by
 def _target(args: argparse.Namespace, base_dir: Path) -> tuple[InMemoryTarget, Abi]:
     """The offline target and ABI the options describe, after checking that they agree."""
     given = [_register(r) for r in args.reg]
-    width = _guest_width(args.width, dict(given))
+    width = _guest_width(args.width, dict(given), args.xen)
     abi = _abi(args.xen, width)
     target = InMemoryTarget(_registers(given, width), _regions(args.mem, width, base_dir))
     return target, abi

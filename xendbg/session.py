@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from xendbg import arch
-from xendbg.abi import FLAT_SELECTORS, GENERATIONS, NEWEST, Abi, get_abi, resolve_generation
+from xendbg.abi import FLAT_SELECTORS, GENERATIONS, NEWEST, Abi, get_abi, guest_widths, resolve_generation
 from xendbg.abi.layouts import ERA_2, ERA_3
 from xendbg.decode.model import Finding, GuestState, Hypercall
 from xendbg.errors import UsageError, XendbgError
@@ -249,9 +249,10 @@ class Session:
         return None if self.settings.width == "auto" else int(self.settings.width)
 
     def guest_width(self, target: Target) -> int | None:
-        """The guest width of the vCPU (None when it is in Xen, ring 0)."""
+        """The guest width of the vCPU (None when it is not in a guest: in Xen, ring 0, or in real mode or
+        with paging off, where CR0 says so)."""
         forced = self.forced_width()
-        return forced if forced is not None else arch.cpu_mode(target.read_register("cs") & 0xFFFF).width
+        return forced if forced is not None else arch.vcpu_mode(target).width
 
     def abi(self, width: int, code_selector: int | None = None) -> tuple[Abi, AbiChoice]:
         """The ABI for a guest of `width` bits (`set xen width` wins), and why this generation."""
@@ -273,9 +274,25 @@ class Session:
         cs = target.read_register("cs") & 0xFFFF
         width = self.guest_width(target)
         if width is None:
-            raise XendbgError(f"the selected vCPU is in Xen{f' ({where})' if where else ''}, not in the guest "
-                              f"(set xen width 32|64 to decode its registers anyway)")
-        return self.abi(width, cs if arch.cpu_mode(cs).width is not None else None)
+            widths = "|".join(map(str, guest_widths(self.generation())))
+            mode = arch.vcpu_mode(target).description
+            raise XendbgError(f"the selected vCPU is {mode}{f' {where}' if where else ''}, not in the guest "
+                              f"(set xen width {widths} to decode its registers anyway)")
+        code_selector = cs if arch.cpu_mode(cs).width is not None else None
+        return self.guest_abi(width, code_selector, f"set xen width {width}" if self.forced_width() else
+                              f"the vCPU's CS {cs:#06x} says {arch.cpu_mode(cs).description}")
+
+    def guest_abi(self, width: int, code_selector: int | None, source: str) -> tuple[Abi, AbiChoice]:
+        """`abi` for a guest whose width `source` gave; a width the chosen generation never ran is refused
+        (Xen 2.0 ran no 64-bit PV guests) instead of decoding with numbers no such Xen had."""
+        abi, choice = self.abi(width, code_selector)
+        if abi.width not in guest_widths(choice.generation):
+            fix = ("choose Xen 3.0 or later (set xen abi in gdb, --xen for xendbg core)"
+                   + (", or set xen width auto" if self.forced_width() else ""))
+            raise XendbgError(f"Xen {choice.generation} had no {abi.width}-bit PV guests (64-bit PV came with "
+                              f"Xen 3.0), but {source}; xendbg decodes with Xen {choice.generation} "
+                              f"({choice.reason}): {fix}")
+        return abi, choice
 
     def decode_here(self, target: Target, symbols: Symbols, cpu: int) -> Hypercall:
         """The hypercall the vCPU is about to make or, inside Xen at a handler or at the hypercall
@@ -291,7 +308,9 @@ class Session:
                 chosen: list[AbiChoice] = []
 
                 def pick(width: int, code_selector: int | None = None) -> Abi:
-                    abi, choice = self.abi(width, code_selector)
+                    source = (f"the guest's CS {code_selector:#06x} in Xen's frame" if code_selector is not None
+                              else f"{sym[0]} serves {width}-bit guests")
+                    abi, choice = self.guest_abi(width, code_selector, source)
                     chosen.append(choice)
                     return abi
 
@@ -299,6 +318,10 @@ class Session:
                 return annotate(hc, chosen[-1])
             hint = ("" if symbols.address_of(arch.XEN_HYPERCALL_ENTRY) is not None
                     else "; load Xen's symbols (xen-syms) to decode inside Xen")
+            mode = arch.vcpu_mode(target)
+            if mode.paging is False:  # real mode or paging off: neither Xen nor a guest runs
+                raise XendbgError(f"no pending hypercall: the selected vCPU is {mode.description} "
+                                  f"{where(target, symbols)}, not in a PV guest")
             raise XendbgError(f"no pending hypercall: the selected vCPU is in Xen {where(target, symbols)}, not "
                               f"at the entry of a hypercall handler (do_NAME, compat_NAME) or of "
                               f"{arch.XEN_HYPERCALL_ENTRY}{hint}")

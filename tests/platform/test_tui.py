@@ -285,3 +285,17 @@ def test_unreachable_port_and_wrong_symbols(tui, tmp_path):
     assert t2.exit_status() == 2
     assert t2.stderr.read_text() == f"xendbg: error: no symbol file {tmp_path / 'nope.elf'}\n"
     assert t2.processes() == {}
+
+
+def test_xen64_at_reset_the_status_line_says_real_mode_as_cr0_does(tui):
+    """Before its first instruction the CPU is in real mode (QEMU -S): the status line says so, never
+    "in Xen", and gdb's own CR0 in the same session agrees."""
+    t = tui("--platform", "xen64")
+    screen = t.wait(r"vCPU 0 of 2 \| (?!mode \?).* \| STOPPED: ")  # the status line, once its mode is read
+    assert "| in real mode, paging off (firmware or boot code) |" in screen and "in Xen" not in screen, screen
+    t.type("info registers cr0 cs")
+    screen = t.wait(r"^cr0\s+0x[0-9a-f]+")
+    cr0 = int(re.search(r"^cr0\s+(0x[0-9a-f]+)", screen, re.M).group(1), 16)
+    assert not cr0 & 1 and not cr0 & 1 << 31, screen  # CR0.PE and CR0.PG clear: real mode, no paging
+    assert re.search(r"^cs\s+0xf000\s", screen, re.M), screen
+    quit_cleanly(t)

@@ -78,3 +78,19 @@ def test_registered_trap_table_shows_the_selector_xen_holds(boot_gdb) -> None:
     run = booted.finish()
     handler_cs = {int(v, 16) for v in re.findall(r"\[guest\] trap\.\S+: .*handler_cs=(0x[0-9a-f]+)", run.stdout)}
     assert handler_cs and set(held.values()) == handler_cs == {KERNEL_CS}
+
+
+def test_xen_2_0_set_by_hand_refuses_a_64_bit_guest(boot_gdb) -> None:
+    """`set xen abi 2.0` at a 64-bit guest's hypercall: Xen 2.0 ran no 64-bit PV guests, so xendbg refuses
+    in one line (naming the CS gdb reads) instead of decoding with numbers no Xen had."""
+    booted = boot_gdb("xen64", timeout=60)
+    out = booted.gdb_batch(
+        f"source {SCRIPT}", "set xen color off", at_syscall(booted, HC_set_trap_table), "continue",
+        "p/x $cs", "set xen abi 2.0", "xen hypercall", "set xen abi auto", "xen hypercall --json", "kill", timeout=60)
+    assert f"= {KERNEL_CS:#x}" in out  # gdb's own reading of CS: the 64-bit guest kernel's selector
+    refusals = [line for line in out.splitlines() if line.startswith("Xen 2.0 had no 64-bit PV guests")]
+    assert refusals == [f"Xen 2.0 had no 64-bit PV guests (64-bit PV came with Xen 3.0), but the vCPU's CS "
+                        f"{KERNEL_CS:#06x} says 64-bit PV guest (ring 3); xendbg decodes with Xen 2.0 (set by hand): "
+                        f"choose Xen 3.0 or later (set xen abi in gdb, --xen for xendbg core)"], out
+    (hc,) = json_blocks(out)
+    assert hc["width"] == 64 and hc["name"] == "set_trap_table"

@@ -164,6 +164,46 @@ def test_inconsistent_options_are_refused(capsys, args, needle):
     assert needle in err and len(err.strip().splitlines()) == 1
 
 
+def test_xen_2_0_s_only_width_is_the_default(capsys, monkeypatch):
+    """Xen 2.0 ran 32-bit PV guests only: --width may be left out, for every command taking --xen."""
+    monkeypatch.chdir(ROOT)
+    code, out, err = run_main(capsys, "abi", "--xen", "2.0", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert (data["xen"], data["width"]) == ("2.0", 32)
+    assert {h["name"] for h in data["hypercalls"]} >= {"set_fast_trap", "set_callbacks"}
+    assert json.loads(run_main(capsys, "abi", "--xen", "4.17", "--json")[1])["width"] == 64  # still 64 there
+    code, out, err = run_main(capsys, "decode", "--xen", "2.0.7", "--reg", "eax=4", "--reg", "ebx=0x0819",
+                              "--json")
+    assert code == 0, err
+    assert json.loads(out)["width"] == 32 and json.loads(out)["name"] == "set_callbacks"
+    code, out, err = run_main(capsys, "traps", "0xc0300000", *TRAPS_32, "--json")
+    assert code == 0, err
+    assert [e["vector"] for e in json.loads(out)["entries"]] == [3, 6, 13, 14, 128]
+    code, out, err = run_main(capsys, "multicall", "0x1000", "0", "--xen", "2.0", "--json")
+    assert code == 0, err
+    # a ring-0 selector says nothing, but Xen 2.0 has one width
+    code, out, err = run_main(capsys, "decode", "--xen", "2.0", "--reg", "cs=0xe008", "--reg", "eax=4", "--json")
+    assert code == 0 and json.loads(out)["width"] == 32, err
+    # a newer Xen has two: the width is still needed
+    code, _, err = run_main(capsys, "decode", "--xen", "3.0", "--reg", "eax=4")
+    assert code == 2 and "give --width 32|64" in err
+
+
+@pytest.mark.parametrize("args,source", [
+    (["abi", "--xen", "2.0", "--width", "64"], "but --width is 64: drop --width (Xen 2.0's only width, 32, is"),
+    (["decode", "--xen", "2.0", "--width", "64"], "but --width is 64: drop --width"),
+    (["traps", "0", "--xen", "2.0", "--width", "64"], "but --width is 64: drop --width"),
+    (["multicall", "0", "1", "--xen", "2.0", "--width", "64"], "but --width is 64: drop --width"),
+    (["multicall", "0", "1", "--xen", "2.0", "--reg", "cs=0xe033"], "but cs=0xe033 says 64-bit PV guest (ring 3)"),
+])
+def test_a_width_xen_2_0_never_ran_is_refused_in_one_line(capsys, args, source):
+    code, out, err = run_main(capsys, *args)
+    assert code == 2 and out == ""
+    assert err.startswith("xendbg: error: Xen 2.0 had no 64-bit PV guests (64-bit PV came with Xen 3.0)")
+    assert source in err and err.rstrip().endswith("or give a newer --xen") and err.count("\n") == 1
+
+
 def test_a_selector_that_does_not_say_the_width_leaves_it_to_width(capsys):
     # 0x33 is Linux's 64-bit user selector, a plain ring-3 selector to Xen: no contradiction.
     code, _, err = run_main(capsys, "decode", "--width", "64", "--reg", "cs=0x33", "--json")
@@ -233,3 +273,11 @@ def test_piped_text_is_not_folded():
     out = xendbg("traps", "0xc0300000", "@examples/xen20-trap-table.args", env={"COLUMNS": ""})
     finding = next(line for line in out.stdout.splitlines() if line.startswith("error"))
     assert finding.endswith("runs in ring 1: Xen 2.0 rejects the call with -EPERM")
+
+
+def test_a_xentrace_file_under_xen_2_0_is_named_with_its_32_bit_abi():
+    # a xentrace file is read as a 64-bit Xen's, but Xen 2.0 ran 32-bit guests only (abi.guest_widths)
+    from xendbg.cli import _xentrace_abi
+
+    assert [(abi.generation, abi.width) for abi, _ in (_xentrace_abi("2.0"), _xentrace_abi("4.17"))] == [
+        ("2.0", 32), ("4.17", 64)]

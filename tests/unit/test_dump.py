@@ -109,8 +109,10 @@ def test_pv64_dump_registers_paging_and_the_pending_multicall(tmp_path):
         got = render_json.hypercall(hc)
         assert got | {"xen_source": None} == expected(cpus[0], 64, virtual, "4.17") | {"xen_source": None}
         assert got["detail"]["entries"][1]["detail"]["text"] == "[guest] hello from a 2M page\n"
-        # vCPU 1 is in ring 0 with paging off: no pending call, and it says why
-        assert v1.pending() is None and "in Xen" in v1.why_not_pending
+        # vCPU 1 is in ring 0 with paging off: no pending call, and it says why (not "in Xen": no Xen runs
+        # without paging)
+        assert v1.pending() is None and "in protected mode, paging off" in v1.why_not_pending
+        assert v1.mode == "in protected mode, paging off (ring 0, boot code)" and v1.width is None
         assert v1.target.paging.mode == "off" and v1.target.physical(0x1234) == 0x1234
         # the core's own entry point, unchanged
         assert Session().decode_here(core.target(0), NoSymbols(), 0).name == "multicall"
@@ -136,12 +138,15 @@ def test_pv32_dump_under_2level_and_pae_paging(tmp_path, levels):
 
 def test_paging_off_reads_physical_memory(tmp_path):
     ram, cpus, _ = pv32(df.TWO_LEVEL)
-    cpus[0].cr = (0x11, 0, 0, 0, 0)  # shim-like: no paging, virtual = physical
+    cpus[0].cr = (0x11, 0, 0, 0, 0)  # no paging, virtual = physical
     cpus[0].regs["rip"] = 0x1005
     path = write(tmp_path, "flat.elf", df.elf_core(bytes(ram.data), cpus, False))
     with open_core(path) as core:
         assert core.vcpus[0].target.read_memory(0x1000, 5) == stub(32, 13)[:5]
-        assert core.vcpus[0].pending().site == "at int 0x82"
+        # a ring-1 CS without paging is no PV guest (Xen runs its guests with paging): nothing pending
+        vcpu = core.vcpus[0]
+        assert vcpu.mode == "in protected mode, paging off (ring 1, boot code)" and vcpu.width is None
+        assert vcpu.pending() is None and "paging off" in vcpu.why_not_pending
 
 
 @pytest.mark.parametrize("flattened", [True, False], ids=["flattened", "plain-kdump"])

@@ -48,7 +48,8 @@ def test_core_subcommands_print_the_live_schema(tmp_path, capsys):
     assert check == {"schema": 1, "pending": "multicall", "findings": []}
     summary = run_json(capsys, ["core", path])
     assert summary["vcpus"][0]["hypercall"]["name"] == "multicall"
-    assert "in Xen" in summary["vcpus"][1]["not_pending"]
+    # vCPU 1's CR0 has paging off: no Xen runs there, and the dump says so rather than "in Xen"
+    assert "paging off" in summary["vcpus"][1]["not_pending"] and "in Xen" not in summary["vcpus"][1]["not_pending"]
 
 
 def test_core_traps_and_callbacks_say_what_a_dump_cannot_tell(tmp_path, capsys):
@@ -64,7 +65,27 @@ def test_core_summary_text_names_every_vcpu(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "kdump-compressed, flattened (zlib) dump, 2 vCPU(s)" in out
     assert "pending: multicall(call_list=0xffffffff80201ff0, nr_calls=0x2)" in out
-    assert "vCPU 1  in Xen (ring 0)" in out and "registers live on a CPU" in out
+    assert "vCPU 1  in protected mode, paging off (ring 0, boot code)" in out and "registers live on a CPU" in out
+    assert "in Xen (ring 0)" not in out
+
+
+def test_core_names_a_vcpu_at_reset_real_mode_not_xen(tmp_path, capsys):
+    ram, cpus, _ = pv64()
+    cpus[1] = df.Cpu({"rip": 0xFFF0}, (0x60000010, 0, 0, 0, 0), 0xF000)  # a CPU that never left reset
+    path = write(tmp_path, "reset.elf", df.elf_core(bytes(ram.data), cpus, True))
+    assert main(["core", path]) == 0
+    out = capsys.readouterr().out
+    assert "vCPU 1  in real mode, paging off (firmware or boot code)" in out and "in Xen (ring 0)" not in out
+    rows = run_json(capsys, ["core", path, "vcpus"])["vcpus"]
+    assert (rows[1]["mode"], rows[1]["width"]) == ("in real mode, paging off (firmware or boot code)", None)
+
+
+def test_core_with_xen_2_0_refuses_a_64_bit_vcpu_in_one_line(tmp_path, capsys):
+    # Xen 2.0 ran no 64-bit PV guests: its numbers are not used on vCPU 0's CS 0xe033
+    assert main(["core", dump64(tmp_path), "hypercall", "--vcpu", "0", "--xen", "2.0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Xen 2.0 had no 64-bit PV guests" in err and "CS 0xe033" in err
+    assert "--xen for xendbg core" in err
 
 
 def test_to_gdb_writes_the_virtual_address_space(tmp_path, capsys):

@@ -250,14 +250,15 @@ def test_current_abi_uses_the_vcpus_selector_as_evidence():
     abi, choice = session.current_abi(InMemoryTarget({"cs": 0x0819}))
     assert (abi.generation, abi.width, choice.reason) == ("2.0", 32, "from the guest's CS 0x0819")
     assert session.evidence.code_selector == 0x0819
-    with pytest.raises(XendbgError, match=r"^the selected vCPU is in Xen \(at do_foo\), not in the guest "
-                                          r"\(set xen width 32\|64"):
+    # Xen 2.0 (from that selector) had one guest width: the hint names only it
+    with pytest.raises(XendbgError, match=r"^the selected vCPU is in Xen \(ring 0\) at do_foo, not in the guest "
+                                          r"\(set xen width 32 to"):
         session.current_abi(InMemoryTarget({"cs": XEN_CS}), "at do_foo")
-    with pytest.raises(XendbgError, match=r"^the selected vCPU is in Xen, not"):
+    with pytest.raises(XendbgError, match=r"^the selected vCPU is in Xen \(ring 0\), not"):
         session.current_abi(InMemoryTarget({"cs": XEN_CS}))
-    session.settings.width = "64"
+    session.settings.width = "32"
     abi, _ = session.current_abi(InMemoryTarget({"cs": XEN_CS}))  # forced: the ring-0 CS is not evidence
-    assert (abi.generation, abi.width) == ("2.0", 64)
+    assert (abi.generation, abi.width) == ("2.0", 32)
 
 
 def test_annotate_adds_the_reason_and_the_warning_once():
@@ -362,3 +363,36 @@ def test_where_formats_the_symbol():
     assert where(target, NoSymbols()) == "at 0x1010"
     assert where(target, Symbols(f=0x1000)) == "at 0x1010 <f+16>"
     assert where(target, Symbols(f=0x1010)) == "at 0x1010 <f>"
+
+
+def test_xen_2_0_refuses_a_64_bit_vcpu_instead_of_decoding_with_an_abi_no_xen_had():
+    session = Session()
+    session.settings.abi = "2.0"
+    with pytest.raises(XendbgError, match=r"^Xen 2.0 had no 64-bit PV guests \(64-bit PV came with Xen 3.0\), but "
+                                          r"the vCPU's CS 0xe033 says 64-bit PV guest \(ring 3\); xendbg decodes with "
+                                          r"Xen 2.0 \(set by hand\): choose Xen 3.0 or later \(set xen abi in "
+                                          r"gdb, --xen for xendbg core\)$"):
+        session.current_abi(InMemoryTarget({"cs": 0xE033}))
+    session.settings.width = "64"
+    with pytest.raises(XendbgError, match=r"but set xen width 64; .*: choose Xen 3.0 or later .*, or set xen "
+                                          r"width auto$"):
+        session.current_abi(InMemoryTarget({"cs": 0xE019}))
+    session.settings.width = "auto"  # with the width from CS, 2.0's one width decodes
+    abi, _ = session.current_abi(InMemoryTarget({"cs": 0xE019}))
+    assert (abi.generation, abi.width) == ("2.0", 32)
+
+
+RESET = {"cs": 0xF000, "cr0": 0x60000010, "pc": 0xFFF0, "rip": 0xFFF0}  # QEMU started with -S
+
+
+def test_a_vcpu_at_reset_is_in_real_mode_with_nothing_pending_and_not_in_xen():
+    target = InMemoryTarget(RESET, [(0xFFF0, bytes.fromhex("ea5be000f0"))])  # SeaBIOS's ljmp $0xf000,$0xe05b
+    session = Session()
+    assert session.guest_width(target) is None
+    with pytest.raises(XendbgError) as caught:
+        session.decode_here(target, NoSymbols(), 0)
+    assert str(caught.value) == ("no pending hypercall: the selected vCPU is in real mode, paging off (firmware or "
+                                 "boot code) at 0xfff0, not in a PV guest")
+    with pytest.raises(XendbgError, match=r"^the selected vCPU is in real mode, paging off \(firmware or boot code\), "
+                                          r"not in the guest"):
+        session.current_abi(target)

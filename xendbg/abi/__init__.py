@@ -24,7 +24,7 @@ from xendbg.abi.hypercalls import (
 from xendbg.abi.layouts import ERA_2, ERA_3, Layout, generation_layout
 from xendbg.errors import UsageError
 
-__all__ = ["Abi", "Enum", "HypercallDef", "get_abi", "GENERATIONS", "NEWEST", "resolve_generation",
+__all__ = ["Abi", "Enum", "HypercallDef", "get_abi", "GENERATIONS", "NEWEST", "resolve_generation", "guest_widths",
            "ERRNO", "errno_name", "result_name", "result_text", "TRAP_FLAG_DPL_MASK", "TRAP_FLAG_IF", "DOMIDS"]
 
 # x86 trap_info flags (xen/include/public/arch-x86/xen.h, RELEASE-4.17.0: TI_GET_DPL, TI_GET_IF;
@@ -58,6 +58,13 @@ def result_text(value: int) -> str:
     are versions, addresses or counts, clearer in hex)."""
     name = errno_name(value)
     return f"{value} ({name})" if name else (f"{value:#x}" if value > 0xFFFF else str(value))
+
+
+def guest_widths(generation: str) -> tuple[int, ...]:
+    """The PV guest widths a generation ran.  Xen 2.0 ran 32-bit PV guests only: its x86_64 port has no
+    hypercall entry (xen/arch/x86/x86_64/entry.S is empty at RELEASE-2.0.0); 64-bit PV guests came with
+    RELEASE-3.0.0.  Where a generation has one width, that width is the default."""
+    return (32,) if generation == "2.0" else (32, 64)
 
 
 # Flat segment selectors Xen provides to PV guests (xen/include/public/arch-x86_32.h and

@@ -109,7 +109,7 @@ class Vcpu:
 
     @property
     def cpu_mode(self) -> arch.CpuMode:
-        return arch.cpu_mode(self.cs)
+        return arch.vcpu_mode(self.target)
 
     @property
     def mode(self) -> str:

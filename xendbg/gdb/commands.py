@@ -377,7 +377,8 @@ class XenVcpus(_XenCommand):
     """List the vCPUs (gdb threads) with their mode and pending hypercall: xen vcpus [--json]
 
 Under a real Xen, gdb's threads are QEMU's CPUs: the guest's vCPUs run on them, and a CPU "in Xen"
-is running the hypervisor."""
+is running the hypervisor.  The mode comes from CS and, where gdb has them, CR0 and EFER: at reset a CPU
+is in real mode, paging off, neither in Xen nor in a guest."""
 
     usage = "xen vcpus [--json]"
     flags = ("--json",)
@@ -389,14 +390,16 @@ is running the hypervisor."""
         inferior = gdb.selected_inferior()
         threads = sorted(inferior.threads(), key=lambda t: t.num) if inferior.pid else []
         if not threads:
-            raise XendbgError("no target: connect gdb to the guest first (target remote HOST:PORT)")
+            from xendbg.gdb.connect import no_vcpu_reason
+
+            raise XendbgError(no_vcpu_reason())
         selected = gdb.selected_thread()
         rows = []
         try:
             for thread in threads:
                 thread.switch()
                 target = GdbTarget()
-                mode = arch.cpu_mode(target.read_register("cs") & 0xFFFF)
+                mode = arch.vcpu_mode(target)
                 pending = _try_pending(target)
                 state = context.SESSION.states.get(thread.num - 1)
                 rows.append({"vcpu": thread.num - 1, "thread": thread.num, "mode": mode.description,
@@ -923,6 +926,9 @@ def register() -> None:
     XenParameter("color", "whether xendbg colours its output (never when gdb's style is off)",
                  gdb.PARAM_BOOLEAN, None, True)
     gdb.events.stop.connect(_on_stop)
+    from xendbg.gdb import connect
+
+    connect.register()  # gdb's architecture against the target's registers, at each connection
     from xendbg.gdb import mi_commands
 
     mi_commands.register()  # -xen-* MI commands (gdb 13's gdb.MICommand); loads nothing heavy

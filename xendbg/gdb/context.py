@@ -190,7 +190,7 @@ def machine_entries() -> tuple[list[GuestSite], int | None, str]:
     target = GdbTarget()
     found: list[GuestSite] = []
     notes = []
-    mode = arch.cpu_mode(target.read_register("cs") & 0xFFFF)
+    mode = arch.vcpu_mode(target)
     pc = target.read_register("pc")
     if mode.width is not None:
 
@@ -281,7 +281,9 @@ def cpu_index() -> int:
     Under a real Xen these are QEMU's CPUs, which Xen schedules the guest's vCPUs on."""
     thread = gdb.selected_thread()
     if thread is None:
-        raise TargetGone("no thread selected: is gdb connected to a stopped target?")
+        from xendbg.gdb.connect import no_vcpu_reason
+
+        raise TargetGone(no_vcpu_reason())
     return thread.num - 1
 
 

@@ -37,7 +37,9 @@ class XenDump(_XenCommand):
 
     def run(self, flags: dict[str, str], words: list[str]) -> None:
         if not gdb.selected_inferior().pid:
-            raise XendbgError("no target: connect gdb to QEMU's gdbstub first (target remote HOST:PORT)")
+            from xendbg.gdb.connect import no_vcpu_reason
+
+            raise XendbgError(no_vcpu_reason("QEMU's gdbstub"))
         path = os.path.abspath(os.path.expanduser(words[0]))
         if not os.path.isdir(os.path.dirname(path)):
             raise XendbgError(f"{os.path.dirname(path)}: no such directory")

@@ -22,6 +22,10 @@ class GdbTarget:
         try:
             return gdb.newest_frame()
         except gdb.error as exc:
+            if gdb.selected_thread() is None:  # not connected, or the connection failed
+                from xendbg.gdb.connect import no_vcpu_reason
+
+                raise TargetGone(no_vcpu_reason()) from None
             raise TargetGone(f"no stopped target to read: {exc}") from None
 
     def read_register(self, name: str) -> int:

@@ -3,7 +3,7 @@
 Every pane shows what the project's renderers (xendbg/render/text.py, rich) produced, as ANSI text
 that gdb's -xen-* MI commands return (xendbg/gdb/mi_commands.py): this module decodes nothing, it
 lays panes out and moves between them.  The trace pane uses trace.show_lines over the trace's
-records, the status line arch.cpu_mode over registers read with MiTarget.
+records, the status line arch.vcpu_mode over registers read with MiTarget.
 
 MI is read by the client's own thread; its records are handed to the UI loop, where `*stopped`
 schedules a refresh (a coroutine awaiting MI answers), so the UI never waits for gdb or the guest.
@@ -731,8 +731,8 @@ def _stop_reason(payload: dict[str, Any]) -> tuple[str, str]:
 
 
 def _mode_of(client: MiClient, thread: int | None) -> str:
-    """The vCPU's mode from its code selector (arch.cpu_mode), read over MI."""
+    """The vCPU's mode from its code selector and control registers (arch.vcpu_mode), read over MI."""
     try:
-        return arch.cpu_mode(MiTarget(client, thread).read_register("cs") & 0xFFFF).description
+        return arch.vcpu_mode(MiTarget(client, thread)).description
     except XendbgError:
         return "mode unknown"
