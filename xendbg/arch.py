@@ -25,7 +25,6 @@ from xendbg.target import Target
 
 HYPERCALL_STUB_SIZE = 32  # each hypercall-page stub is 32 bytes: stub N is at page + 32 * N
 HYPERCALL_PAGE_SIZE = 4096
-ARM_HYPERCALL_IMM = 0xEA1
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,6 @@ from xendbg.target import Target
 if TYPE_CHECKING:
     from xendbg.sites import HypercallSites
 
-OLDEST_WITH_PAGE = "3.0"  # hypercall pages and the 0xe0xx flat selectors arrived with Xen 3.0
-
 # Which generation a flat code or data selector implies (abi.FLAT_SELECTORS, RELEASE-2.0.0 and
 # RELEASE-3.0.0 public headers): the 2.0 values exist in no later Xen, the 3.0 values in no earlier one.
 # Xen 2.0 had no 64-bit PV guests in practice, so only its 32-bit selectors count.

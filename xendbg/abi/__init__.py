@@ -103,13 +103,6 @@ class Enum:
     def name_of(self, value: int) -> str | None:
         return self._names.get(value)
 
-    def value_of(self, name: str) -> int | None:
-        if name in self.values:
-            return self.values[name]
-        for full, value in self.values.items():
-            if full.split("_", 1)[-1].lower() == name.lower():
-                return value
-        return None
 
 
 @dataclass(frozen=True)
@@ -156,6 +149,11 @@ class Abi:
     @property
     def has_fast_trap(self) -> bool:
         return "set_fast_trap" in _tables.HYPERCALL[self.generation]
+
+    @property
+    def removed_fast_trap_nr(self) -> int | None:
+        """The number Xen 2.0's set_fast_trap had, in a generation that removed it (3.0: nothing there)."""
+        return None if self.has_fast_trap else _tables.HYPERCALL["2.0"]["set_fast_trap"]
 
     @property
     def multicall_result_in_args(self) -> bool:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from xendbg import arch
-from xendbg.abi import DOMIDS, TRAP_FLAG_DPL_MASK, TRAP_FLAG_IF, Abi, _tables, result_name
+from xendbg.abi import DOMIDS, TRAP_FLAG_DPL_MASK, TRAP_FLAG_IF, Abi, result_name
 from xendbg.abi.hypercalls import ArgSpec
 from xendbg.abi.layouts import MULTICALL_2_0_RESULT_ARG, Fields, Layout, unpack
 from xendbg.decode import rules
@@ -629,7 +629,7 @@ def _decode(target: Target, abi: Abi, nr: int, raw_args: list[int] | tuple[int, 
     if hc is None:
         if slot != nr:
             pass  # the wrap finding says what runs
-        elif nr == _tables.HYPERCALL["2.0"]["set_fast_trap"] and not abi.has_fast_trap:
+        elif nr == abi.removed_fast_trap_nr:
             ctx.add(rules.check_fast_trap(abi, 0, None))  # says set_fast_trap was removed in 3.0
         else:
             ctx.add(rules.unknown_hypercall(abi, nr))
