@@ -87,7 +87,7 @@ def test_shim32_catchpoints_through_gdbs_own_commands(boot_gdb, tmp_path):
     # first multicall comes later).
     assert not any(re.match(r"^2\s", line) for line in listings[1])
     assert any(re.match(r"^1\s+breakpoint", line) for line in listings[1])
-    assert "hypercall multicall: breakpoint 1\n" in out
+    assert "  hypercall multicall: catchpoint 1\n" in out
 
     # disable 1: multicall#2 (4 entries, the condition holds) goes by; the fast trap set while its
     # set_fast_trap was pending stops at its entry, with no stop in between to move it.
@@ -146,4 +146,4 @@ def test_xen64_catchpoints_xen_side(boot_gdb, tmp_path):
     assert out.count("Catchpoint 2 (") == 2  # when set, and at its one stop
     assert "stopped so that gdb could move" not in out
     assert int(printed[3], 16) == handler and "entered the trap handler for vector 0xe (#PF)" in out
-    assert "hypercall multicall: breakpoint 2, hit 1 time" in out
+    assert "  hypercall multicall: catchpoint 2, hit 1 time\n" in out

@@ -439,10 +439,12 @@ Without a subcommand: what is being caught, and where."""
             gdb.write("xendbg catches no hypercalls\n")
             return
         loaded.MONITOR.tidy()
+        caught = loaded.MONITOR.catch
+        gdb.write(f"catching {', '.join(sorted(caught.names)) or 'every hypercall'}; observing "
+                  f"{loaded.MONITOR.plan}\n")
         for catch in loaded.MONITOR.catches:
             one_shot = ", once" if catch.temporary else ""
-            gdb.write(f"{catch.describe()}: {catch.point.listing() if catch.point else ''}{one_shot}\n")
-        gdb.write(f"observing {loaded.MONITOR.plan}\n")
+            gdb.write(f"  {catch.describe()}: {catch.point.listing() if catch.point else ''}{one_shot}\n")
 
 
 class XenTcatch(_XenCommand):

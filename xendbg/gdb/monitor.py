@@ -167,7 +167,7 @@ class UserPoint:
     def listing(self) -> str:
         state = "" if self.enabled else ", disabled"
         hits = f", hit {self.hits} time{'s' if self.hits != 1 else ''}" if self.hits else ""
-        return f"breakpoint {self.number}{state}{hits}"
+        return f"{self.label.lower()} {self.number}{state}{hits}"
 
     def delete(self) -> None:
         if self.breakpoint.is_valid():
