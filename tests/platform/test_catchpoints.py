@@ -13,6 +13,8 @@ import re
 
 import pytest
 from conftest import XENDBG_SCRIPT as SCRIPT
+from conftest import build
+from test_gdb_commands import gdb  # a gdb with no target
 
 pytestmark = pytest.mark.platform
 
@@ -147,3 +149,24 @@ def test_xen64_catchpoints_xen_side(boot_gdb, tmp_path):
     assert "stopped so that gdb could move" not in out
     assert int(printed[3], 16) == handler and "entered the trap handler for vector 0xe (#PF)" in out
     assert "  hypercall multicall: catchpoint 2, hit 1 time\n" in out
+
+
+def test_catch_delete_by_name_keeps_the_settings_and_gdbs_delete_ends_catches():
+    """No target needed: `xen catch delete NAME` makes the narrowed catch anew (a new number, the same
+    condition and ignore count), and gdb's `delete N` / `delete` end catches."""
+    guest = build("shim32", "2.0")["guest"]
+    out = gdb("xen catch hypercall multicall set_trap_table", "condition 1 $eax == 13", "ignore 1 5",
+              "xen catch delete multicall", "info breakpoints", "xen catch", "delete 2", "xen catch",
+              "xen catch hypercall sched_op", "xen tcatch hypercall console_io", "delete", "xen catch",
+              "info breakpoints", guest=guest)
+    assert "Traceback" not in out
+    rows = breakpoint_rows(out)
+    assert len(rows) == 1, out
+    listing = "\n".join(rows[0])
+    assert re.search(r"^2\s+breakpoint\s+keep y\s+<PENDING>\s+'catch hypercall set_trap_table \(guest side", listing,
+                     re.M), listing
+    assert not re.search(r"^1\s", listing, re.M)
+    assert "stop only if $eax == 13" in listing and "ignore next 5 hits" in listing
+    assert "  hypercall set_trap_table: catchpoint 2\n" in out
+    assert out.count("xendbg catches no hypercalls") == 2  # after delete 2, and after delete
+    assert out.rstrip().endswith("No breakpoints or watchpoints.")

@@ -422,9 +422,11 @@ class XenCatch(_XenCommand):
     """Stop at hypercalls: xen catch hypercall [--guest|--xen] [NAME|NR ...]; xen catch delete [NAME ...]
 
 Each catch is a numbered gdb breakpoint: `info breakpoints` lists it with what it catches and where
-xendbg observes it, and gdb's delete, disable, enable, condition (tested at the hypercall's stop),
-ignore and commands act on it.  xen tcatch hypercall: a one-shot catch, deleted at its first stop.
-Without a subcommand: what is being caught, and where."""
+xendbg observes it, and gdb's delete, disable, enable, condition, ignore and commands act on it.  A
+condition is tested where the hypercall stops (guest side: the guest's registers at its hypercall
+instruction; Xen side: Xen's, at the handler), and commands run there.  xen tcatch hypercall: a
+one-shot catch, deleted at its first stop, as gdb's tcatch.
+Without a subcommand: what is being caught, where, and each catch with its hits."""
 
     usage = "xen catch"
 
@@ -475,10 +477,12 @@ the side (the side asked last applies to every catch).  `xen catch delete` or gd
     temporary = False
 
     def __init__(self, name: str = "xen catch hypercall") -> None:
-        super().__init__(name, gdb.COMMAND_BREAKPOINTS)
         self.temporary = name.startswith("xen tcatch")
-        if self.temporary:
+        if self.temporary:  # gdb reads the help text when the command is registered
             self.usage = self.usage.replace("xen catch", "xen tcatch")
+            self.__doc__ = (f"Stop at the next of these hypercalls, once: {self.usage}\n\nAs xen catch hypercall, "
+                            f"but the catch is deleted at its first stop, as gdb's tcatch.")
+        super().__init__(name, gdb.COMMAND_BREAKPOINTS)
 
     def words(self) -> list[str]:
         return _hypercall_words()
@@ -499,8 +503,10 @@ the side (the side asked last applies to every catch).  `xen catch delete` or gd
 
 
 class XenCatchDelete(_XenCommand):
-    """Stop catching hypercalls: xen catch delete [NAME|NR ...]  (every catch without names; gdb's
-delete N ends catch N)"""
+    """Stop catching hypercalls: xen catch delete [NAME|NR ...]
+
+Without names every catch ends; with names, each catch stops catching them (one left with other
+names is made anew, with a new number and the same settings).  gdb's delete N ends catch N."""
 
     usage = "xen catch delete [NAME|NR ...]"
     nargs = (0, 1000)
@@ -541,7 +547,9 @@ class XenBreak(_XenCommand):
   xen break trap VECTOR          (a number, or a name such as PF, GP, int80)
   xen break fasttrap             (Xen 2.0's set_fast_trap gate)
   xen break delete
-On a hit xendbg says which entry point and vCPU, and decodes the frame Xen pushed."""
+On a hit xendbg says which entry point and vCPU, and decodes the frame Xen pushed.  Each is a numbered
+gdb breakpoint (`info breakpoints` says what it watches; delete N, disable N, condition N, ignore N
+and commands N act on it), and keeps its number when the guest moves the entry point."""
 
     usage = "xen break [callback|trap|fasttrap|delete]"
 
