@@ -195,7 +195,8 @@ class XenPrefix(gdb.Command):
     """Xen PV guest debugging: decode hypercalls, multicalls, trap tables and callbacks.
 
 Decoding:  xen hypercall (xen hc), xen multicall, xen traps, xen callbacks, xen check, xen vcpus
-Stopping:  xen catch hypercall [NAME|NR ...], xen break callback|trap|fasttrap
+Stopping:  xen catch hypercall [NAME|NR ...], xen tcatch hypercall, xen break callback|trap|fasttrap
+           (each a numbered gdb breakpoint: info breakpoints, delete N, disable N, condition N, ...)
 Tracing:   xen trace start|stop|show|enable, xen stats (start --buffers: Xen's own trace buffers)
 Dumps:     xen dump FILE [-z] (then: xendbg core FILE)
 Settings:  set xen abi auto|2.0|3.0|..., set xen width auto|32|64, set xen color on|off
@@ -424,7 +425,12 @@ is in real mode, paging off, neither in Xen nor in a guest."""
 class XenCatch(_XenCommand):
     """Stop at hypercalls: xen catch hypercall [--guest|--xen] [NAME|NR ...]; xen catch delete [NAME ...]
 
-Without a subcommand: what is being caught, and where."""
+Each catch is a numbered gdb breakpoint: `info breakpoints` lists it with what it catches and where
+xendbg observes it, and gdb's delete, disable, enable, condition, ignore and commands act on it.  A
+condition is tested where the hypercall stops (guest side: the guest's registers at its hypercall
+instruction; Xen side: Xen's, at the handler), and commands run there.  xen tcatch hypercall: a
+one-shot catch, deleted at its first stop, as gdb's tcatch.
+Without a subcommand: what is being caught, where, and each catch with its hits."""
 
     usage = "xen catch"
 
@@ -435,28 +441,52 @@ Without a subcommand: what is being caught, and where."""
         if arg.strip():
             raise gdb.GdbError(f"unknown xen catch subcommand {arg.split()[0]!r} (hypercall, delete)")
         loaded = sys.modules.get("xendbg.gdb.monitor")
-        if loaded is None or loaded.MONITOR.catch is None:
+        if loaded is None or not loaded.MONITOR.catches:
             gdb.write("xendbg catches no hypercalls\n")
             return
-        what = ", ".join(sorted(loaded.MONITOR.catch.names)) or "every hypercall"
-        gdb.write(f"catching {what}; observing {loaded.MONITOR.plan}\n")
+        loaded.MONITOR.tidy()
+        caught = loaded.MONITOR.catch
+        gdb.write(f"catching {', '.join(sorted(caught.names)) or 'every hypercall'}; observing "
+                  f"{loaded.MONITOR.plan}\n")
+        for catch in loaded.MONITOR.catches:
+            one_shot = ", once" if catch.temporary else ""
+            gdb.write(f"  {catch.describe()}: {catch.point.listing() if catch.point else ''}{one_shot}\n")
+
+
+class XenTcatch(_XenCommand):
+    """Stop at the next of these hypercalls, once: xen tcatch hypercall [--guest|--xen] [NAME|NR ...]"""
+
+    usage = "xen tcatch hypercall [--guest|--xen] [NAME|NR ...]"
+
+    def __init__(self) -> None:
+        super().__init__("xen tcatch", gdb.COMMAND_BREAKPOINTS, prefix=True)
+
+    def invoke(self, arg: str, from_tty: bool) -> None:
+        raise gdb.GdbError(f"usage: {self.usage}")
 
 
 class XenCatchHypercall(_XenCommand):
     """Stop at these hypercalls, decoded: xen catch hypercall [--guest|--xen] [NAME|NR ...]
 
-Each command adds to what is caught; without names, every hypercall is caught.  Guest side, xendbg
+Each command adds a catch, numbered as gdb's breakpoints are (delete N, disable N, condition N,
+ignore N, commands N act on it); without names it catches every hypercall.  Guest side, xendbg
 watches where the loaded guest issues hypercalls (its hypercall page, Linux's xen_hypercall_pv, an
 int $0x82).  With Xen's symbols loaded (xen-syms) a named hypercall is caught at its Xen handler
 instead (do_multicall, ...), which costs no stop for the other hypercalls.  --guest / --xen force
-the side.  `xen catch delete` ends it."""
+the side (the side asked last applies to every catch).  `xen catch delete` or gdb's `delete` ends it."""
 
     usage = "xen catch hypercall [--guest|--xen] [NAME|NR ...]"
     flags = ("--guest", "--xen")
     nargs = (0, 1000)
+    temporary = False
 
-    def __init__(self) -> None:
-        super().__init__("xen catch hypercall", gdb.COMMAND_BREAKPOINTS)
+    def __init__(self, name: str = "xen catch hypercall") -> None:
+        self.temporary = name.startswith("xen tcatch")
+        if self.temporary:  # gdb reads the help text when the command is registered
+            self.usage = self.usage.replace("xen catch", "xen tcatch")
+            self.__doc__ = (f"Stop at the next of these hypercalls, once: {self.usage}\n\nAs xen catch hypercall, "
+                            f"but the catch is deleted at its first stop, as gdb's tcatch.")
+        super().__init__(name, gdb.COMMAND_BREAKPOINTS)
 
     def words(self) -> list[str]:
         return _hypercall_words()
@@ -466,27 +496,21 @@ the side.  `xen catch delete` ends it."""
             raise XendbgError("--guest and --xen exclude each other")
         side = "guest" if "--guest" in flags else "xen" if "--xen" in flags else "auto"
         added = frozenset(_resolve(w) for w in words)
-        previous = monitor.MONITOR.catch
-        # Catches add up; no names, or an earlier catch of everything, means every hypercall.
-        if previous is None:
-            caught = added
-        elif not previous.names or not added:
-            caught = frozenset()
-        else:
-            caught = previous.names | added
-        monitor.MONITOR.catch = observe.Catch(caught, side)  # the side asked last applies to every name
-        try:
-            plan = monitor.MONITOR.replan()
-        except XendbgError:
-            monitor.MONITOR.catch = previous
-            monitor.MONITOR.replan()
-            raise
-        what = ", ".join(sorted(caught)) or "every hypercall"
+        monitor.MONITOR.tidy()
+        catch, plan = monitor.MONITOR.add_catch(added, side, self.temporary)
+        caught = monitor.MONITOR.catch
+        what = ", ".join(sorted(caught.names)) if caught and caught.names else "every hypercall"
+        point = catch.point
+        if point is not None:
+            gdb.write(f"{point.label} {point.number} ({point.what})\n")
         gdb.write(f"xendbg: catching {what}, observing {plan}\n")
 
 
 class XenCatchDelete(_XenCommand):
-    """Stop catching hypercalls: xen catch delete [NAME|NR ...]  (all of them without names)"""
+    """Stop catching hypercalls: xen catch delete [NAME|NR ...]
+
+Without names every catch ends; with names, each catch stops catching them (one left with other
+names is made anew, with a new number and the same settings).  gdb's delete N ends catch N."""
 
     usage = "xen catch delete [NAME|NR ...]"
     nargs = (0, 1000)
@@ -499,24 +523,26 @@ class XenCatchDelete(_XenCommand):
         return sorted(catch.names) if catch else []
 
     def run(self, flags: dict[str, str], words: list[str]) -> None:
+        monitor.MONITOR.tidy()
         catch = monitor.MONITOR.catch
         if catch is None:
             raise XendbgError("xendbg catches no hypercalls")
         if not words:
-            monitor.MONITOR.catch = None
-            monitor.MONITOR.replan()
+            monitor.MONITOR.delete_catches(None)
             gdb.write("xendbg: no longer catching hypercalls\n")
             return
-        removed = {_resolve(w) for w in words}
+        removed = frozenset(_resolve(w) for w in words)
         unknown = removed - catch.names
         if unknown:
             caught = ", ".join(sorted(catch.names)) or "every hypercall"
             raise XendbgError(f"not caught: {', '.join(sorted(unknown))} (catching {caught})")
-        left = catch.names - removed
-        monitor.MONITOR.catch = observe.Catch(left, catch.side) if left else None
-        monitor.MONITOR.replan()
-        gdb.write(f"xendbg: catching {', '.join(sorted(left))}\n" if left else
-                  "xendbg: no longer catching hypercalls\n")
+        left = monitor.MONITOR.delete_catches(removed)
+        names = monitor.MONITOR.catch.names if monitor.MONITOR.catch else frozenset()
+        if not left:
+            gdb.write("xendbg: no longer catching hypercalls\n")
+            return
+        listed = "; ".join(f"{c.describe()} ({c.point.listing() if c.point else ''})" for c in left)
+        gdb.write(f"xendbg: catching {', '.join(sorted(names)) or 'every hypercall'}: {listed}\n")
 
 
 class XenBreak(_XenCommand):
@@ -525,7 +551,9 @@ class XenBreak(_XenCommand):
   xen break trap VECTOR          (a number, or a name such as PF, GP, int80)
   xen break fasttrap             (Xen 2.0's set_fast_trap gate)
   xen break delete
-On a hit xendbg says which entry point and vCPU, and decodes the frame Xen pushed."""
+On a hit xendbg says which entry point and vCPU, and decodes the frame Xen pushed.  Each is a numbered
+gdb breakpoint (`info breakpoints` says what it watches; delete N, disable N, condition N, ignore N
+and commands N act on it), and keeps its number when the guest moves the entry point."""
 
     usage = "xen break [callback|trap|fasttrap|delete]"
 
@@ -540,11 +568,11 @@ On a hit xendbg says which entry point and vCPU, and decodes the frame Xen pushe
         if loaded is None or not loaded.MONITOR.watches:
             gdb.write("no xen break entry points\n")
             return
+        loaded.MONITOR.tidy()
         for watch in loaded.MONITOR.watches:
-            breakpoint = loaded.MONITOR.entry_breakpoints.get(watch.address)
-            where = (f"breakpoint {breakpoint.number} at {watch.address:#x}" if breakpoint is not None
-                     else "not registered yet")
-            gdb.write(f"{watch.describe()}: {where}\n")
+            point = loaded.MONITOR.point_of(watch)
+            where = f"at {watch.address:#x}" if watch.address else "not registered yet"
+            gdb.write(f"{watch.describe()}: {point.listing() if point else 'breakpoint'} {where}\n")
 
 
 class XenBreakCallback(_XenCommand):
@@ -903,6 +931,8 @@ def register() -> None:
     XenCatch()
     XenCatchHypercall()
     XenCatchDelete()
+    XenTcatch()
+    XenCatchHypercall("xen tcatch hypercall")
     XenBreak()
     XenBreakCallback()
     XenBreakTrap()

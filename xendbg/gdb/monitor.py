@@ -12,11 +12,17 @@ replayed when the same CPU's next call arrives, by Xen's own acceptance rules.
 
 gdb forbids adding or deleting breakpoints inside `stop()`: when a registration moves an entry point a
 `xen break` is watching, or a trace file fails, the probe stops the guest and the stop handler acts.
+A `xen break` set while the registering call is still pending is planted at once where that call
+registers the entry point, so its return moves nothing.
+
+Each catch and each `xen break` is a numbered gdb breakpoint the user sees (UserPoint), which gdb's
+own delete, disable, enable, condition, ignore and commands act on; the probes ask it at each hit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import cast
 
@@ -27,7 +33,7 @@ from xendbg.abi import Abi, get_abi
 from xendbg.abi.hypercalls import CONTINUED_BY_XEN, NEVER_RETURN
 from xendbg.abi.layouts import ERA_3, layout
 from xendbg.decode import Hypercall, decode_call, decode_in_xen, decode_multicall, decode_pending
-from xendbg.decode.model import MulticallBatch
+from xendbg.decode.model import GuestState, MulticallBatch
 from xendbg.decode.state import apply, seed_initialised_vcpu
 from xendbg.errors import TargetGone, XendbgError
 from xendbg.gdb import context
@@ -58,7 +64,7 @@ class _Probe(gdb.Breakpoint):
             self.condition = " || ".join(tests)
 
     def stop(self) -> bool:
-        return self.monitor.on_probe(self.spec)
+        return self.monitor.stopping(self, self.monitor.on_probe(self.spec))
 
 
 class _ReturnProbe(gdb.Breakpoint):
@@ -73,31 +79,133 @@ class _ReturnProbe(gdb.Breakpoint):
         self.condition = f"${_WAITING} > 0"
 
     def stop(self) -> bool:
-        return self.monitor.on_return(self.address)
+        return self.monitor.stopping(self, self.monitor.on_return(self.address))
 
 
 class _EntryBreakpoint(gdb.Breakpoint):
-    """A user-visible breakpoint on a guest entry point (`xen break`); one per address, however many
-    watches (vectors sharing a handler, say) lead there."""
+    """The internal breakpoint on a guest entry point (`xen break`); one per address, however many
+    watches (vectors sharing a handler, say) lead there.  Each watch's UserPoint says whether to stop."""
 
     def __init__(self, monitor: Monitor, address: int) -> None:
-        super().__init__(f"*{address:#x}", gdb.BP_BREAKPOINT)
+        super().__init__(f"*{address:#x}", gdb.BP_BREAKPOINT, internal=True)
+        self.silent = True
         self.monitor = monitor
         self.address = address
 
     def stop(self) -> bool:
-        self.monitor.reports.append(("entry", self.address))
+        return self.monitor.stopping(self, self.monitor.on_entry(self.address))
+
+
+class UserPoint:
+    """The numbered gdb breakpoint that stands for a catch or a `xen break` entry point.
+
+    gdb's Python API has no catchpoint type, and `info breakpoints` shows what a breakpoint is for only
+    as the location of a pending one: so this is a pending breakpoint whose location, quoted, says what
+    it stands for ('catch hypercall multicall (guest side, 7 stubs)'); no symbol has such a name, so it
+    never resolves and is never hit itself.  The internal probes do the work and, at each hit, ask it
+    what gdb asks a breakpoint: enabled, then its condition, then its ignore count; when it says stop,
+    its commands go on the probe that stops.  So gdb's own delete, disable, enable, condition, ignore
+    and commands act on it.  Its hit count in `info breakpoints` stays 0 (gdb's Python API can only
+    reset one): `xen catch` and `xen break` list the hits."""
+
+    def __init__(self, what: str, temporary: bool = False, label: str = "Breakpoint") -> None:
+        what = what.replace("'", "")  # the quotes around it
+        # Quietly: gdb says "Function ... not defined" and "Breakpoint N (...) pending" otherwise.
+        gdb.execute(f"with breakpoint pending on -- {'tbreak' if temporary else 'break'} '{what}'",
+                    to_string=True)
+        self.breakpoint = max(gdb.breakpoints(), key=lambda b: b.number)
+        self.what = what
+        self.label = label  # how a stop names it: "Catchpoint 2 (catch hypercall multicall (...))"
+        self.hits = 0
+
+    def settings(self) -> dict[str, object]:
+        """What the user set on it with gdb's commands, and its hits."""
+        bp = self.breakpoint
+        if not bp.is_valid():
+            return {"hits": self.hits}
+        return {"enabled": bp.enabled, "condition": bp.condition, "ignore_count": bp.ignore_count,
+                "commands": bp.commands, "hits": self.hits}
+
+    def take_settings(self, settings: dict[str, object]) -> None:
+        """Those of a UserPoint this one replaces (made anew, it stands for less now)."""
+        for name, value in settings.items():
+            if name == "hits":
+                self.hits = cast(int, value)
+            elif value is not None:
+                setattr(self.breakpoint, name, value)
+
+    @property
+    def number(self) -> int:
+        return self.breakpoint.number if self.breakpoint.is_valid() else 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.breakpoint.is_valid() and self.breakpoint.enabled
+
+    def says_stop(self, notes: list[str]) -> bool:
+        """At a hit of what this stands for: whether to stop for it, counting the hit as gdb does (a hit
+        its ignore count skips counts; a false condition does not)."""
+        bp = self.breakpoint
+        if not bp.is_valid() or not bp.enabled:
+            return False
+        if bp.condition:
+            try:
+                if not bool(gdb.parse_and_eval(bp.condition)):
+                    return False
+            except gdb.error as exc:  # as gdb does with a condition it cannot test: say so, and stop
+                notes.append(f"Error in testing condition for breakpoint {bp.number}:\n{exc}")
+                self.hits += 1
+                return True
+        self.hits += 1
+        if bp.ignore_count > 0:
+            bp.ignore_count -= 1
+            return False
         return True
+
+    def commands(self) -> str:
+        return (self.breakpoint.commands or "") if self.breakpoint.is_valid() else ""
+
+    def listing(self) -> str:
+        state = "" if self.enabled else ", disabled"
+        hits = f", hit {self.hits} time{'s' if self.hits != 1 else ''}" if self.hits else ""
+        return f"{self.label.lower()} {self.number}{state}{hits}"
+
+    def delete(self) -> None:
+        if self.breakpoint.is_valid():
+            self.breakpoint.delete()
+
+
+@dataclass(eq=False)
+class CatchPoint:
+    """One `xen catch hypercall` (or `xen tcatch hypercall`): what it catches, and its UserPoint."""
+
+    names: frozenset[str]  # empty: every hypercall
+    side: str  # "auto", "guest", "xen"
+    temporary: bool = False
+    point: UserPoint | None = None
+
+    def matches(self, name: str) -> bool:
+        return not self.names or name in self.names
+
+    def describe(self) -> str:
+        return f"hypercall {', '.join(sorted(self.names))}" if self.names else "every hypercall"
+
+
+def _set_commands(breakpoint: gdb.Breakpoint, commands: str) -> None:
+    """Give a stopping probe the commands of what it stops for (gdb runs a stopping breakpoint's own)."""
+    if (breakpoint.commands or "") != commands:
+        breakpoint.commands = commands
 
 
 @dataclass
 class Monitor:
-    catch: Catch | None = None
+    catches: list[CatchPoint] = field(default_factory=list)
     trace: TraceLog | None = None
     finished_trace: TraceLog | None = None  # the last trace stopped, for `xen trace show`
     stats: Stats = field(default_factory=Stats)
     watches: list[EntryWatch] = field(default_factory=list)
     entry_breakpoints: dict[int, _EntryBreakpoint] = field(default_factory=dict)
+    watch_points: dict[int, UserPoint] = field(default_factory=dict)  # by id() of the watch
     probes: list[_Probe] = field(default_factory=list)
     returns: dict[int, _ReturnProbe] = field(default_factory=dict)
     calls: observe.CallTracker = field(default_factory=observe.CallTracker)
@@ -117,12 +225,25 @@ class Monitor:
     # looked up at each replan, since stop() may not run gdb commands.
     stack_base: int | None = None
     frame_addresses: dict[int, int | None] = field(default_factory=dict)
+    stop_commands: str = ""  # the commands of the UserPoints the probe being hit stops for
+    # A UserPoint was deleted with gdb's `delete`: its probes go at the next stop or xen command (gdb's
+    # breakpoint events come while gdb walks its breakpoints, where none may be deleted).
+    replan_due: bool = False
 
     # --- what to observe, and where ---------------------------------------------------------------
 
     @property
+    def catch(self) -> Catch | None:
+        """What every catch together catches, and the side asked last (it applies to every name)."""
+        if not self.catches:
+            return None
+        every = any(not c.names for c in self.catches)
+        return Catch(frozenset() if every else frozenset().union(*(c.names for c in self.catches)),
+                     self.catches[-1].side)
+
+    @property
     def active(self) -> bool:
-        return self.catch is not None or self.trace is not None or bool(self.watches)
+        return bool(self.catches) or self.trace is not None or bool(self.watches)
 
     def wanted(self) -> frozenset[str] | None:
         """The hypercall names the probes must see (None: all of them)."""
@@ -260,13 +381,32 @@ class Monitor:
             pending.seq = self.trace.call(cpu, hc, "xen" if spec.kind in ("handler", "frame", "gate") else "guest",
                                           continues)
         self._publish_waiting()
-        stop = self.catch is not None and self.catch.matches(name)
-        if stop:
-            self.reports.append(("catch", (cpu, hc, entered.kind == "continuation")))
-        if self.moves_due and not stop:
+        if self._catch_stops(name, ("catch", (cpu, hc, entered.kind == "continuation"))):
+            return True
+        if self.moves_due:
             self.reports.append(("moved", None))
-            stop = True
-        return stop or self._trace_file_stop()
+            return True
+        return self._trace_file_stop()
+
+    def stopping(self, breakpoint: gdb.Breakpoint, stop: bool) -> bool:
+        """What a probe's stop() returns; a probe that stops carries the commands of the UserPoints it
+        stops for (gdb runs the stopping breakpoint's), none when it stops for xendbg's own reasons."""
+        if stop:
+            _set_commands(breakpoint, self.stop_commands)
+        self.stop_commands = ""
+        return stop
+
+    def on_entry(self, address: int) -> bool:
+        """Called by gdb at a `xen break` entry point; True when one of the watches there says stop."""
+        notes: list[str] = []
+        stopping = [p for w in self.watches_at(address) if (p := self.watch_points.get(id(w))) is not None
+                    and p.says_stop(notes)]
+        if not stopping and not notes:
+            return False
+        self.reports.append(("points", (stopping, notes)))
+        self.reports.append(("entry", address))
+        self.stop_commands = "".join(p.commands() for p in stopping)
+        return True
 
     def _uncertain_repeat(self, cpu: int, hc: Hypercall, entered: observe.Entered) -> bool:
         """A hit identical to the call before it at the same place, which Xen could be continuing without
@@ -275,10 +415,20 @@ class Monitor:
         if self.trace is not None and (not self.trace.names or name in self.trace.names):
             self.stats.count_uncertain(name)
             self.trace.uncertain(cpu, earlier.seq if earlier else None, name)
-        stop = self.catch is not None and self.catch.matches(name)
-        if stop:
-            self.reports.append(("uncertain", (cpu, name)))
-        return stop or self._trace_file_stop()
+        return self._catch_stops(name, ("uncertain", (cpu, name))) or self._trace_file_stop()
+
+    def _catch_stops(self, name: str, report: tuple[str, object]) -> bool:
+        """Whether a catch stops at hypercall `name`: every matching catch is asked (each counts its hit),
+        as gdb asks each breakpoint; the stop's report follows the catchpoints' own line."""
+        notes: list[str] = []
+        stopping = [c.point for c in self.catches if c.matches(name) and c.point is not None
+                    and c.point.says_stop(notes)]
+        if not stopping and not notes:
+            return False
+        self.reports.append(("points", (stopping, notes)))
+        self.reports.append(report)
+        self.stop_commands = "".join(p.commands() for p in stopping)
+        return True
 
     def _registers(self, spec: ProbeSpec, target: GdbTarget, hc: Hypercall) -> tuple[int, ...]:
         """What identifies a guest-side hit (a repeat report has the same); Xen-side hits are never repeats.
@@ -377,28 +527,136 @@ class Monitor:
             pass  # the target may be gone: the trace is closed either way
         return trace
 
+    # --- catches -------------------------------------------------------------------------------------
+
+    def add_catch(self, names: frozenset[str], side: str, temporary: bool = False) -> tuple[CatchPoint, str]:
+        """A new catch (catches add up; the side asked last applies to every name); returns it and the
+        one-line plan.  Nothing is left behind when the probes cannot be placed."""
+        catch = CatchPoint(names, side, temporary)
+        self.catches.append(catch)
+        try:
+            plan = self.replan()
+        except XendbgError:
+            self.catches.remove(catch)
+            self.replan()
+            raise
+        what = f"catch {catch.describe()} ({_plan_summary(self.probes, names)})"
+        catch.point = UserPoint(what, temporary, "Catchpoint")
+        return catch, plan
+
+    def delete_catches(self, names: frozenset[str] | None) -> list[CatchPoint]:
+        """End the catches (None: all), or stop catching `names` in them: a catch left with other names is
+        made anew with the same settings (its number changes, its description must); returns those left."""
+        narrowed: list[tuple[dict[str, object], CatchPoint]] = []
+        for catch in list(self.catches):
+            if names is None or (catch.names and catch.names <= names):
+                self._drop_catch(catch)
+            elif catch.names & names:
+                settings = catch.point.settings() if catch.point is not None else {}
+                self._drop_catch(catch)
+                narrowed.append((settings, CatchPoint(catch.names - names, catch.side, catch.temporary)))
+        self.catches += [catch for _, catch in narrowed]
+        self.replan()
+        for settings, new in narrowed:
+            new.point = UserPoint(f"catch {new.describe()} ({_plan_summary(self.probes, new.names)})", new.temporary,
+                                  "Catchpoint")
+            new.point.take_settings(settings)
+        return list(self.catches)
+
+    def _drop_catch(self, catch: CatchPoint) -> None:
+        self.catches.remove(catch)
+        if catch.point is not None:
+            catch.point.delete()  # forget() finds nothing left to do
+
+    def forget(self, breakpoint: gdb.Breakpoint) -> None:
+        """gdb is deleting `breakpoint` (gdb's delete, or a temporary one that stopped): if it is a
+        UserPoint, what it stands for ends.  Its probes go at the next stop or xen command."""
+        for catch in self.catches:
+            if catch.point is not None and catch.point.breakpoint is breakpoint:
+                self.catches.remove(catch)
+                self.replan_due = True
+                break
+        for watch in self.watches:
+            point = self.watch_points.get(id(watch))
+            if point is not None and point.breakpoint is breakpoint:
+                self.watches.remove(watch)
+                del self.watch_points[id(watch)]
+                self.replan_due = True
+                break
+        self.sync_enabled()
+
+    def sync_enabled(self) -> None:
+        """Switch probes off while nothing enabled needs them, and back on: this, unlike deleting them,
+        gdb allows inside its breakpoint events.  Following registrations needs them for any watch."""
+        needed = self.trace is not None or bool(self.watches) or any(
+            c.point is not None and c.point.enabled for c in self.catches)
+        for probe in self.probes:
+            if probe.is_valid() and probe.enabled != needed:
+                probe.enabled = needed
+        for address, entry in self.entry_breakpoints.items():
+            wanted = any((p := self.point_of(w)) is not None and p.enabled for w in self.watches_at(address))
+            if entry.is_valid() and entry.enabled != wanted:
+                entry.enabled = wanted
+
+    def tidy(self, replan: bool = True) -> list[str]:
+        """Where breakpoints may be deleted again (a stop, a xen command): drop the probes of UserPoints
+        gdb deleted, and put the `xen break` breakpoints where their entry points are now.  Not the
+        probes at a stop whose commands gdb is about to run: gdb then runs none of them."""
+        if self.replan_due and replan:
+            self.replan_due = False
+            try:
+                self.replan()
+            except XendbgError:
+                pass  # the target may be gone; the next catch or break says so
+        return self.move_entries() if self.watches or self.entry_breakpoints else []
+
     # --- entry points followed across registrations ------------------------------------------------
 
+    def _states_with_pending(self) -> list[GuestState]:
+        """Every vCPU's registered state as it will be when the registering calls under way complete and
+        Xen accepts them: where a `xen break` goes before its registration has come back."""
+        states = dict(context.SESSION.states)
+        under_way = [(key[0], c) for key, c in self.calls.pending.items()] + list(self.unapplied.items())
+        for cpu, call in under_way:
+            hc = call.call
+            if hc.name in observe.REGISTERING or (isinstance(hc.detail, MulticallBatch) and hc.detail.entries):
+                if states.get(cpu) is context.SESSION.states.get(cpu):
+                    states[cpu] = copy.deepcopy(states.get(cpu) or GuestState())
+                apply(states[cpu], get_abi(hc.generation, hc.width), hc)
+        return list(states.values())
+
     def _entries_moved(self) -> bool:
-        states = context.SESSION.states.values()
-        return any(w.current_address(states) != w.address for w in self.watches)
+        """Whether a `xen break` must be planted somewhere new now.  One whose entry point is no longer
+        registered (Xen refused the call it was planted for) is taken away at the next stop."""
+        if not self.watches:
+            return False
+        states = self._states_with_pending()
+        return any((a := w.current_address(states)) is not None and a != w.address for w in self.watches)
 
     def move_entries(self) -> list[str]:
         """Put the `xen break` breakpoints where their entry points now are (outside stop())."""
         notes = []
-        states = list(context.SESSION.states.values())
+        states = self._states_with_pending()
+        done = list(context.SESSION.states.values())
         for watch in self.watches:
             address = watch.current_address(states)
             if address != watch.address:
                 watch.address = address
+                number = self.watch_points[id(watch)].number if id(watch) in self.watch_points else 0
                 if address:
-                    notes.append(f"xendbg: breakpoint {self._entry_breakpoint(address).number} now on "
-                                 f"{watch.describe()} at {address:#x}")
+                    self._entry_breakpoint(address)
+                    pending = "" if watch.current_address(done) == address else \
+                        " (where the call under way registers it)"
+                    notes.append(f"xendbg: breakpoint {number} now on {watch.describe()} at {address:#x}{pending}")
+                else:
+                    notes.append(f"xendbg: breakpoint {number}: {watch.describe()} is not registered (Xen did "
+                                 f"not accept the call); it is set again when the guest registers it")
         for address in [a for a in self.entry_breakpoints if all(w.address != a for w in self.watches)]:
             breakpoint = self.entry_breakpoints.pop(address)
             if breakpoint.is_valid():
                 breakpoint.delete()
         self.moves_due = False
+        self.sync_enabled()
         return notes
 
     def _entry_breakpoint(self, address: int) -> _EntryBreakpoint:
@@ -410,11 +668,14 @@ class Monitor:
     def watches_at(self, address: int) -> list[EntryWatch]:
         return [w for w in self.watches if w.address == address]
 
+    def point_of(self, watch: EntryWatch) -> UserPoint | None:
+        return self.watch_points.get(id(watch))
+
     def add_watch(self, watch: EntryWatch) -> str:
         for existing in self.watches:
             if existing.same_as(watch):
-                where = f" (breakpoint {self.entry_breakpoints[existing.address].number})" if (
-                    existing.address in self.entry_breakpoints) else ""
+                point = self.point_of(existing)
+                where = f" (breakpoint {point.number})" if point is not None else ""
                 return f"xendbg already breaks on {watch.describe()}{where}"
         self.watches.append(watch)
         try:
@@ -423,22 +684,54 @@ class Monitor:
             self.watches.remove(watch)  # no phantom watch: the break is not set
             self.replan()
             raise
+        point = self.watch_points[id(watch)] = UserPoint(f"break on {watch.describe()}")
         self.move_entries()
         if watch.address:
-            return (f"Breakpoint {self.entry_breakpoints[watch.address].number} on {watch.describe()} at "
-                    f"{watch.address:#x}; it follows re-registrations")
-        return (f"xendbg has not seen the guest register {watch.describe()} yet: the breakpoint is set "
-                f"when it does (observing {self.plan})")
+            done = watch.current_address(context.SESSION.states.values()) == watch.address
+            where = "" if done else ", where the call under way registers it"
+            return (f"Breakpoint {point.number} on {watch.describe()} at {watch.address:#x}{where}; it follows "
+                    f"re-registrations")
+        return (f"Breakpoint {point.number} on {watch.describe()}: xendbg has not seen the guest register "
+                f"{watch.describe()} yet: the breakpoint is set when it does (observing {self.plan})")
 
     def remove_watches(self) -> int:
         count = len(self.watches)
-        self.watches.clear()
+        watches, self.watches = self.watches, []
+        for watch in watches:
+            point = self.watch_points.pop(id(watch), None)
+            if point is not None:
+                point.delete()
         for breakpoint in self.entry_breakpoints.values():
             if breakpoint.is_valid():
                 breakpoint.delete()
         self.entry_breakpoints.clear()
         self.replan()
         return count
+
+
+def _plan_summary(probes: Iterable[_Probe], names: frozenset[str]) -> str:
+    """Where the probes for these hypercalls (empty: all) are, in a few words, for `info breakpoints`:
+    'guest side, 7 stubs', 'Xen side, at do_multicall'."""
+    specs = [p.spec for p in probes]
+    kinds = {s.kind for s in specs}
+    parts = []
+    if "stub" in kinds:
+        def numbers(width: int) -> set[int]:
+            return {h.nr for abi in context.candidate_abis(width) for n in names
+                    if (h := abi.hypercall_named(n)) is not None}
+        stubs = sum(s.kind == "stub" and (not names or s.nr in numbers(s.width)) for s in specs)
+        parts.append(f"{stubs} stub{'s' if stubs != 1 else ''}")
+    if "instruction" in kinds:
+        count = sum(s.kind == "instruction" for s in specs)
+        parts.append(f"{count} hypercall instruction{'s' if count != 1 else ''}")
+    in_xen = [s for s in specs if s.kind in ("handler", "frame", "gate") and s.function]
+    handlers = {arch.handler_symbol(n, width) for n in names for width in (64, 32)}
+    functions = sorted({s.function or "" for s in in_xen if s.function in handlers}) or sorted(
+        {s.function or "" for s in in_xen if s.kind != "handler" or not names})
+    if functions:
+        parts.append("at " + ", ".join(functions))
+    side = "Xen side" if kinds & {"handler", "frame", "gate"} else "guest side"
+    return ", ".join([side, *parts])
 
 
 _INSTRUCTION_BYTES = {32: b"\xcd\x82", 64: b"\x0f\x05"}  # int $0x82, syscall
@@ -499,17 +792,41 @@ class EventLog:
 MONITOR = Monitor()
 
 
+def _on_breakpoint_deleted(breakpoint: gdb.Breakpoint) -> None:
+    MONITOR.forget(breakpoint)
+
+
+def _on_breakpoint_modified(breakpoint: gdb.Breakpoint) -> None:
+    if any(c.point is not None and c.point.breakpoint is breakpoint for c in MONITOR.catches) or any(
+            p.breakpoint is breakpoint for p in MONITOR.watch_points.values()):
+        MONITOR.sync_enabled()  # disable N / enable N
+
+
+gdb.events.breakpoint_deleted.connect(_on_breakpoint_deleted)
+gdb.events.breakpoint_modified.connect(_on_breakpoint_modified)
+
+
 def on_stop(event: object) -> None:
     """Print what the probes and entry breakpoints saved for the user, move entry breakpoints, and end
     a trace whose file failed."""
     reports, MONITOR.reports = MONITOR.reports, []
     kinds = {kind for kind, _ in reports}
-    notes = MONITOR.move_entries() if MONITOR.moves_due or "moved" in kinds else []
+    temporary: list[UserPoint] = []
+    with_commands = False
     try:
         for kind, payload in reports:
             if kind in ("catch", "error"):
                 MONITOR.events.add(kind, payload)
-            if kind == "uncertain":
+            if kind == "points":  # first, as gdb names the breakpoint that stopped before the rest
+                points, condition_errors = cast("tuple[list[UserPoint], list[str]]", payload)
+                for point in points:
+                    with_commands = with_commands or bool(point.commands())
+                    gdb.write(f"{point.label} {point.number} ({point.what})\n")
+                    if point.breakpoint.is_valid() and point.breakpoint.temporary:
+                        temporary.append(point)
+                for message in condition_errors:
+                    gdb.write(message + "\n")
+            elif kind == "uncertain":
                 cpu, name = cast("tuple[int, str]", payload)
                 gdb.write(f"xendbg: cpu {cpu} stopped at {name} again with the same registers and memory: gdb "
                           f"reporting the same stop twice, or Xen continuing the call without progress (xendbg "
@@ -533,6 +850,9 @@ def on_stop(event: object) -> None:
             trace = MONITOR.stop_trace()
             gdb.write(f"xendbg: trace stopped: {error}; {trace.calls if trace else 0} hypercalls in memory "
                       f"(xen trace show)\n")
+        for point in temporary:  # a one-shot catch (xen tcatch) ends at its first stop, as gdb's tcatch
+            point.delete()
+        notes = MONITOR.tidy(replan=not with_commands)
         for note in notes:
             gdb.write(note + "\n")
         if "moved" in kinds:
