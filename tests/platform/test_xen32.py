@@ -95,6 +95,11 @@ def test_event_and_traps(transcript: common.Transcript) -> None:
     assert field(t, "event", "count") == 1 and field(t, "event", "port") == field(t, "evtchn.bind_ipi", "port")
     assert field(t, "event", "frame_cs") == RING1_CS
     assert field(t, "event", "handler_cs") == RING1_CS
+    # Xen masks events during the delivery and puts !mask into the frame's EFLAGS.IF; the handler's iret
+    # hypercall restores the mask from it (compat_iret, pv/iret.c, RELEASE-4.17.0).
+    assert field(t, "event", "mask_inside") == 1
+    assert field(t, "event", "frame_eflags") & 0x200
+    assert field(t, "event", "mask_after") == 0
     # Traps through the trap table, the interrupted ring-1 CS in the frame as it was.
     assert field(t, "trap.int3", "cs") == RING1_CS and field(t, "trap.int3", "handler_cs") == RING1_CS
     assert field(t, "trap.page_fault", "cr2") == 0x80000000  # the address the guest read, from vcpu_info
@@ -114,6 +119,50 @@ def xen_notes(elf: str, tmp: Path) -> dict[int, bytes]:
         notes[kind] = data[name_end:name_end + descsz]
         off = name_end + (descsz + 3) // 4 * 4
     return notes
+
+
+def test_memory(transcript: common.Transcript) -> None:
+    t = transcript
+    # A dom0 without a HV_START_LOW note sees the compat M2P at __HYPERVISOR_COMPAT_VIRT_START
+    # (asm/config.h, RELEASE-4.17.0).
+    assert rc(t, "memory_op.machphys_mapping") == 0
+    assert field(t, "memory_op.machphys_mapping", "v_start") == 0xF5800000
+    # mmu_update wrote one PTE (present, RW, accessed, dirty) that aliases scratch_page onto alias_page;
+    # the guest then read alias_page's first word through it (read here from the ELF, by gdb).
+    assert rc(t, "mmu_update") == 0 and field(t, "mmu_update", "done") == 1
+    assert field(t, "mmu_update", "val") & 0xFFF == 0x063
+    guest = build("xen32")["guest"]
+    out = subprocess.run(["gdb", "-nx", "-batch", "-ex", "x/wx &alias_page", guest], capture_output=True,
+                         text=True, timeout=60).stdout
+    m = re.search(r":\s+(0x[0-9a-f]{8})$", out, re.M)
+    assert m, out
+    assert field(t, "mmu_update", "seen") == int(m.group(1), 16)
+
+
+def test_preempted_multicall(transcript: common.Transcript) -> None:
+    t = transcript
+    # Entry 1 sends an event to ourselves; do_multicall's preempt check before entry 2 makes a
+    # continuation (common/multicall.c, RELEASE-4.17.0): the event's frame points at the stub's int $0x82
+    # (hypercall page + 13 * 32 + 5), not past it, and the rest of the batch ran after it.
+    assert rc(t, "multicall#3") == 0
+    assert [rc(t, f"multicall#3.entry{i}") for i in range(4)] == [xen_version_word(), 0, xen_version_word(), 0]
+    assert field(t, "event.preempt", "count") == 1
+    assert field(t, "event.preempt", "frame_eip") == build("xen32")["hypercall_page"] + 13 * 32 + 5
+    text = t.lines.index(next(line for line in t.lines if "(console_io in the continued multicall)" in line))
+    assert t.lines.index(t.steps["event.preempt"].line) > text
+
+
+def test_second_vcpu(transcript: common.Transcript) -> None:
+    t = transcript
+    # Down, initialised from a compat vcpu_guest_context, up (in ring 1, with its own copy of the trap
+    # table: its int3 reached the handler), then down again (do_vcpu_op, common/domain.c).
+    assert rc(t, "vcpu_op.is_up") == 0
+    assert rc(t, "vcpu_op.initialise") == 0 and rc(t, "vcpu_op.up") == 0
+    assert rc(t, "vcpu1") == 0 and field(t, "vcpu1", "is_up") == 1
+    assert field(t, "vcpu1", "cs") == RING1_CS and field(t, "vcpu1", "ss") == RING1_CS + 8
+    assert field(t, "vcpu1", "int3") == 1
+    assert rc(t, "vcpu_op.is_up#2") == 1
+    assert rc(t, "vcpu_op.down") == 0 and rc(t, "vcpu_op.is_up#3") == 0
 
 
 def test_guest_elf_is_a_32bit_pae_kernel(tmp_path: Path) -> None:
