@@ -242,3 +242,8 @@ def test_debian_binary_is_why() -> None:
     art = build("xen64")
     lines = set(Path(art["xen_config"]).read_text().splitlines())
     assert "# CONFIG_PV32 is not set" in lines and "CONFIG_PV32=y" not in lines
+
+
+def test_a_missing_tool_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match=r"^no-such-tool-xendbg is not installed \(fixtures/apt-packages.txt"):
+        xensource._log_run(["no-such-tool-xendbg", "-x"], tmp_path / "log")
