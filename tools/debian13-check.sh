@@ -147,6 +147,9 @@ if inside "./setup.sh test" > >(tee "$test_out") 2>&1; then test=PASS; fi
 summary=$(grep -E '^[0-9]+ (passed|failed)|[0-9]+ passed' "$test_out" | tail -n1 || true)
 versions=$(inside "/usr/bin/python3 fixtures/run linux64 --artifacts" 2>/dev/null |
     /usr/bin/python3 -c 'import json, sys; a = json.load(sys.stdin); print("Xen", a.get("xen_version"), "Linux", a.get("linux_release"))' 2>/dev/null || true)
+xensrc=$(inside "/usr/bin/python3 fixtures/run xen32 --artifacts" 2>/dev/null |
+    /usr/bin/python3 -c 'import json, sys; print("Xen source", json.load(sys.stdin).get("xen_version"))' 2>/dev/null || true)
+if [ -n "$xensrc" ]; then versions="${versions:+$versions, }$xensrc"; fi
 gdbv=$(inside "gdb --version | head -n1" 2>/dev/null || true)
 
 echo "debian13-check: Debian $release: setup.sh demo --batch $demo, setup.sh test $test${summary:+ ($summary)}; ${versions:+$versions, }$gdbv"
