@@ -352,7 +352,25 @@ def test_iret_frame_at_the_32_bit_stub_entry_takes_eax_from_the_register():
     hc = decode_pending(InMemoryTarget(regs, [(0xC0001000, stub), (0x8000, b"\x55\x03\x10\x00" + rest)]), abi)
     fields = dict(hc.detail.fields)
     assert hc.detail.address == 0x8000
-    assert (fields["eax"], fields["eip"], fields["cs"], fields["ss"]) == (0x104010, 0xC0101000, 0xE019, 0xE021)
+    # Back to ring 1: compat_iret pops 16 bytes, the words above are not the frame's (no ESP/SS).
+    assert fields == {"eax": 0x104010, "eip": 0xC0101000, "cs": 0xE019, "eflags": 0x202}
+
+
+@pytest.mark.parametrize("cs,has_stack,finding", [(0xE019, False, None), (0xE02B, True, None),
+                                                   (0xE01B, True, None), (0xE018, False, "iret-ring-0")])
+def test_a_32_bit_iret_frame_has_esp_and_ss_only_on_a_ring_change(cs, has_stack, finding):
+    """compat_iret (pv/iret.c, RELEASE-4.17.0): ring 1 pops EAX, EIP, CS, EFLAGS; ring 2/3 also ESP, SS;
+    ring 0 crashes the domain."""
+    abi = get_abi("4.17", 32)
+    frame = b"".join(v.to_bytes(4, "little") for v in (7, 0xC0101000, cs, 0x202, 0xBFFF0000, 0xE02B))
+    regs = registers(32, 23, pc=0xC0001006) | {"esp": 0x8000}
+    stub = bytes.fromhex("50 b817000000 cd82").ljust(32, b"\xcc")
+    hc = decode_pending(InMemoryTarget(regs, [(0xC0001000, stub), (0x8000, frame)]), abi)
+    fields = dict(hc.detail.fields)
+    assert ("esp" in fields and "ss" in fields) is has_stack
+    if has_stack:
+        assert (fields["esp"], fields["ss"]) == (0xBFFF0000, 0xE02B)
+    assert [f.rule for f in hc.findings if f.rule.startswith("iret")] == ([finding] if finding else [])
 
 
 def test_batched_iret_at_the_multicall_stub_entry_sees_the_pushes_to_come():

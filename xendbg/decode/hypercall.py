@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from xendbg import arch
 from xendbg.abi import DOMIDS, TRAP_FLAG_DPL_MASK, TRAP_FLAG_IF, Abi, result_name
+from xendbg.abi.generations import at_least
 from xendbg.abi.hypercalls import ArgSpec
 from xendbg.abi.layouts import MULTICALL_2_0_RESULT_ARG, Fields, Layout, unpack
 from xendbg.decode import rules
@@ -558,7 +559,9 @@ def _mmuext_op(ctx: _Ctx, args: list[Arg]) -> Detail:
 
 def _iret(ctx: _Ctx, args: list[Arg]) -> Detail:
     """HYPERVISOR_iret: the frame is on the guest stack (rax r11 rcx flags rip cs rflags rsp ss on
-    64-bit; eax eip cs eflags [esp ss] on 32-bit, xen/include/public/arch-x86/xen-x86_*.h)."""
+    64-bit; eax eip cs eflags [esp ss] on 32-bit, xen/include/public/arch-x86/xen-x86_*.h).  A 32-bit
+    frame has ESP and SS only when it returns to ring 2 or 3 (compat_iret, pv/iret.c at RELEASE-4.17.0:
+    a ring-1 return just pops 16 bytes), so xendbg reads them only then."""
     abi = ctx.abi
     names = (("eax", "eip", "cs", "eflags", "esp", "ss") if abi.width == 32 else
              ("rax", "r11", "rcx", "flags", "rip", "cs", "rflags", "rsp", "ss"))
@@ -578,16 +581,25 @@ def _iret(ctx: _Ctx, args: list[Arg]) -> Detail:
     try:
         sp = stack.sp if stack is not None and stack.sp is not None else ctx.target.read_register(
             "esp" if abi.width == 32 else "rsp")
-        rest = len(names) - len(pushed)
-        data = ctx.read(sp + word * len(pushed), word * rest) if rest else b""
+        values = [int(v) for v in pushed if v is not None]
+        values += _stack_words(ctx, sp + word * len(values), (4 if abi.width == 32 else len(names)) - len(values))
+        if abi.width == 32 and values[2] & 2:  # back to ring 2 or 3: ESP and SS follow
+            values += _stack_words(ctx, sp + 4 * word, 2)
     except UnreadableMemory as exc:
         ctx.add(rules.unreadable("iret frame", exc.address))
         return None
     except UnknownRegister:  # no stack pointer (an offline decode without it)
         return None
-    values = [int(v) for v in pushed if v is not None]
-    values += [int.from_bytes(data[i * word:(i + 1) * word], "little") for i in range(rest)]
+    if abi.width == 32 and values[2] & 3 == 0 and at_least(abi.generation, "4.17"):
+        ctx.add(Finding("iret-ring-0", "error", f"the frame returns to ring 0 (cs {values[2]:#06x}): Xen "
+                        f"{abi.generation} crashes the domain (compat_iret)"))
     return StructFields("iret_context", sp, tuple(zip(names, values, strict=False)))
+
+
+def _stack_words(ctx: _Ctx, address: int, count: int) -> list[int]:
+    word = ctx.abi.width // 8
+    data = ctx.read(address, word * count) if count > 0 else b""
+    return [int.from_bytes(data[i * word:(i + 1) * word], "little") for i in range(max(count, 0))]
 
 
 _DETAILS: dict[str, Callable[[_Ctx, list[Arg]], Detail]] = {

@@ -1,0 +1,164 @@
+"""xendbg's gdb commands on xen32 (our 32-bit PAE PV kernel in ring 1 on the Xen built from Debian's
+source, through QEMU's 64-bit gdbstub), each against an independent reading in the same session: the
+C arguments of Xen's compat handlers read raw from the registers, the guest memory they point to read
+with `x/`, gdb's own CS, and the guest's transcript (which says what Xen returned and with which CS it
+entered the guest's handlers)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import XENDBG_SCRIPT as SCRIPT
+from conftest import json_blocks
+
+pytestmark = pytest.mark.platform
+
+RING1_CS = 0xE019  # FLAT_RING1_CS (public arch-x86/xen-x86_32.h, RELEASE-4.17.0)
+
+
+def values(out: str) -> list[int]:
+    """gdb's `p/x` answers, in order."""
+    return [int(v, 16) for v in re.findall(r"^\$\d+ = (0x[0-9a-f]+)$", out, re.M)]
+
+
+def words(out: str, marker: str) -> list[int]:
+    """The 32-bit words of the `x/Nwx` dump that follows `marker` in the output."""
+    part = out.split(marker, 1)[1]
+    found = []
+    for line in part.splitlines()[1:]:
+        if not re.match(r"^0x[0-9a-f]+( <[^>]*>)?:\s", line):
+            if found:
+                break
+            continue
+        found += [int(w, 16) for w in line.split(":", 1)[1].split()]
+    return found
+
+
+def test_every_command_on_a_32_bit_ring_1_guest(boot_gdb) -> None:
+    booted = boot_gdb("xen32", timeout=120, extra=("--hold",))
+    out = booted.gdb_batch(
+        f"source {SCRIPT}", "set xen color off",
+        "xen catch hypercall set_callbacks", "continue",
+        "p/x $rdi", "p/x $rsi", "p/x $rdx", "p/x $rcx", "xen hypercall --json", "xen catch delete",
+        "xen catch hypercall set_trap_table", "continue", "echo TRAPS\\n", "x/12wx $rdi", "xen traps --json",
+        "xen catch delete", "xen catch hypercall multicall", "continue", "p/x $rsi", "echo BATCH\\n",
+        "x/32wx $rdi", "xen multicall --json", "xen callbacks --registered --json", "xen traps --registered --json",
+        "xen check --json", "p/x $cs", "xen vcpus --json", "xen catch delete",
+        "xen catch hypercall --guest console_io", "continue", "p/x $eax", "p/x $ebx", "p/x $ecx", "p/x $edx",
+        "p/x $cs", "xen hypercall --json", "xen catch delete", "detach", timeout=110)
+    assert "Traceback" not in out and "no thread selected" not in out, out[-3000:]
+    run = booted.finish()
+    transcript = run.stdout
+    raw = values(out)
+    (callbacks_call, traps, batch, registered_callbacks, registered_traps, check, vcpus, console) = json_blocks(out)
+
+    # set_callbacks(event_cs, event_eip, failsafe_cs, failsafe_eip): 4 arguments on a 32-bit guest, at
+    # compat_set_callbacks in the C argument registers.
+    event_cs, event_eip, failsafe_cs, failsafe_eip = raw[0:4]
+    assert [a["value"] for a in callbacks_call["args"]] == [event_cs, event_eip, failsafe_cs, failsafe_eip]
+    pairs = {c["kind"]: (c["selector"], c["address"]) for c in callbacks_call["detail"]["callbacks"]}
+    said = re.search(r"\[guest\] set_callbacks: rc=0 \(OK\) event=(0x\w+):(0x\w+) failsafe=(0x\w+):(0x\w+)", transcript)
+    assert said, transcript[-2000:]
+    assert pairs == {"event": (int(said[1], 16), int(said[2], 16)), "failsafe": (int(said[3], 16), int(said[4], 16))}
+    assert pairs["event"] == (event_cs, event_eip) and event_cs == RING1_CS
+
+    # The trap table, read raw at compat_set_trap_table: vector, flags, cs (16 bits), then the address.
+    table = words(out, "TRAPS")
+    rows = [(table[i] & 0xFF, table[i] >> 8 & 0xFF, table[i] >> 16, table[i + 1]) for i in range(0, len(table), 2)]
+    rows = rows[:next(i for i, r in enumerate(rows) if r[3] == 0)]
+    assert [(e["vector"], e["flags"], e["cs"], e["address"]) for e in traps["entries"]] == rows
+    assert traps["terminated"]
+    rpl0 = [r for r in rows if r[2] & 3 == 0]
+    assert rpl0, "the scenario hands Xen one RPL-0 selector"
+    # Xen 4.17 raises RPL 0 to 1 without a word: info, never error (fixup_guest_code_selector).
+    assert {(f["rule"], f["severity"]) for f in traps["findings"]} == {("selector-rpl", "info")}
+
+    # The first multicall, read raw at compat_multicall: compat multicall_entry is 8 words (op, result,
+    # args[6]).
+    count = raw[4]
+    entries = words(out, "BATCH")
+    assert count == len(batch["entries"]) == 4
+    for index, entry in enumerate(batch["entries"]):
+        op, *args = entries[8 * index], *entries[8 * index + 2:8 * index + 8]
+        assert entry["op"] == op
+        assert [a["value"] for a in entry["args"]] == args[:len(entry["args"])]
+
+    # What Xen holds after those calls: the handlers' CS is the one Xen entered them with (the guest's
+    # own reading), also for the RPL-0 entry, whose passed selector stays beside it.
+    handler_cs = {int(v, 16) for v in re.findall(r"\[guest\] trap\.\S+: .*handler_cs=(0x[0-9a-f]+)", transcript)}
+    assert handler_cs == {RING1_CS}
+    held = {e["vector"]: (e["cs"], e.get("passed_cs")) for e in registered_traps["entries"]}
+    for vector, _, cs, _ in rows:
+        assert held[vector] == (RING1_CS, cs if cs != RING1_CS else None)
+    kinds = {c["kind"]: (c["selector"], c["address"]) for c in registered_callbacks["callbacks"]["callbacks"]}
+    assert kinds == pairs
+    assert not [f for f in check["findings"] if f["severity"] == "error"]
+
+    # At compat_multicall the vCPU is in Xen, as gdb's own CS says (Xen's ring-0 selector).
+    xen_cs = raw[5]
+    assert xen_cs & 3 == 0
+    row = next(v for v in vcpus["vcpus"] if v["vcpu"] == 0)
+    assert row["mode"] == "in Xen (ring 0)" and row["width"] is None and row["pending"] == "multicall"
+
+    # Guest side: at the compat hypercall page's int $0x82, with the arguments in EBX, ECX, EDX.
+    eax, ebx, ecx, edx, cs = raw[6:11]
+    assert cs == RING1_CS and console["width"] == 32 and console["nr"] == eax == 18
+    assert [a["value"] for a in console["args"][:3]] == [ebx, ecx, edx]
+    assert console["detail"]["text"] and len(console["detail"]["text"]) <= ecx
+
+
+IRET, MULTICALL, CONSOLE_IO = 23, 13, 18
+# do_entry_int82(struct cpu_user_regs *regs): Xen's 64-bit frame, a compat guest's registers in the low
+# halves (public arch-x86/xen-x86_64.h, RELEASE-4.17.0): rax 80, rbx 40, rcx 88, rdx 96, rip 128, rsp 152.
+RAW_RECORDER = """
+import gdb, json, struct
+class RawEntries(gdb.Breakpoint):
+    def __init__(self):
+        super().__init__("*do_entry_int82", type=gdb.BP_HARDWARE_BREAKPOINT)
+        self.seen = []
+    def stop(self):
+        inferior = gdb.selected_inferior()
+        regs = bytes(inferior.read_memory(int(gdb.parse_and_eval("$rdi")) & (1 << 64) - 1, 200))
+        entry = [struct.unpack_from("<Q", regs, at)[0] & 0xFFFFFFFF for at in (80, 40, 88, 96, 128, 152)]
+        entry.append(struct.unpack_from("<I", bytes(inferior.read_memory(entry[-1], 4)))[0])
+        self.seen.append(entry)
+        return False
+RAW = RawEntries()
+"""
+
+
+def test_irets_and_continuations_on_a_32_bit_guest(boot_gdb, tmp_path) -> None:
+    """Every int $0x82 into Xen (gdb's own breakpoint at do_entry_int82, reading the compat frame) is one
+    call or continuation in xendbg's trace, and an iret at its stub's entry (`push %eax; mov $23,%eax;
+    int $0x82`) takes the frame's EAX from the register the stub pushes."""
+    log, recorder = tmp_path / "trace.jsonl", tmp_path / "raw.py"
+    recorder.write_text(RAW_RECORDER)
+    booted = boot_gdb("xen32", timeout=120, extra=("--hold",))
+    stub = booted.artifacts["hypercall_page"] + IRET * 32
+    out = booted.gdb_batch(
+        f"source {SCRIPT}", "set xen color off", f"xen trace start --file {log}", f"source {recorder}",
+        f"thbreak *{stub:#x}", "continue", "p/x $eax", "echo FRAME\\n", "x/5wx $rsp", "xen hypercall --json",
+        "hbreak domain_shutdown", "continue", "python print('RAWCALLS', json.dumps(RAW.seen))",
+        "xen stats --json", "xen trace stop", "delete", "detach", timeout=110)
+    assert "Traceback" not in out and "RAWCALLS" in out, out[-3000:]
+    iret = next(b for b in json_blocks(out) if b.get("name") == "iret")
+    frame = iret["detail"]["fields"]
+    assert frame["eax"] == values(out)[0]
+    stack = words(out, "FRAME")
+    assert [frame["eip"], frame["cs"], frame["eflags"]] == stack[:3]
+    # Back to ring 1 (the scenario's irets return to the kernel): the frame ends there, no ESP/SS.
+    assert stack[1] & 3 == 1 and "esp" not in frame and "ss" not in frame
+
+    seen = json.loads(re.search(r"^RAWCALLS (.*)$", out, re.M).group(1))
+    raw = [e for i, e in enumerate(seen) if i == 0 or e != seen[i - 1]]  # less gdb's duplicate reports
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    calls = [r for r in calls if r["event"] == "call"]
+    stats = {row["name"]: row for row in next(b for b in json_blocks(out) if "hypercalls" in b)["hypercalls"]}
+    for nr, name in ((MULTICALL, "multicall"), (IRET, "iret"), (CONSOLE_IO, "console_io")):
+        entries = [e for e in raw if e[0] == nr]
+        traced = [r for r in calls if r["nr"] == nr]
+        assert len(traced) == len(entries) == stats[name]["calls"], (name, len(traced), len(entries))
+    # The scenario's multicall#3 is preempted by a pending event and continued: one entry more than calls.
+    assert len([r for r in calls if r["nr"] == MULTICALL and r.get("continues") is not None]) >= 1
