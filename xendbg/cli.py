@@ -19,16 +19,17 @@ import argparse
 import errno
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import pairwise
 from pathlib import Path
+from typing import BinaryIO
 
 from xendbg.abi import GENERATIONS, NEWEST, Abi, get_abi, guest_widths, resolve_generation
 from xendbg.arch import cpu_mode
 from xendbg.decode import decode_multicall, decode_pending, decode_trap_table
 from xendbg.decode.rules import MAX_MULTICALL_ENTRIES
 from xendbg.errors import DecodeError, UsageError, XendbgError
-from xendbg.files import read_limited
+from xendbg.files import open_stream, read_limited
 from xendbg.render import json as render_json
 from xendbg.render import text as render_text
 from xendbg.session import AbiChoice
@@ -283,24 +284,19 @@ def _core(args: argparse.Namespace) -> int:
 def _trace(args: argparse.Namespace) -> int:
     from xendbg.dump.tracefile import read_trace, select, stats
     from xendbg.trace import show_lines
+    from xendbg.xentrace.xtfile import CPU_CHANGE_HEADER
 
-    records_of_xentrace = _xentrace_records(args)
-    if records_of_xentrace is not None:
-        records = (select(records_of_xentrace, args.names, args.errors) if args.names or args.errors
-                   else records_of_xentrace)
-        if args.stats:
-            rows = stats(records).rows()
-            _emit(args, {"schema": render_json.SCHEMA_VERSION, "hypercalls": rows}, render_text.stats_table(rows))
-        elif args.json:
-            print(render_json.dumps(records))
-        else:
-            lines = show_lines(records)
-            print("\n".join(lines) if lines else "(no hypercalls in the trace match)")
-        return 0
-    if args.xentrace_out:
-        raise UsageError(f"--xentrace-out takes a xentrace file; {args.file} is a JSONL trace, which holds no "
-                         f"raw records (trace with xen trace start --buffers --xentrace-out)")
-    trace = read_trace(args.file)
+    try:  # opened once: a pipe or FIFO (xentrace writing into it) can be read only once
+        head, stream = open_stream(args.file, 4)
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    with stream:
+        if len(head) == 4 and int.from_bytes(head, "little") == CPU_CHANGE_HEADER:
+            return _trace_xentrace(args, stream)
+        if args.xentrace_out:
+            raise UsageError(f"--xentrace-out takes a xentrace file; {args.file} is a JSONL trace, which holds no "
+                             f"raw records (trace with xen trace start --buffers --xentrace-out)")
+        trace = read_trace(args.file, stream)
     for warning in trace.warnings():
         print(f"xendbg: warning: {warning}", file=sys.stderr)
     records = select(trace.records, args.names, args.errors)
@@ -316,31 +312,63 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def _xentrace_records(args: argparse.Namespace) -> list[dict] | None:
-    """The trace records of a xentrace file (None when the file is not one), decoded as the live
-    buffer trace decodes them; with --xentrace-out its raw records are written again."""
+def _trace_xentrace(args: argparse.Namespace, stream: BinaryIO) -> int:
+    """A xentrace file (or the pipe xentrace writes into), read as a stream in bounded memory, decoded
+    as the live buffer trace decodes it; with --xentrace-out its raw records are written again."""
     from collections import deque
 
-    from xendbg.trace import Stats, TraceLog
-    from xendbg.xentrace.merge import BufferFeed
-    from xendbg.xentrace.xtfile import CPU_CHANGE_HEADER, XentraceWriter, read_file
+    from xendbg.dump.tracefile import select_stream, stats
+    from xendbg.trace import Stats, TraceLog, iter_lines
+    from xendbg.xentrace.merge import BufferFeed, StreamMerge
+    from xendbg.xentrace.xtfile import XentraceWriter, read_windows
 
-    try:
-        with open(args.file, "rb") as file:
-            head = file.read(4)
-    except OSError as exc:
-        raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
-    if len(head) < 4 or int.from_bytes(head, "little") != CPU_CHANGE_HEADER:
-        return None
-    per_cpu = read_file(args.file)
-    if args.xentrace_out:
-        out = XentraceWriter(args.xentrace_out)
-        out.write(per_cpu)
-        out.close()
+    out = XentraceWriter(args.xentrace_out) if args.xentrace_out else None
+
+    def windows() -> Iterator[tuple[int, list]]:
+        for cpu, records in read_windows(stream, args.file):
+            if out is not None:
+                out.write({cpu: records})
+            yield cpu, records
+
     log = TraceLog(None, ())
-    log.recent = deque()  # a file is read whole: keep every record
-    BufferFeed(log, Stats(), lambda: _xentrace_abi(args.xen)).feed(per_cpu)
-    return [r for r in log.recent if r["event"] not in ("start", "stop")]
+    log.recent = deque()  # taken as it fills, below
+    log.recent.clear()  # the log's own start record
+    merged = StreamMerge(windows())
+    feed = BufferFeed(log, Stats(), lambda: _xentrace_abi(args.xen))
+
+    def logged() -> Iterator[dict]:
+        for _ in feed.feed_stream(merged):
+            while log.recent:
+                yield log.recent.popleft()
+
+    records = select_stream(logged(), args.names, args.errors) if args.names or args.errors else logged()
+    if args.stats:
+        rows = stats(records).rows()
+        _emit(args, {"schema": render_json.SCHEMA_VERSION, "hypercalls": rows}, render_text.stats_table(rows))
+    elif args.json:
+        _write_json_array(records)
+    else:
+        shown = 0
+        for line in iter_lines(records):
+            sys.stdout.write(line + "\n")
+            shown += 1
+        if not shown:
+            print("(no hypercalls in the trace match)")
+    if out is not None:
+        out.close()
+    warning = merged.warning(args.file)
+    if warning:
+        print(f"xendbg: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _write_json_array(items: Iterable[object]) -> None:
+    """What print(render_json.dumps(list(items))) prints, one item at a time."""
+    first = True
+    for item in items:
+        sys.stdout.write(("[\n  " if first else ",\n  ") + render_json.dumps(item).replace("\n", "\n  "))
+        first = False
+    sys.stdout.write("[]\n" if first else "\n]\n")
 
 
 def _xentrace_abi(version: str | None) -> tuple[Abi, AbiChoice]:

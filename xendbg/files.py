@@ -10,9 +10,11 @@ Two kinds of input:
 
 from __future__ import annotations
 
+import io
 import mmap
 import os
 import stat
+from typing import Any
 
 from xendbg.errors import DecodeError
 
@@ -65,3 +67,43 @@ def limit_text(size: int) -> str:
         if size >= 1 << shift and size % (1 << shift) == 0:
             return f"{size >> shift} {unit}"
     return f"{size} bytes"
+
+
+class _Prefixed(io.RawIOBase):
+    """A stream whose first bytes were already read (to tell its format), given back in front."""
+
+    def __init__(self, head: bytes, raw: io.RawIOBase | io.FileIO) -> None:
+        self.head, self.raw = head, raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.head:
+            n = min(len(buffer), len(self.head))
+            buffer[:n] = self.head[:n]
+            self.head = self.head[n:]
+            return n
+        return self.raw.readinto(buffer)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def open_stream(path: str, sniff: int) -> tuple[bytes, io.BufferedReader]:
+    """`path` opened once for reading as a stream (a pipe or FIFO too: open() waits for its writer),
+    with its first `sniff` bytes (fewer when it is shorter) to tell its format; the stream still
+    starts at byte 0.  OSError as raised."""
+    raw = open(path, "rb", buffering=0)  # noqa: SIM115 - the caller closes the stream
+    try:
+        head = b""
+        while len(head) < sniff:
+            more = raw.read(sniff - len(head))
+            if not more:
+                break
+            head += more
+    except BaseException:
+        raw.close()
+        raise
+    return head, io.BufferedReader(_Prefixed(head, raw), buffer_size=1 << 20)

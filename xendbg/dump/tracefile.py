@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from xendbg.errors import DecodeError
 from xendbg.files import limit_text
@@ -96,10 +96,10 @@ def record_problem(record: object) -> str | None:
     return None
 
 
-def _lines(path: str) -> Iterator[tuple[int, str, bool]]:
+def _lines(path: str, stream: IO[bytes] | None) -> Iterator[tuple[int, str, bool]]:
     """(number, text, whether it is the last line) of each line; a line over MAX_LINE is an error."""
     try:
-        with open(path, "rb") as file:
+        with stream if stream is not None else open(path, "rb") as file:
             number, line = 0, file.readline(MAX_LINE + 1)
             while line:
                 number += 1
@@ -113,13 +113,14 @@ def _lines(path: str) -> Iterator[tuple[int, str, bool]]:
         raise DecodeError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
-def read_trace(path: str) -> TraceFile:
+def read_trace(path: str, stream: IO[bytes] | None = None) -> TraceFile:
     """Every record of a JSONL trace.  A cut-off last line is dropped with a warning; a record that is
     JSON but not what xendbg writes is skipped with a warning naming its line; any other bad line, or
-    a file with no record at all, is an error naming its line."""
+    a file with no record at all, is an error naming its line.  `stream`: `path` already opened (a
+    pipe can be opened only once)."""
     trace = TraceFile(path)
     seen = 0  # lines with text
-    for number, line, last in _lines(path):
+    for number, line, last in _lines(path, stream):
         if not line.strip():
             continue
         seen += 1
@@ -166,6 +167,29 @@ def select(records: Iterable[dict[str, Any]], names: Iterable[str] = (), errors:
         return r.get("seq") in kept
 
     return [r for r in records if keep(r)]
+
+
+def select_stream(records: Iterable[dict[str, Any]], names: Iterable[str] = (),
+                  errors: bool = False) -> Iterator[dict[str, Any]]:
+    """select() over records that come in order from Xen's trace buffers (a xentrace file of any
+    length), keeping one call per CPU in mind: such a trace has no results (Xen's buffers record
+    none), so --errors keeps nothing, and a `preempted` record is of its CPU's last call."""
+    if errors:
+        return
+    wanted = {n.lower() for n in names}
+    kept: dict[Any, Any] = {}  # CPU -> seq of its last call, when that call is kept
+    for r in records:
+        event = r.get("event")
+        if event == "call":
+            named = not wanted or str(r.get("name", "")).lower() in wanted or str(r.get("nr")) in wanted
+            kept[r.get("cpu")] = r.get("seq") if named else None
+            if named:
+                yield r
+        elif event in ("return", "preempted"):
+            if r.get("seq") is not None and kept.get(r.get("cpu")) == r.get("seq"):
+                yield r
+        elif event == "error" and not wanted:
+            yield r
 
 
 def stats(records: Iterable[dict[str, Any]]) -> Stats:
