@@ -20,8 +20,10 @@ line naming the file and what is wrong.
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 
@@ -119,6 +121,7 @@ _EM_386, _EM_X86_64 = 3, 62
 _PT_LOAD, _PT_NOTE, _PF_X = 1, 4, 1
 _SHT_SYMTAB, _SHT_NOTE, _SHT_DYNSYM = 2, 7, 11
 _SHN_UNDEF, _SHN_XINDEX = 0, 0xFFFF
+_MAX_SECTION_NAME = 256
 _PN_XNUM = 0xFFFF  # more program headers than e_phnum holds: the count is in section 0's sh_info (gABI)
 _STT_FUNC, _STT_SECTION, _STT_FILE = 2, 3, 4
 
@@ -246,11 +249,13 @@ class _Elf:
                 raise self.error(f"section-name table index {self.shstrndx} is out of range")
             names = self.sections[self.shstrndx]
             table = self.read(names.offset, names.size, "section-name table")
+            ends = [m.start() for m in re.finditer(b"\0", table)] + [len(table)]
             by_name: dict[bytes, _Section] = {}
             for section in self.sections:
                 if section.name < len(table):
-                    end = table.find(b"\0", section.name)
-                    by_name.setdefault(table[section.name:end if end >= 0 else len(table)], section)
+                    end = ends[bisect.bisect_left(ends, section.name)]
+                    if end - section.name <= _MAX_SECTION_NAME:  # longer is no name xendbg looks for
+                        by_name.setdefault(table[section.name:end], section)
             self._by_name = by_name
         return self._by_name.get(name)
 
@@ -526,7 +531,6 @@ def _scanned_sites(elf: _Elf, known: set[int], page: int | None) -> list[InlineS
     """Hypercall instructions anywhere in the file's functions (a guest may issue a call inline, outside
     its hypercall page and known stubs).  Byte matches are confirmed by disassembling the function
     that holds them from its start, so a match inside another instruction is not taken."""
-    import bisect
 
     from xendbg.arch import find_hypercall_site, hypercall_instructions
 
