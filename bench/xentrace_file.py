@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import struct
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +48,7 @@ def _window_records(cpu: int) -> list[tuple[int, tuple[int, ...]]]:
         if n % 50 == 0:  # an mmu_update Xen preempts and continues
             out.append(_call(1, (0x80000000 | 3,)))
         if n % 7 == 0:
-            out.append((ev.CPU_CHANGE & ~0xFFF | 0x00201001, (cpu, 0)))  # a PV-class record
+            out.append((ev.TRC_PV_ENTRY + 3, (0x1000 + n, 0, 14 << 16)))  # a PV trap record
     return out
 
 
@@ -72,21 +69,6 @@ def generate(path: Path, size: int, cpus: int) -> int:
                 file.write(chunk)
                 written += len(chunk)
     return written
-
-
-def timed(argv: list[str]) -> tuple[float, int]:
-    """Seconds and peak RSS (KiB) of one child process, its output to /dev/null."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    start = time.perf_counter()
-    with open(os.devnull, "wb") as null:
-        proc = subprocess.Popen(argv, stdout=null, stderr=subprocess.PIPE)
-        _, err = proc.communicate()
-        _, status, usage = os.wait4(proc.pid, 0) if proc.returncode is None else (0, 0, None)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed: {err.decode(errors='replace')[-500:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return elapsed, peak if peak > before else before
 
 
 def measure(argv: list[str]) -> tuple[float, int]:
