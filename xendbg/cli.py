@@ -362,13 +362,28 @@ def _trace_xentrace(args: argparse.Namespace, stream: BinaryIO) -> int:
     return 0
 
 
-def _write_json_array(items: Iterable[object]) -> None:
-    """What print(render_json.dumps(list(items))) prints, one item at a time."""
+def _write_json_array(items: Iterable[dict]) -> None:
+    """What print(render_json.dumps(list(items))) prints, one item at a time.  A trace repeats a few
+    calls: the `hypercall` object records share (xentrace/merge.py) is formatted once."""
+    formatted: dict[int, tuple[object, str]] = {}  # id -> (the object, kept alive; its text)
     first = True
     for item in items:
-        sys.stdout.write(("[\n  " if first else ",\n  ") + render_json.dumps(item).replace("\n", "\n  "))
+        shared = item.get("hypercall")
+        if isinstance(shared, dict):
+            if id(shared) not in formatted:
+                if len(formatted) > 4096:
+                    formatted.clear()
+                formatted[id(shared)] = (shared, render_json.dumps(shared).replace("\n", "\n  "))
+            text = render_json.dumps({**item, "hypercall": _PLACE}).replace(_PLACE_JSON, formatted[id(shared)][1])
+        else:
+            text = render_json.dumps(item)
+        sys.stdout.write(("[\n  " if first else ",\n  ") + text.replace("\n", "\n  "))
         first = False
     sys.stdout.write("[]\n" if first else "\n]\n")
+
+
+_PLACE = "\0hypercall\0"  # no text xendbg writes holds a NUL
+_PLACE_JSON = '"\\u0000hypercall\\u0000"'
 
 
 def _xentrace_abi(version: str | None) -> tuple[Abi, AbiChoice]:
