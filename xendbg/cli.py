@@ -16,17 +16,20 @@ Errors are one line on stderr and a non-zero exit: 2 for a usage error, 1 for an
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import pairwise
 from pathlib import Path
+from typing import BinaryIO
 
 from xendbg.abi import GENERATIONS, NEWEST, Abi, get_abi, guest_widths, resolve_generation
 from xendbg.arch import cpu_mode
 from xendbg.decode import decode_multicall, decode_pending, decode_trap_table
 from xendbg.decode.rules import MAX_MULTICALL_ENTRIES
-from xendbg.errors import UsageError, XendbgError
+from xendbg.errors import DecodeError, UsageError, XendbgError
+from xendbg.files import open_stream, read_limited
 from xendbg.render import json as render_json
 from xendbg.render import text as render_text
 from xendbg.session import AbiChoice
@@ -34,6 +37,11 @@ from xendbg.target import InMemoryTarget
 
 # Piped output is for scripts and files: rich must not fold it at 80 columns.
 _PIPE_WIDTH = 10_000
+# What xendbg reads from a stream: an @FILE of arguments, and guest memory for --mem ADDR@FILE.
+_MAX_ARGS_FILE = 1 << 20
+_MAX_MEM_FILE = 64 << 20
+_MAX_VERSION_TEXT = 16  # "4.17.0-rc3" fits; Python's int() refuses 4,300 digits with an error of its own
+_SHOWN = 40  # characters of a bad value echoed in an error
 # nr_calls was a 32-bit count up to Xen 4.17 (an unsigned long in 4.22's do_multicall): a larger
 # count is no real batch.
 _MAX_COUNT = 0xFFFFFFFF
@@ -62,18 +70,61 @@ class _Parser(argparse.ArgumentParser):
         line = arg_line.strip()
         return [] if not line or line.startswith("#") else [line]
 
+    def _value_options(self) -> set[str]:
+        """The options of this parser and its subcommands that take a value (--mem, --reg, ...)."""
+        found: set[str] = set()
+        for action in self._actions:
+            if action.option_strings and action.nargs != 0:
+                found.update(action.option_strings)
+            for sub in (action.choices or {}).values() if isinstance(action.choices, dict) else ():
+                if isinstance(sub, _Parser):
+                    found |= sub._value_options()
+        return found
+
+    def _read_args_from_files(self, arg_strings: list[str]) -> list[str]:
+        # argparse's own reader (a private hook, the same in Python 3.11-3.13) decodes with the locale's
+        # encoding, raises on bytes that are not text, and takes the value of an option (`--mem @F`) for
+        # an arguments file too.
+        values = self._value_options()
+        out: list[str] = []
+        for i, arg in enumerate(arg_strings):
+            if not arg.startswith("@") or (i and arg_strings[i - 1] in values):
+                out.append(arg)
+                continue
+            try:
+                data = read_limited(arg[1:], _MAX_ARGS_FILE, "an arguments file")
+            except OSError as exc:
+                raise UsageError(f"cannot read the arguments file {_shown(arg[1:])}: {exc.strerror or exc}") from None
+            except DecodeError as exc:
+                raise UsageError(str(exc)) from None
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"{_shown(arg[1:])}: an arguments file must be UTF-8 text; byte {exc.start} is "
+                                 f"{data[exc.start]:#04x}") from None
+            lines = [a for line in text.splitlines() for a in self.convert_arg_line_to_args(line)]
+            out += self._read_args_from_files(lines)
+        return out
+
+
+def _shown(text: str) -> str:
+    """`text` as an error echoes it: cut to its first characters, saying how long it was."""
+    return text if len(text) <= _SHOWN else f"{text[:_SHOWN]}...({len(text)} characters)"
+
 
 def _number(text: str) -> int:
+    if len(text) > 100:  # also Python's int() refuses 4,300 decimal digits
+        raise UsageError(f"not a number xendbg takes: {_shown(text)!r} is wider than any address or register")
     try:
         return int(text, 0)
     except ValueError:
-        raise UsageError(f"not a number: {text!r} (use decimal or 0x-prefixed hex)") from None
+        raise UsageError(f"not a number: {_shown(text)!r} (use decimal or 0x-prefixed hex)") from None
 
 
 def _register(text: str) -> tuple[str, int]:
     name, sep, value = text.partition("=")
     if not sep or not name.strip():
-        raise UsageError(f"--reg wants NAME=VALUE, got {text!r}")
+        raise UsageError(f"--reg wants NAME=VALUE, got {_shown(text)!r}")
     return name.strip().lower(), _number(value.strip())
 
 
@@ -81,25 +132,29 @@ def _memory(text: str, base_dir: Path) -> tuple[int, bytes]:
     """ADDR:HEXBYTES or ADDR@FILE (a relative FILE is taken from the current directory)."""
     if "@" in text:
         address, _, filename = text.partition("@")
+        if not address.strip():
+            raise UsageError(f"--mem {_shown(text)}: give the address the bytes are at: --mem ADDR@FILE")
         path = Path(filename)
         if not path.is_absolute() and not path.exists():
             path = base_dir / filename
         try:
-            data = path.read_bytes()
+            data = read_limited(str(path), _MAX_MEM_FILE, "guest memory for --mem")
         except OSError as exc:
-            raise UsageError(f"--mem {text}: cannot read {filename}: {exc.strerror}") from None
+            raise UsageError(f"--mem {_shown(text)}: cannot read {filename}: {exc.strerror or exc}") from None
+        except DecodeError as exc:
+            raise UsageError(f"--mem {_shown(text)}: {exc}") from None
         if not data:
-            raise UsageError(f"--mem {text}: {filename} is empty")
+            raise UsageError(f"--mem {_shown(text)}: {filename} is empty")
         return _number(address), data
     address, sep, hexbytes = text.partition(":")
     if not sep:
-        raise UsageError(f"--mem wants ADDR:HEXBYTES or ADDR@FILE, got {text!r}")
+        raise UsageError(f"--mem wants ADDR:HEXBYTES or ADDR@FILE, got {_shown(text)!r}")
     try:
         data = bytes.fromhex(hexbytes.replace(" ", "").replace("_", ""))
     except ValueError:
-        raise UsageError(f"--mem {address}: not hex bytes: {hexbytes[:40]!r}") from None
+        raise UsageError(f"--mem {_shown(address)}: not hex bytes: {hexbytes[:40]!r}") from None
     if not data:
-        raise UsageError(f"--mem {text}: no bytes after ':' (give ADDR:HEXBYTES, e.g. {address}:cd82)")
+        raise UsageError(f"--mem {_shown(text)}: no bytes after ':' (give ADDR:HEXBYTES, e.g. {_shown(address)}:cd82)")
     return _number(address), data
 
 
@@ -229,26 +284,21 @@ def _core(args: argparse.Namespace) -> int:
 def _trace(args: argparse.Namespace) -> int:
     from xendbg.dump.tracefile import read_trace, select, stats
     from xendbg.trace import show_lines
+    from xendbg.xentrace.xtfile import CPU_CHANGE_HEADER
 
-    records_of_xentrace = _xentrace_records(args)
-    if records_of_xentrace is not None:
-        records = (select(records_of_xentrace, args.names, args.errors) if args.names or args.errors
-                   else records_of_xentrace)
-        if args.stats:
-            rows = stats(records).rows()
-            _emit(args, {"schema": render_json.SCHEMA_VERSION, "hypercalls": rows}, render_text.stats_table(rows))
-        elif args.json:
-            print(render_json.dumps(records))
-        else:
-            lines = show_lines(records)
-            print("\n".join(lines) if lines else "(no hypercalls in the trace match)")
-        return 0
-    if args.xentrace_out:
-        raise UsageError(f"--xentrace-out takes a xentrace file; {args.file} is a JSONL trace, which holds no "
-                         f"raw records (trace with xen trace start --buffers --xentrace-out)")
-    trace = read_trace(args.file)
-    if trace.cut_off:
-        print(f"xendbg: warning: {trace.cut_off}", file=sys.stderr)
+    try:  # opened once: a pipe or FIFO (xentrace writing into it) can be read only once
+        head, stream = open_stream(args.file, 4)
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    with stream:
+        if len(head) == 4 and int.from_bytes(head, "little") == CPU_CHANGE_HEADER:
+            return _trace_xentrace(args, stream)
+        if args.xentrace_out:
+            raise UsageError(f"--xentrace-out takes a xentrace file; {args.file} is a JSONL trace, which holds no "
+                             f"raw records (trace with xen trace start --buffers --xentrace-out)")
+        trace = read_trace(args.file, stream)
+    for warning in trace.warnings():
+        print(f"xendbg: warning: {warning}", file=sys.stderr)
     records = select(trace.records, args.names, args.errors)
     if args.stats:
         rows = stats(records).rows()
@@ -262,31 +312,78 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def _xentrace_records(args: argparse.Namespace) -> list[dict] | None:
-    """The trace records of a xentrace file (None when the file is not one), decoded as the live
-    buffer trace decodes them; with --xentrace-out its raw records are written again."""
+def _trace_xentrace(args: argparse.Namespace, stream: BinaryIO) -> int:
+    """A xentrace file (or the pipe xentrace writes into), read as a stream in bounded memory, decoded
+    as the live buffer trace decodes it; with --xentrace-out its raw records are written again."""
     from collections import deque
 
-    from xendbg.trace import Stats, TraceLog
-    from xendbg.xentrace.merge import BufferFeed
-    from xendbg.xentrace.xtfile import CPU_CHANGE_HEADER, XentraceWriter, read_file
+    from xendbg.dump.tracefile import select_stream, stats
+    from xendbg.trace import Stats, TraceLog, iter_lines
+    from xendbg.xentrace.merge import BufferFeed, StreamMerge
+    from xendbg.xentrace.xtfile import XentraceWriter, read_windows
 
-    try:
-        with open(args.file, "rb") as file:
-            head = file.read(4)
-    except OSError as exc:
-        raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
-    if len(head) < 4 or int.from_bytes(head, "little") != CPU_CHANGE_HEADER:
-        return None
-    per_cpu = read_file(args.file)
-    if args.xentrace_out:
-        out = XentraceWriter(args.xentrace_out)
-        out.write(per_cpu)
-        out.close()
+    out = XentraceWriter(args.xentrace_out) if args.xentrace_out else None
+
+    def windows() -> Iterator[tuple[int, list]]:
+        for cpu, records in read_windows(stream, args.file):
+            if out is not None:
+                out.write({cpu: records})
+            yield cpu, records
+
     log = TraceLog(None, ())
-    log.recent = deque()  # a file is read whole: keep every record
-    BufferFeed(log, Stats(), lambda: _xentrace_abi(args.xen)).feed(per_cpu)
-    return [r for r in log.recent if r["event"] not in ("start", "stop")]
+    log.recent = deque()  # taken as it fills, below
+    log.recent.clear()  # the log's own start record
+    merged = StreamMerge(windows())
+    feed = BufferFeed(log, Stats(), lambda: _xentrace_abi(args.xen))
+
+    def logged() -> Iterator[dict]:
+        for _ in feed.feed_stream(merged):
+            while log.recent:
+                yield log.recent.popleft()
+
+    records = select_stream(logged(), args.names, args.errors) if args.names or args.errors else logged()
+    if args.stats:
+        rows = stats(records).rows()
+        _emit(args, {"schema": render_json.SCHEMA_VERSION, "hypercalls": rows}, render_text.stats_table(rows))
+    elif args.json:
+        _write_json_array(records)
+    else:
+        shown = 0
+        for line in iter_lines(records):
+            sys.stdout.write(line + "\n")
+            shown += 1
+        if not shown:
+            print("(no hypercalls in the trace match)")
+    if out is not None:
+        out.close()
+    warning = merged.warning(args.file)
+    if warning:
+        print(f"xendbg: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _write_json_array(items: Iterable[dict]) -> None:
+    """What print(render_json.dumps(list(items))) prints, one item at a time.  A trace repeats a few
+    calls: the `hypercall` object records share (xentrace/merge.py) is formatted once."""
+    formatted: dict[int, tuple[object, str]] = {}  # id -> (the object, kept alive; its text)
+    first = True
+    for item in items:
+        shared = item.get("hypercall")
+        if isinstance(shared, dict):
+            if id(shared) not in formatted:
+                if len(formatted) > 4096:
+                    formatted.clear()
+                formatted[id(shared)] = (shared, render_json.dumps(shared).replace("\n", "\n  "))
+            text = render_json.dumps({**item, "hypercall": _PLACE}).replace(_PLACE_JSON, formatted[id(shared)][1])
+        else:
+            text = render_json.dumps(item)
+        sys.stdout.write(("[\n  " if first else ",\n  ") + text.replace("\n", "\n  "))
+        first = False
+    sys.stdout.write("[]\n" if first else "\n]\n")
+
+
+_PLACE = "\0hypercall\0"  # no text xendbg writes holds a NUL
+_PLACE_JSON = '"\\u0000hypercall\\u0000"'
 
 
 def _xentrace_abi(version: str | None) -> tuple[Abi, AbiChoice]:
@@ -333,7 +430,7 @@ def _guest_width(width: int | None, registers: dict[str, int], version: str) -> 
     that contradicts --width, or a width that version never ran, is an error."""
     cs = registers.get("cs")
     if cs is not None and not 0 <= cs <= 0xFFFF:
-        raise UsageError(f"cs={cs:#06x} is not a 16-bit selector")
+        raise UsageError(f"cs={_shown(f'{cs:#06x}')} is not a 16-bit selector")
     widths = guest_widths(resolve_generation(version))
     if width is not None:
         implied = _cs_width(cs) if cs is not None else None
@@ -357,7 +454,7 @@ def _guest_width(width: int | None, registers: dict[str, int], version: str) -> 
 def _unsigned(what: str, value: int, width: int) -> int:
     if not 0 <= value < 1 << width:
         sign = "-" if value < 0 else ""
-        raise UsageError(f"{what} {sign}{abs(value):#x} does not fit a {width}-bit guest "
+        raise UsageError(f"{what} {sign}{_shown(f'{abs(value):#x}')} does not fit a {width}-bit guest "
                          f"(0 .. {(1 << width) - 1:#x}; negative values are not masked)")
     return value
 
@@ -370,8 +467,8 @@ def _registers(given: list[tuple[str, int]], width: int) -> dict[str, int]:
         if name not in known:
             other = 64 if width == 32 else 32
             why = (f"{name} is a {other}-bit register" if name in _REGISTERS[other]
-                   else f"unknown register {name!r}")
-            raise UsageError(f"--reg {name}: {why}; a {width}-bit guest takes {' '.join(known)}")
+                   else f"unknown register {_shown(name)!r}")
+            raise UsageError(f"--reg {_shown(name)}: {why}; a {width}-bit guest takes {' '.join(known)}")
         if name in registers:
             raise UsageError(f"--reg {name} is given twice")
         registers[name] = _unsigned(f"--reg {name}", value, width)
@@ -418,6 +515,9 @@ def run(argv: Sequence[str] | None = None, base_dir: Path | None = None) -> int:
         where = f"xendbg {args.command}" if args.command else "xendbg"
         raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see '{where} --help')")
     base_dir = base_dir or Path.cwd()
+    version = getattr(args, "xen", None)
+    if version is not None and len(version) > _MAX_VERSION_TEXT:
+        raise UsageError(f"--xen {_shown(version)}: not a Xen version (give one such as 4.17, or an ABI generation)")
     if args.command is None:
         parser.print_help()
         return 2
@@ -445,16 +545,35 @@ def run(argv: Sequence[str] | None = None, base_dir: Path | None = None) -> int:
         return 0
     count = args.count
     if not 0 <= count <= _MAX_COUNT:
-        raise UsageError(f"multicall count {count} is not a batch size: give 0 .. {_MAX_COUNT:#x} "
+        raise UsageError(f"multicall count {_shown(str(count))} is not a batch size: give 0 .. {_MAX_COUNT:#x} "
                          f"(xendbg decodes at most the first {MAX_MULTICALL_ENTRIES} entries and says so)")
     batch, found = decode_multicall(target, abi, address, count, results=args.results)
     _emit(args, render_json.multicall_report(batch, found), render_text.multicall_report(batch, found))
     return 0
 
 
+# What a write to a full or failing disk raises (stdout on /dev/full, a size limit); EPIPE is a reader gone.
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+
+
+def _output_failed(exc: OSError) -> int:
+    """Output that cannot be written (a full disk, /dev/full): one line, and what is still buffered
+    dropped, so that Python's own flush at exit does not fail a second time."""
+    print(f"xendbg: error: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass  # stdout is no file descriptor (a test's capture): nothing is flushed at exit
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return run(argv)
+        status = run(argv)
+        sys.stdout.flush()
+        return status
     except XendbgError as exc:
         print(f"xendbg: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
@@ -462,12 +581,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:
+        if exc.filename is not None:  # a file xendbg opened
+            print(f"xendbg: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        if exc.errno in _WRITE_ERRORS:
+            return _output_failed(exc)
+        return _internal(exc)
     except Exception as exc:  # noqa: BLE001 - a bug must still be one line; XENDBG_DEBUG=1 shows the traceback
-        if os.environ.get("XENDBG_DEBUG"):
-            raise
-        print(f"xendbg: internal error: {type(exc).__name__}: {exc} (set XENDBG_DEBUG=1 for details)",
-              file=sys.stderr)
-        return 1
+        return _internal(exc)
+
+
+def _internal(exc: Exception) -> int:
+    if os.environ.get("XENDBG_DEBUG"):
+        raise exc
+    print(f"xendbg: internal error: {type(exc).__name__}: {exc} (set XENDBG_DEBUG=1 for details)",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -20,14 +20,17 @@ line naming the file and what is wrong.
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 
 from xendbg.abi import NEWEST, get_abi
 from xendbg.arch import find_hypercall_site
 from xendbg.errors import DecodeError
+from xendbg.files import map_regular
 from xendbg.session import XEN_VERSION_FUNCTIONS, xen_image_version
 
 SOURCE_SYMBOL = "symbol"
@@ -118,6 +121,7 @@ _EM_386, _EM_X86_64 = 3, 62
 _PT_LOAD, _PT_NOTE, _PF_X = 1, 4, 1
 _SHT_SYMTAB, _SHT_NOTE, _SHT_DYNSYM = 2, 7, 11
 _SHN_UNDEF, _SHN_XINDEX = 0, 0xFFFF
+_MAX_SECTION_NAME = 256
 _PN_XNUM = 0xFFFF  # more program headers than e_phnum holds: the count is in section 0's sh_info (gABI)
 _STT_FUNC, _STT_SECTION, _STT_FILE = 2, 3, 4
 
@@ -189,6 +193,7 @@ class _Elf:
         self.machine = machine
         self.width = 32 if machine == _EM_386 else 64
         self.shstrndx = shstrndx
+        self._by_name: dict[bytes, _Section] | None = None
         self.sections = self._sections(shoff, shentsize, shnum, shstrndx)
         if phnum == _PN_XNUM and self.sections:  # QEMU writes this for dumps of many memory ranges
             phnum = self.sections[0].info
@@ -236,16 +241,23 @@ class _Elf:
         return tuple(_Section(r[0], r[1], r[4], r[5], r[6], r[9], r[7]) for r in rows)
 
     def section_named(self, name: bytes) -> _Section | None:
+        """The first section called `name` (the names are read once: a file may have 10^5 sections)."""
         if not self.sections or self.shstrndx == _SHN_UNDEF:
             return None
-        if self.shstrndx >= len(self.sections):
-            raise self.error(f"section-name table index {self.shstrndx} is out of range")
-        names = self.sections[self.shstrndx]
-        table = self.read(names.offset, names.size, "section-name table")
-        for section in self.sections:
-            if section.name < len(table) and table[section.name:].split(b"\0", 1)[0] == name:
-                return section
-        return None
+        if self._by_name is None:
+            if self.shstrndx >= len(self.sections):
+                raise self.error(f"section-name table index {self.shstrndx} is out of range")
+            names = self.sections[self.shstrndx]
+            table = self.read(names.offset, names.size, "section-name table")
+            ends = [m.start() for m in re.finditer(b"\0", table)] + [len(table)]
+            by_name: dict[bytes, _Section] = {}
+            for section in self.sections:
+                if section.name < len(table):
+                    end = ends[bisect.bisect_left(ends, section.name)]
+                    if end - section.name <= _MAX_SECTION_NAME:  # longer is no name xendbg looks for
+                        by_name.setdefault(table[section.name:end], section)
+            self._by_name = by_name
+        return self._by_name.get(name)
 
     def file_offset(self, address: int) -> tuple[int, int] | None:
         """File offset of a virtual address and how many bytes of its segment follow, if in the file."""
@@ -363,19 +375,32 @@ class _Elf:
         return found
 
 
-def parse_notes(area: bytes | memoryview, where: str, offset: int = 0) -> list[tuple[bytes, int, memoryview]]:
-    """(name, type, descriptor) of each ELF note in `area`; a note running past it raises DecodeError."""
+# Far more notes than any file xendbg reads holds (QEMU writes two per CPU, a kernel a few dozen): a note
+# area of empty 12-byte headers (a zero-filled area) is corrupt long before.
+MAX_NOTES = 1 << 16
+
+
+def parse_notes(area: bytes | memoryview, where: str, offset: int = 0,
+                space: str = "file offset") -> list[tuple[bytes, int, memoryview]]:
+    """(name, type, descriptor) of each ELF note in `area`, which starts at `offset` in `space` (the
+    file, or the kdump file a flattened dump holds); a note running past it, or more than MAX_NOTES
+    notes, raises DecodeError."""
     # Elf32_Nhdr and Elf64_Nhdr are both three 32-bit words; name and descriptor are padded to 4
     # bytes (libelf-tools.c elf_note_next, RELEASE-4.17.0), as Linux, binutils and QEMU write them.
     view = memoryview(area)
-    notes, at = [], 0
+    notes: list[tuple[bytes, int, memoryview]] = []
+    at = 0
     while at + 12 <= len(view):
+        if len(notes) == MAX_NOTES:
+            raise DecodeError(f"{where}: more than {MAX_NOTES} ELF notes in the note area at {space} {offset:#x} "
+                              f"(the most xendbg reads): corrupt")
         namesz, descsz, kind = struct.unpack_from("<III", view, at)
         name_at = at + 12
         desc_at = name_at + (namesz + 3) // 4 * 4
         end = desc_at + (descsz + 3) // 4 * 4
         if desc_at + descsz > len(view):
-            raise DecodeError(f"{where}: ELF note at offset {offset + at:#x} runs past the end of its note area")
+            raise DecodeError(f"{where}: ELF note at {space} {offset + at:#x} runs past the end of its note area "
+                              f"({len(view)} bytes at {offset:#x})")
         notes.append((bytes(view[name_at:name_at + namesz]).split(b"\0", 1)[0], kind, view[desc_at:desc_at + descsz]))
         at = end
     return notes
@@ -506,7 +531,6 @@ def _scanned_sites(elf: _Elf, known: set[int], page: int | None) -> list[InlineS
     """Hypercall instructions anywhere in the file's functions (a guest may issue a call inline, outside
     its hypercall page and known stubs).  Byte matches are confirmed by disassembling the function
     that holds them from its start, so a match inside another instruction is not taken."""
-    import bisect
 
     from xendbg.arch import find_hypercall_site, hypercall_instructions
 
@@ -549,14 +573,8 @@ def _scanned_sites(elf: _Elf, known: set[int], page: int | None) -> list[InlineS
 def find_hypercall_sites(path: str | os.PathLike[str]) -> HypercallSites:
     """Find the hypercall page and the inline hypercall stubs of the guest kernel in ELF file `path`."""
     name = os.fspath(path)
-    try:
-        with open(name, "rb") as file:
-            if os.fstat(file.fileno()).st_size == 0:
-                raise DecodeError(f"{name}: empty file, not an ELF file")
-            with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                return _find(name, data)
-    except OSError as error:
-        raise DecodeError(f"{name}: cannot read: {error.strerror or error}") from None
+    with map_regular(name, "an ELF file") as data:
+        return _find(name, data)
 
 
 def _find(path: str, data: mmap.mmap) -> HypercallSites:

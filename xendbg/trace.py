@@ -12,6 +12,7 @@ import json
 import os
 import time
 from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -194,33 +195,45 @@ class TraceLog:
         return text
 
 
-def show_lines(records: list[dict[str, Any]]) -> list[str]:
+def show_lines(records: Iterable[dict[str, Any]]) -> list[str]:
     """strace-style lines: a call and its result on one line when the result followed at once."""
-    lines: list[str] = []
-    open_calls: dict[int, int] = {}  # seq -> index of its line, while the result is awaited
+    return list(iter_lines(records))
+
+
+def iter_lines(records: Iterable[dict[str, Any]]) -> Iterator[str]:
+    """show_lines as the records come (a trace of any length): only the last line is held back, for a
+    result that may follow it."""
+    held: str | None = None  # the last line, not yet given out
+    held_call: int | None = None  # the seq of the call on it, while its result may follow
     for r in records:
         event = r.get("event")
         stamp = f"{r.get('t', 0):10.6f} cpu{r.get('cpu', '?')} "
+        line: str | None = None
+        call: int | None = None
         if event == "call":
-            open_calls[r["seq"]] = len(lines)
             resumed = f" <continues #{r['continues']}>" if r.get("continues") is not None else ""
-            lines.append(f"{stamp}{r['line']}{resumed}")
+            line, call = f"{stamp}{r['line']}{resumed}", r["seq"]
         elif event in ("return", "preempted"):
             tail = " = " + result_text(r["result"]) if event == "return" else " = <preempted: Xen continues it>"
-            index = open_calls.pop(r["seq"], None)
-            if index is not None and index == len(lines) - 1:
-                lines[index] += tail
-            else:
-                lines.append(f"{stamp}<... {r['name']} resumed>{tail}")
+            if held is not None and held_call is not None and held_call == r["seq"]:
+                held, held_call = held + tail, None
+                continue
+            line = f"{stamp}<... {r['name']} resumed>{tail}"
         elif event == "error":
-            lines.append(f"{stamp}xendbg could not decode {r['where']}: {r['error']}")
+            line = f"{stamp}xendbg could not decode {r['where']}: {r['error']}"
         elif event == "uncertain":
-            lines.append(f"{stamp}<{r.get('name')} #{r.get('seq')} hit again unchanged: a repeated stop report or "
-                         f"a continuation without progress, xendbg cannot tell>")
+            line = (f"{stamp}<{r.get('name')} #{r.get('seq')} hit again unchanged: a repeated stop report or "
+                    f"a continuation without progress, xendbg cannot tell>")
         elif event == "gap":  # Xen's trace buffer was full (xendbg/xentrace)
-            lines.append(f"{stamp}<gap: Xen lost {r['lost']} trace records on this CPU>")
+            line = f"{stamp}<gap: Xen lost {r['lost']} trace records on this CPU>"
         elif event == "subcall":
-            lines.append(f"{stamp}  | {r['line']}")
+            line = f"{stamp}  | {r['line']}"
         elif event == "xen":
-            lines.append(f"{stamp}[{r['name']}] {r.get('fields') or r.get('words') or ''}".rstrip())
-    return lines
+            line = f"{stamp}[{r['name']}] {r.get('fields') or r.get('words') or ''}".rstrip()
+        if line is None:
+            continue
+        if held is not None:
+            yield held
+        held, held_call = line, call
+    if held is not None:
+        yield held

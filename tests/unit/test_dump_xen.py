@@ -151,7 +151,7 @@ def test_an_elf_that_is_not_xen_syms_is_one_line(tmp_path):
 
     empty = tmp_path / "xen-syms"
     empty.write_bytes(b"")
-    with pytest.raises(XendbgError, match="empty file, not Xen's xen-syms"):
+    with pytest.raises(XendbgError, match=r"empty file \(0 bytes\), not Xen's xen-syms"):
         XenSyms(str(empty))
 
 

@@ -32,6 +32,7 @@ from xendbg.dump.xccore import SOURCE as CONTEXT_SOURCE
 from xendbg.dump.xccore import XcCoreDump, XcCoreVcpu, is_xc_core
 from xendbg.dump.xen import IN_XEN, SOURCE, XenData, XenSyms, XenVcpu, read_xen
 from xendbg.errors import DecodeError, TargetError, UsageError, XendbgError
+from xendbg.files import map_regular
 from xendbg.report import check
 from xendbg.session import AbiChoice, NoSymbols, Session, Settings, Symbols
 from xendbg.sites import ElfFile, find_hypercall_sites
@@ -47,14 +48,7 @@ Dump = ElfDump | KdumpDump | XcCoreDump
 def open_memory(path: str) -> tuple[Dump, mmap.mmap]:
     """The dump at `path` (QEMU's plain ELF or kdump-compressed, or `xl dump-core`), mapped read-only,
     never read whole."""
-    try:
-        with open(path, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            if size == 0:
-                raise DecodeError(f"{path}: empty file (0 bytes), not a memory dump")
-            data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-    except OSError as exc:
-        raise DecodeError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    data = map_regular(path, "a memory dump")
     try:
         if data[:4] == b"\x7fELF":
             if is_xc_core(ElfFile(path, data)):

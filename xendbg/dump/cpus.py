@@ -24,7 +24,6 @@ import struct
 from dataclasses import dataclass
 
 from xendbg.errors import DecodeError
-from xendbg.sites import parse_notes
 
 NT_PRSTATUS = 1
 PRSTATUS_SIZE = {True: 336, False: 144}  # by long mode (target/i386/arch_dump.c x86_64_elf_prstatus / x86_elf_prstatus)
@@ -39,6 +38,11 @@ QEMU_STATE_SIZE = _HEAD.size + len(_SEGMENTS) * _SEGMENT.size + 5 * 8  # 432, wi
 QEMU_STATE_SIZES = (QEMU_STATE_SIZE, QEMU_STATE_SIZE + 8)
 _LEGACY = {"eax": "rax", "ebx": "rbx", "ecx": "rcx", "edx": "rdx", "esi": "rsi", "edi": "rdi", "esp": "rsp",
            "ebp": "rbp", "eip": "rip", "eflags": "rflags"}
+
+# The most CPUs a dump may have: far above the 288 of QEMU 7.2's q35 machine (hw/i386/pc_q35.c) and
+# Xen's default NR_CPUS of 256; the notes of this many CPUs take 3.3 MiB.
+MAX_CPUS = 4096
+MAX_NOTE_BYTES = 16 << 20  # the note area xendbg reads: room for MAX_CPUS CPUs' notes and more
 
 CR0_PG = 1 << 31
 CR4_PSE, CR4_PAE, CR4_LA57 = 1 << 4, 1 << 5, 1 << 12
@@ -97,10 +101,9 @@ def _qemu_state(desc: memoryview, index: int, long_mode: bool, where: str) -> Cp
     return CpuState(index, long_mode, dict(zip(_GPRS, values, strict=True)), segments, cr)
 
 
-def cpus_from_notes(area: bytes | memoryview, where: str, long_mode: bool | None) -> list[CpuState]:
-    """The CPUs in a QEMU dump's note area.  `long_mode` is what the ELF header says (None for a kdump
-    file, which says it only through the prstatus size)."""
-    notes = parse_notes(area, where)
+def cpus_from_notes(notes: list[tuple[bytes, int, memoryview]], where: str, long_mode: bool | None) -> list[CpuState]:
+    """The CPUs in a QEMU dump's notes (sites.parse_notes of its note areas).  `long_mode` is what the
+    ELF header says (None for a kdump file, which says it only through the prstatus size)."""
     prstatus = [desc for name, kind, desc in notes if name == b"CORE" and kind == NT_PRSTATUS]
     states = [desc for name, kind, desc in notes if name == b"QEMU" and kind == QEMU_NOTE_TYPE]
     if not prstatus and not states:
@@ -108,6 +111,9 @@ def cpus_from_notes(area: bytes | memoryview, where: str, long_mode: bool | None
     if not states:
         raise DecodeError(f"{where}: NT_PRSTATUS notes but no QEMU CPU notes: not written by QEMU's "
                           f"dump-guest-memory (control registers unknown)")
+    if len(states) > MAX_CPUS:
+        raise DecodeError(f"{where}: {len(states)} QEMU CPU notes, more than the {MAX_CPUS} CPUs xendbg reads: "
+                          f"corrupt notes")
     if len(prstatus) != len(states):
         raise DecodeError(f"{where}: {len(prstatus)} NT_PRSTATUS notes but {len(states)} QEMU notes: corrupt notes")
     sizes = {len(desc) for desc in prstatus}

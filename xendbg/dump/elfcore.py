@@ -12,9 +12,10 @@ from __future__ import annotations
 import bisect
 import mmap
 
-from xendbg.dump.cpus import CpuState, cpus_from_notes
+from xendbg.dump.cpus import MAX_NOTE_BYTES, CpuState, cpus_from_notes
 from xendbg.errors import DecodeError, UnreadableMemory
-from xendbg.sites import ElfFile
+from xendbg.files import limit_text
+from xendbg.sites import ElfFile, parse_notes
 
 ET_CORE = 4
 EM_X86_64 = 62
@@ -53,9 +54,17 @@ class ElfDump:
                 raise DecodeError(f"{path}: PT_LOADs overlap at physical {start:#x}: corrupt program headers")
         self._starts = [r[0] for r in runs]
         self._runs = runs
-        area = b"".join(elf.read(s.offset, s.filesz, "note segment") for s in elf.segments if s.type == PT_NOTE)
-        self.notes = area
-        self.cpus: list[CpuState] = cpus_from_notes(area, path, elf.machine == EM_X86_64)
+        areas = [s for s in elf.segments if s.type == PT_NOTE]
+        total = sum(s.filesz for s in areas)
+        if total > MAX_NOTE_BYTES:
+            raise DecodeError(f"{path}: {len(areas)} note segments of {total} bytes, more than the "
+                              f"{limit_text(MAX_NOTE_BYTES)} of notes xendbg reads (QEMU writes one, under 1 KiB per "
+                              f"CPU): corrupt program headers")
+        notes = []
+        for seg in areas:
+            notes += parse_notes(elf.read(seg.offset, seg.filesz, "note segment"), path, seg.offset)
+        self.notes = b"".join(elf.read(s.offset, s.filesz, "note segment") for s in areas)
+        self.cpus: list[CpuState] = cpus_from_notes(notes, path, elf.machine == EM_X86_64)
 
     def ranges(self) -> list[tuple[int, int]]:
         """(start, end) of each range of guest-physical memory the dump holds."""

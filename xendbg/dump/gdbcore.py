@@ -13,7 +13,7 @@ import os
 import struct
 
 from xendbg.dump.api import Core, Vcpu
-from xendbg.dump.paging import OFF, mappings
+from xendbg.dump.paging import OFF, Aliases, mappings
 from xendbg.errors import DecodeError, UsageError
 
 ET_CORE, EM_386, EM_X86_64 = 4, 3, 62
@@ -30,14 +30,14 @@ def _vcpu(core: Core, index: int | None) -> Vcpu:
     raise UsageError("no vCPU of the dump runs the guest with paging on: give --vcpu N")
 
 
-def runs(core: Core, vcpu: Vcpu) -> list[tuple[int, list[tuple[int, int]]]]:
+def runs(core: Core, vcpu: Vcpu, aliases: Aliases | None = None) -> list[tuple[int, list[tuple[int, int]]]]:
     """(virtual start, [(physical, size), ...]) for each run of virtually contiguous mapped pages.  A 64-bit
     PV kernel runs in ring 3, so only ring-3 mappings are its own (Xen's are supervisor-only)."""
     paging = vcpu.target.paging
     user_only = vcpu.target.cpu.long_mode and vcpu.cs & 3 == 3
     out: list[tuple[int, list[tuple[int, int]]]] = []
     end = None
-    for virtual, physical, size in mappings(core.memory, paging, user_only=user_only):
+    for virtual, physical, size in mappings(core.memory, paging, user_only=user_only, aliases=aliases):
         if virtual == end:
             out[-1][1].append((physical, size))
         else:
@@ -51,7 +51,8 @@ def write_gdb_core(core: Core, index: int | None, out: str) -> str:
     if vcpu.target.paging.mode == OFF:
         raise UsageError(f"vCPU {vcpu.index} runs with paging off: its virtual addresses are physical, and gdb "
                          f"reads the dump itself (gdb GUEST_ELF {core.path})")
-    segments = runs(core, vcpu)
+    aliases = Aliases()
+    segments = runs(core, vcpu, aliases)
     if not segments:
         raise DecodeError(f"vCPU {vcpu.index}'s page tables ({vcpu.target.paging.describe()}) map nothing in the dump")
     wide = vcpu.target.cpu.long_mode
@@ -88,5 +89,7 @@ def write_gdb_core(core: Core, index: int | None, out: str) -> str:
                     total += size
     except OSError as exc:
         raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
+    left_out = aliases.describe()
     return (f"wrote {out}: {len(segments)} PT_LOADs, {total >> 10} KiB of vCPU {vcpu.index}'s virtual address space "
-            f"({vcpu.target.paging.describe()}); open it with: gdb GUEST_ELF {os.path.basename(out)}")
+            f"({vcpu.target.paging.describe()}{'; ' + left_out if left_out else ''}); open it with: "
+            f"gdb GUEST_ELF {os.path.basename(out)}")

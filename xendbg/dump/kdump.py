@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import bisect
 import mmap
+import re
 import struct
 import zlib
 from collections import OrderedDict
 
-from xendbg.dump.cpus import CpuState, cpus_from_notes
+from xendbg.dump.cpus import MAX_NOTE_BYTES, CpuState, cpus_from_notes
 from xendbg.errors import DecodeError, UnreadableMemory
+from xendbg.files import limit_text
+from xendbg.sites import parse_notes
 
 FLAT_SIGNATURE = b"makedumpfile"
 FLAT_HEADER_SIZE = 4096
@@ -131,9 +134,13 @@ class KdumpDump:
             raise DecodeError(f"{path}: kdump header version {header_version}; xendbg reads version 4 and later "
                               f"(notes in the sub header)")
         self._header(path)
+        if self.note_size > MAX_NOTE_BYTES:
+            raise DecodeError(f"{path}: the kdump sub header says {self.note_size} bytes of notes, more than the "
+                              f"{limit_text(MAX_NOTE_BYTES)} xendbg reads (QEMU writes under 1 KiB per CPU): corrupt")
         notes = self.file.read(self.offset_note, self.note_size, "ELF notes")
         self.notes = notes
-        self.cpus: list[CpuState] = cpus_from_notes(notes, path, None)
+        space = "kdump offset" if flat else "file offset"
+        self.cpus: list[CpuState] = cpus_from_notes(parse_notes(notes, path, self.offset_note, space), path, None)
         bitmap_at = (1 + self.sub_hdr_size) * self.block_size
         self.bitmap = self.file.read(bitmap_at, self.bitmap_blocks // 2 * self.block_size, "dump bitmap")
         self.offset_page = (1 + self.sub_hdr_size + self.bitmap_blocks) * self.block_size
@@ -177,18 +184,9 @@ class KdumpDump:
         return self._ranges
 
     def _runs(self) -> list[tuple[int, int]]:
-        out: list[tuple[int, int]] = []
-        bits = int.from_bytes(self.bitmap, "little")
-        frame = 0
-        while bits:
-            skip = (bits & -bits).bit_length() - 1
-            bits >>= skip
-            frame += skip
-            run = (~bits & (bits + 1)).bit_length() - 1  # trailing ones
-            out.append((frame * self.block_size, (frame + run) * self.block_size))
-            bits >>= run
-            frame += run
-        return out
+        # Linear in the bitmap, whatever its pattern: its bits as text, frame 0 first, and the runs of 1s.
+        bits = format(int.from_bytes(self.bitmap, "little"), "b")[::-1]
+        return [(m.start() * self.block_size, m.end() * self.block_size) for m in re.finditer("1+", bits)]
 
     def _present(self, frame: int) -> bool:
         byte = frame >> 3

@@ -12,7 +12,9 @@ outside the dump's RAM is one UnreadableMemory line saying where.
 
 from __future__ import annotations
 
+import bisect
 import struct
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -128,23 +130,52 @@ def translate(memory: PhysicalMemory, paging: Paging, address: int, size: int = 
     raise AssertionError("unreachable")  # pragma: no cover - the last level is always a leaf
 
 
+# How many times a page table may be walked, or a page mapped, before further aliases are left out of
+# a walk: page tables shared across entries (Linux PV shares the L1s Xen built between its direct map
+# and its kernel map) alias a page a few times; a table whose every entry points to one table is no
+# address space but a multiplier.
+ALIAS_LIMIT = 8
+
+
+@dataclass
+class Aliases:
+    """What a walk left out: tables walked and pages mapped more than ALIAS_LIMIT times."""
+
+    tables: int = 0
+    pages: int = 0
+
+    def describe(self) -> str:
+        parts = [f"{n} {what}" for n, what in ((self.tables, "page-table entries leading to a table already "
+                                                "walked"), (self.pages, "mappings of a page already mapped"))
+                 if n]
+        return (f"left out {' and '.join(parts)} {ALIAS_LIMIT} times (aliases; xendbg keeps at most "
+                f"{ALIAS_LIMIT} of each)") if parts else ""
+
+
 def mappings(memory: PhysicalMemory, paging: Paging, *, user_only: bool = False,
-             limit: int = 1 << 22) -> Iterator[tuple[int, int, int]]:
+             limit: int = 1 << 22, aliases: Aliases | None = None) -> Iterator[tuple[int, int, int]]:
     """(virtual, physical, size) of every page or large page `paging` maps to RAM, in address order; the
     part of a large page beyond RAM is left out.  Tables outside RAM and entries that loop back are
     skipped; `user_only` keeps pages every level of which allows ring 3 (a 64-bit PV guest kernel runs
-    in ring 3: Xen's own mappings are not)."""
+    in ring 3: Xen's own mappings are not).  A table or page reached more than ALIAS_LIMIT times is
+    left out, counted in `aliases`."""
     if paging.mode == OFF:
         raise DecodeError("paging is off on this vCPU: its virtual addresses are physical ones")
     levels = _LEVELS[paging.mode]
     ram = memory.ranges()
+    starts = [start for start, _ in ram]
     count = 0
+    left_out = aliases if aliases is not None else Aliases()
+    walked: Counter[int] = Counter()
+    mapped: Counter[tuple[int, int]] = Counter()
 
     def in_ram(virtual: int, physical: int, size: int) -> Iterator[tuple[int, int, int]]:
-        for start, end in ram:
-            lo, hi = max(start, physical), min(end, physical + size)
+        i = max(bisect.bisect_right(starts, physical) - 1, 0)
+        while i < len(ram) and ram[i][0] < physical + size:
+            lo, hi = max(ram[i][0], physical), min(ram[i][1], physical + size)
             if lo < hi:
                 yield virtual + lo - physical, lo, hi - lo
+            i += 1
 
     def walk(table: int, depth: int, base: int, used: tuple[int, ...]) -> Iterator[tuple[int, int, int]]:
         nonlocal count
@@ -166,8 +197,17 @@ def mappings(memory: PhysicalMemory, paging: Paging, *, user_only: bool = False,
                 count += 1
                 if count > limit:
                     raise DecodeError(f"more than {limit} mappings under {paging.describe()}: not a page table")
+                page = (frame, level.shift)
+                if mapped[page] == ALIAS_LIMIT:
+                    left_out.pages += 1
+                    continue
+                mapped[page] += 1
                 yield from in_ram(virtual, frame, 1 << level.shift)
             elif frame not in used:
+                if walked[frame] == ALIAS_LIMIT:
+                    left_out.tables += 1
+                    continue
+                walked[frame] += 1
                 yield from walk(frame, depth + 1, virtual, (*used, frame))
 
     yield from walk(paging.root, 0, 0, (paging.root,))

@@ -4,10 +4,8 @@ gdb's minimal symbols give a live session, for a dump."""
 from __future__ import annotations
 
 import bisect
-import mmap
-import os
 
-from xendbg.errors import DecodeError
+from xendbg.files import map_regular
 from xendbg.sites import ElfFile, ElfSymbol
 
 PT_LOAD = 1
@@ -54,14 +52,8 @@ class ElfSymbols:
 
 
 def _read(path: str) -> tuple[list[ElfSymbol], list[tuple[int, int]]]:
-    try:
-        with open(path, "rb") as file:
-            if os.fstat(file.fileno()).st_size == 0:
-                raise DecodeError(f"{path}: empty file, not an ELF file")
-            with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                elf = ElfFile(path, data)
-                symbols = elf.symbol_table()
-                ranges = [(s.vaddr, s.vaddr + max(s.memsz, s.filesz)) for s in elf.segments if s.type == PT_LOAD]
-    except OSError as exc:
-        raise DecodeError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    with map_regular(path, "an ELF file") as data:
+        elf = ElfFile(path, data)
+        symbols = elf.symbol_table()
+        ranges = [(s.vaddr, s.vaddr + max(s.memsz, s.filesz)) for s in elf.segments if s.type == PT_LOAD]
     return symbols, ranges  # a stripped file (Debian's vmlinux) still gives evidence of the Xen version

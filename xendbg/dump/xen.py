@@ -20,7 +20,6 @@ A check that fails drops what it checks and says why; nothing unverified is show
 from __future__ import annotations
 
 import bisect
-import mmap
 import os
 import re
 import struct
@@ -35,6 +34,7 @@ from xendbg.dump.cpus import CpuState, Segment
 from xendbg.dump.paging import PhysicalMemory
 from xendbg.dump.target import DumpTarget
 from xendbg.errors import DecodeError, TargetError, XendbgError
+from xendbg.files import map_regular
 from xendbg.session import Symbols, xen_image_version
 from xendbg.sites import ElfFile
 
@@ -58,13 +58,7 @@ class XenSyms:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        try:
-            with open(path, "rb") as file:
-                if os.fstat(file.fileno()).st_size == 0:
-                    raise DecodeError(f"{path}: empty file, not Xen's xen-syms")
-                data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-        except OSError as exc:
-            raise DecodeError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        data = map_regular(path, "Xen's xen-syms")
         self._data = data
         self.elf = ElfFile(path, data)
         self.functions = self.elf.functions()

@@ -11,7 +11,8 @@ multicall whose count went down by at most the subcalls run since.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,75 @@ def merge(per_cpu: dict[int, list[Record]]) -> list[Record]:
             keyed.append((last, cpu, i, record))
         streams.append(keyed)
     return [item[3] for item in heapq.merge(*streams)]
+
+
+_DECODED_CACHE = 4096  # distinct calls remembered decoded
+LOOKAHEAD = 1 << 17  # records a stream merge holds at most (about 25 MiB)
+
+
+class StreamMerge:
+    """merge() over a stream of (cpu, records) as a xentrace file delivers them, in bounded memory.
+
+    A record is let out once every CPU seen has written a later TSC (Xen's TSCs grow on each CPU), and
+    only after xentrace's first pass over the CPUs (a CPU's second window, or the end of the file),
+    so that every CPU of the trace has been seen; at the end of the stream the rest follow as merge()
+    orders them.  No more than LOOKAHEAD records wait: beyond that the earliest is let out anyway,
+    and a record that then comes after a later one is counted in `late` (the caller says so)."""
+
+    def __init__(self, chunks: Iterable[tuple[int, list[Record]]], lookahead: int = LOOKAHEAD) -> None:
+        self.chunks = chunks
+        self.lookahead = lookahead
+        self.late = 0
+
+    def __iter__(self) -> Iterator[Record]:
+        queues: dict[int, deque[tuple[tuple[int, int, int], Record]]] = {}
+        heads: list[tuple[tuple[int, int, int], int]] = []  # the key of each non-empty queue's first record
+        last: dict[int, int] = {}  # each CPU's latest TSC
+        count: dict[int, int] = {}  # records seen per CPU (merge()'s tie-break)
+        waiting = 0
+        first_pass, previous_cpu = True, None
+        shown: tuple[int, int, int] | None = None
+
+        def pop() -> Record:
+            nonlocal waiting, shown
+            key, cpu = heapq.heappop(heads)
+            queue = queues[cpu]
+            _, record = queue.popleft()
+            if queue:
+                heapq.heappush(heads, (queue[0][0], cpu))
+            waiting -= 1
+            if shown is not None and key < shown:
+                self.late += 1
+            else:
+                shown = key
+            return record
+
+        for cpu, records in self.chunks:
+            if cpu != previous_cpu and cpu in queues:
+                first_pass = False  # a CPU comes round again: xentrace's first pass is over
+            previous_cpu = cpu
+            queue = queues.setdefault(cpu, deque())
+            was_empty = not queue
+            tsc, i = last.get(cpu, 0), count.get(cpu, 0)
+            for record in records:
+                tsc = record.tsc if record.tsc is not None else tsc
+                queue.append(((tsc, cpu, i), record))
+                i += 1
+            last[cpu], count[cpu] = tsc, i
+            waiting += len(records)
+            if was_empty and queue:
+                heapq.heappush(heads, (queue[0][0], cpu))
+            horizon = None if first_pass else min(last.values())
+            while heads and (waiting > self.lookahead or (horizon is not None and heads[0][0][0] < horizon)):
+                yield pop()
+        while heads:
+            yield pop()
+
+    def warning(self, name: str) -> str | None:
+        if not self.late:
+            return None
+        return (f"{name}: {self.late} records came after records with a later TSC had been shown: xendbg orders "
+                f"the CPUs' records by TSC over at most {self.lookahead} records at a time")
 
 
 @dataclass
@@ -125,6 +195,8 @@ class BufferFeed:
         self.records = 0  # hypercall and subcall records read
         self.lost = 0  # records Xen reported lost
         self.open: dict[int, int] = {}  # CPU -> seq of its last call, for continuations
+        self._cache: dict[CallRecord, tuple[Hypercall, str, dict[str, Any]]] = {}
+        self._cache_for: tuple[Abi, AbiChoice] | None = None
 
     def feed(self, per_cpu: dict[int, list[Record]]) -> int:
         """Log the records of one drain; returns how many trace records it wrote."""
@@ -133,6 +205,15 @@ class BufferFeed:
         for event in self.folder.events(merge(per_cpu), abi):
             written += self._one(event, abi, choice)
         return written
+
+    def feed_stream(self, records: Iterable[Record]) -> Iterator[None]:
+        """Log merged records one at a time (a xentrace file read as a stream), yielding after each so
+        that the caller can take what was logged."""
+        abi, choice = self.abi()
+        for record in records:
+            for event in self.folder.events((record,), abi):
+                self._one(event, abi, choice)
+            yield
 
     def _one(self, event: Event, abi: Abi, choice: AbiChoice) -> int:
         r = event.record
@@ -150,13 +231,13 @@ class BufferFeed:
             self.log.add(describe(event, abi))
             return 1
         self.records += 1
-        hc = annotate(hypercall_of(event.call, abi), choice)
+        hc, line, as_json = self._decoded(event.call, abi, choice)
         if hc.display_name in self.skip:
             return 0
         if event.kind == "subcall":
             self.stats.batched[hc.display_name] += 1
             self.log.add({"event": "subcall", "source": SOURCE, "cpu": r.cpu, "tsc": r.tsc, "name": hc.name,
-                            "nr": hc.nr, "line": _line(hc), "in": self.open.get(r.cpu),
+                            "nr": hc.nr, "line": line, "in": self.open.get(r.cpu),
                             "recorded": [list(a) for a in event.call.args]})
             return 1
         earlier = self.open.get(r.cpu) if event.continues else None
@@ -164,9 +245,22 @@ class BufferFeed:
             self.log.preempted(r.cpu, earlier, hc.display_name)
         else:
             self.stats.count_call(hc)
-        seq = _call(self.log, r, hc, earlier, event.call)
+        seq = _call(self.log, r, hc, earlier, event.call, line, as_json)
         self.open[r.cpu] = seq
         return 1
+
+    def _decoded(self, call: CallRecord, abi: Abi, choice: AbiChoice) -> tuple[Hypercall, str, dict[str, Any]]:
+        """The call named, its strace line and its JSON, once per distinct record: a trace repeats the same
+        few calls millions of times.  The JSON is shared by the records of equal calls (never changed)."""
+        if self._cache_for != (abi, choice) or len(self._cache) > _DECODED_CACHE:
+            self._cache, self._cache_for = {}, (abi, choice)
+        found = self._cache.get(call)
+        if found is None:
+            from xendbg.render import json as render_json
+
+            hc = annotate(hypercall_of(call, abi), choice)
+            found = self._cache[call] = (hc, _line(hc), render_json.hypercall(hc))
+        return found
 
 
 def _line(hc: Hypercall) -> str:
@@ -175,14 +269,13 @@ def _line(hc: Hypercall) -> str:
     return call_line(hc)
 
 
-def _call(log: TraceLog, record: Record, hc: Hypercall, continues: int | None, call: CallRecord) -> int:
+def _call(log: TraceLog, record: Record, hc: Hypercall, continues: int | None, call: CallRecord, line: str,
+          as_json: dict[str, Any]) -> int:
     """A `call` record with the buffer's source and TSC (the probe trace's keys, plus these two)."""
-    from xendbg.render import json as render_json
-
     log.seq += 1
     log.calls += 1 if continues is None else 0
     out: dict[str, Any] = {"event": "call", "seq": log.seq, "cpu": record.cpu, "where": "xen", "name": hc.name,
-                           "nr": hc.nr, "line": _line(hc), "hypercall": render_json.hypercall(hc),
+                           "nr": hc.nr, "line": line, "hypercall": as_json,
                            "source": SOURCE, "tsc": record.tsc, "recorded": [list(a) for a in call.args]}
     if continues is not None:
         out["continues"] = continues

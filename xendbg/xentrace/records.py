@@ -81,6 +81,12 @@ def call_of(record: Record) -> CallRecord | None:
     """The hypercall a HYPERCALL_V2 / SUBCALL record describes; None for other records."""
     if record.event not in (ev.HYPERCALL_V2, ev.SUBCALL) or not record.words:
         return None
+    return _call_of(record.event, record.words)
+
+
+@lru_cache(maxsize=4096)  # a trace repeats the same few calls: decode each once
+def _call_of(event: int, words: tuple[int, ...]) -> CallRecord:
+    record = Record(0, event, None, words)
     first = record.words[0]
     args: list[tuple[int, int]] = []
     at = 1
