@@ -108,3 +108,23 @@ def test_show_lines_for_a_result_without_its_call_and_unknown_events():
     lines = show_lines([{"event": "return", "seq": 7, "cpu": 2, "name": "sched_op", "result": -22, "t": 1.5},
                         {"event": "stop", "t": 2.0}])
     assert lines == ["  1.500000 cpu2 <... sched_op resumed> = -22 (EINVAL)"]
+
+
+def test_an_uncertain_repeat_is_said_in_the_trace_and_counted_apart(tmp_path):
+    """A hit xendbg cannot tell from gdb's repeated report (or a continuation without progress) is its own
+    record, shown as such, and counted apart from the calls, live and read back from the file."""
+    path = tmp_path / "t.jsonl"
+    log = TraceLog(str(path), ())
+    seq = log.call(0, call(1, 0x8000, 8 | 1 << 31, 0, 0x7FF0), "guest")
+    log.uncertain(0, seq, "mmu_update")
+    log.result(0, seq, "mmu_update", 0)
+    log.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["event"] for r in records] == ["start", "call", "uncertain", "return", "stop"]
+    assert records[2]["seq"] == seq and "repeated stop report" in records[2]["why"]
+    assert any("hit again unchanged" in line for line in show_lines(records))
+    out = subprocess.run([sys.executable, "-m", "xendbg.cli", "trace", str(path), "--stats", "--json"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    (row,) = json.loads(out.stdout)["hypercalls"]
+    assert (row["name"], row["calls"], row["uncertain"]) == ("mmu_update", 1, 1)

@@ -51,6 +51,7 @@ _KEYS: dict[str, dict[str, tuple[Any, str]]] = {
     "call": {"seq": _INT, "line": _STR, "name": _NAME, "hypercall": (lambda v: isinstance(v, dict), "an object")},
     "return": {"seq": _INT, "name": _STR, "result": _INT},
     "preempted": {"seq": _INT, "name": _STR},
+    "uncertain": {"name": _STR},
     "error": {"seq": _INT, "where": _ANY, "error": _ANY},
     "gap": {"lost": _INT},
     "subcall": {"line": _STR},
@@ -185,7 +186,7 @@ def select_stream(records: Iterable[dict[str, Any]], names: Iterable[str] = (),
             kept[r.get("cpu")] = r.get("seq") if named else None
             if named:
                 yield r
-        elif event in ("return", "preempted"):
+        elif event in ("return", "preempted", "uncertain"):
             if r.get("seq") is not None and kept.get(r.get("cpu")) == r.get("seq"):
                 yield r
         elif event == "error" and not wanted:
@@ -197,4 +198,6 @@ def stats(records: Iterable[dict[str, Any]]) -> Stats:
     for r in records:
         if r.get("event") in ("call", "return"):
             counted.count_record(r)
+        elif r.get("event") == "uncertain":
+            counted.count_uncertain(r["name"])
     return counted
