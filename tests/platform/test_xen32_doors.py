@@ -11,7 +11,7 @@ import re
 
 import pytest
 from conftest import XENDBG_SCRIPT as SCRIPT
-from conftest import json_blocks
+from conftest import frame_recorder, json_blocks
 
 pytestmark = pytest.mark.platform
 
@@ -112,21 +112,7 @@ def test_every_command_on_a_32_bit_ring_1_guest(boot_gdb) -> None:
 IRET, MULTICALL, CONSOLE_IO = 23, 13, 18
 # do_entry_int82(struct cpu_user_regs *regs): Xen's 64-bit frame, a compat guest's registers in the low
 # halves (public arch-x86/xen-x86_64.h, RELEASE-4.17.0): rax 80, rbx 40, rcx 88, rdx 96, rip 128, rsp 152.
-RAW_RECORDER = """
-import gdb, json, struct
-class RawEntries(gdb.Breakpoint):
-    def __init__(self):
-        super().__init__("*do_entry_int82", type=gdb.BP_HARDWARE_BREAKPOINT)
-        self.seen = []
-    def stop(self):
-        inferior = gdb.selected_inferior()
-        regs = bytes(inferior.read_memory(int(gdb.parse_and_eval("$rdi")) & (1 << 64) - 1, 200))
-        entry = [struct.unpack_from("<Q", regs, at)[0] & 0xFFFFFFFF for at in (80, 40, 88, 96, 128, 152)]
-        entry.append(struct.unpack_from("<I", bytes(inferior.read_memory(entry[-1], 4)))[0])
-        self.seen.append(entry)
-        return False
-RAW = RawEntries()
-"""
+RAW_RECORDER = frame_recorder("do_entry_int82", (80, 40, 88, 96, 128, 152), word=4, stack_word=True)
 
 
 def test_irets_and_continuations_on_a_32_bit_guest(boot_gdb, tmp_path) -> None:

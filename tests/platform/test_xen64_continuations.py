@@ -14,7 +14,7 @@ import re
 
 import pytest
 from conftest import XENDBG_SCRIPT as SCRIPT
-from conftest import json_blocks
+from conftest import frame_recorder, json_blocks
 
 pytestmark = pytest.mark.platform
 
@@ -22,21 +22,7 @@ CONSOLE_IO, MMU_UPDATE, IRET = 18, 1, 23
 # struct cpu_user_regs offsets (xen/include/public/arch-x86/xen-x86_64.h, RELEASE-4.17.0): r15 first,
 # 8 bytes each; after error_code and entry_vector (4 bytes each) rip, cs, rflags, rsp, ss.
 REGS_AT = {"rax": 80, "rdi": 112, "rsi": 104, "rdx": 96, "r10": 56, "r8": 72, "rip": 128, "rsp": 152}
-RAW_RECORDER = f"""
-import gdb, json, struct
-class RawEntries(gdb.Breakpoint):
-    def __init__(self):
-        super().__init__("*pv_hypercall", type=gdb.BP_HARDWARE_BREAKPOINT)
-        self.seen = []
-    def stop(self):
-        inferior = gdb.selected_inferior()
-        regs = bytes(inferior.read_memory(int(gdb.parse_and_eval("$rdi")) & (1 << 64) - 1, 200))
-        values = [struct.unpack_from("<Q", regs, at)[0] for at in {list(REGS_AT.values())}]
-        top = struct.unpack_from("<Q", bytes(inferior.read_memory(values[-1], 8)))[0]  # the word at the guest's RSP
-        self.seen.append(values + [top])
-        return False
-RAW = RawEntries()
-"""
+RAW_RECORDER = frame_recorder("pv_hypercall", tuple(REGS_AT.values()), stack_word=True)
 
 
 def without_repeats(entries: list[list[int]]) -> list[list[int]]:

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 from conftest import XENDBG_SCRIPT as SCRIPT
-from conftest import json_blocks
+from conftest import frame_recorder, json_blocks
 
 pytestmark = pytest.mark.platform
 
@@ -27,18 +27,7 @@ def records(path) -> list[dict]:
 # registers from struct cpu_user_regs, with no xendbg code involved. Debian's xen-syms has no type for it:
 # the offsets are from xen/include/public/arch-x86/xen-x86_64.h (RELEASE-4.17.0), r15 first, 8 bytes each.
 REGS_AT = {"rax": 80, "rdi": 112, "rsi": 104, "rdx": 96, "r10": 56, "r8": 72}
-RAW_RECORDER = f"""
-import gdb, json, struct
-class RawHypercalls(gdb.Breakpoint):
-    def __init__(self):
-        super().__init__("*pv_hypercall", type=gdb.BP_HARDWARE_BREAKPOINT)
-        self.seen = []
-    def stop(self):
-        regs = bytes(gdb.selected_inferior().read_memory(int(gdb.parse_and_eval("$rdi")) & (1 << 64) - 1, 120))
-        self.seen.append([struct.unpack_from("<Q", regs, at)[0] for at in {list(REGS_AT.values())}])
-        return False
-RAW = RawHypercalls()
-"""
+RAW_RECORDER = frame_recorder("pv_hypercall", tuple(REGS_AT.values()))
 
 
 def key_of_raw(regs: list[int]) -> tuple:
