@@ -6,7 +6,7 @@
   xendbg core FILE [summary|vcpus|hypercall|multicall|traps|callbacks|check] [--symbols ELF ...]
               [--xen-syms FILE] [--xen VERSION] [--domain ID] [--vcpu N] [--json] [--to-gdb OUT]
   xendbg trace FILE.jsonl [--stats] [--errors] [NAME ...] [--json]
-  xendbg attach HOST:PORT|PORT | --platform shim32|xen64|linux64 ...   the full-screen debugger (xendbg/tui/)
+  xendbg attach HOST:PORT|PORT | --platform PLATFORM ...   the full-screen debugger (xendbg/tui/)
 
 Arguments can also be read from a file, one a line (lines starting with # are comments):
 `xendbg decode @examples/linux-multicall.args`.
@@ -30,6 +30,7 @@ from xendbg.decode import decode_multicall, decode_pending, decode_trap_table
 from xendbg.decode.rules import MAX_MULTICALL_ENTRIES
 from xendbg.errors import DecodeError, UsageError, XendbgError
 from xendbg.files import open_stream, read_limited
+from xendbg.mi import PLATFORMS
 from xendbg.render import json as render_json
 from xendbg.render import text as render_text
 from xendbg.session import AbiChoice
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="keys: F1 help, F5 continue, Ctrl-C interrupt, F7 stepi, F8 catch, F9 trace, "
                               "F6 detail pane, F11/F12 vCPU, F10 quit")
     p.add_argument("target", nargs="?", metavar="HOST:PORT|PORT", help="the gdbstub to attach to")
-    p.add_argument("--platform", choices=("shim32", "xen64", "linux64"),
+    p.add_argument("--platform", choices=PLATFORMS,
                    help="boot this bundled platform (fixtures/run) and attach to it; quitting ends it")
     p.add_argument("--abi", help="with --platform: the Xen ABI it emulates or expects")
     p.add_argument("--faulty", action="store_true", help="with --platform: the guest with deliberate mistakes")

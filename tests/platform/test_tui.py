@@ -299,3 +299,24 @@ def test_xen64_at_reset_the_status_line_says_real_mode_as_cr0_does(tui):
     assert not cr0 & 1 and not cr0 & 1 << 31, screen  # CR0.PE and CR0.PG clear: real mode, no paging
     assert re.search(r"^cs\s+0xf000\s", screen, re.M), screen
     quit_cleanly(t)
+
+
+def test_xen32_first_multicall_at_xens_compat_handler(tui):
+    """xendbg attach on the 32-bit ring-1 guest under the Xen built from source: caught inside Xen at
+    compat_multicall, decoded as a 32-bit PV call; the batch's first op is what gdb reads raw at the
+    handler's C argument (the guest's call_list in RDI), in the same session."""
+    t = tui("--platform", "xen32")
+    t.wait(r"STOPPED: ")
+    t.type("xen catch hypercall multicall")
+    t.wait(r"catching multicall")
+    t.keys("F5")
+    screen = t.wait(r"STOPPED: caught multicall \(in Xen at compat_multicall", timeout=120)
+    assert "in Xen (ring 0)" in screen
+    assert re.search(r"^multicall\s+nr 13\s+\[Xen 4\.\d+ ABI \(from Xen's image: Xen 4\.\d+\), 32-bit PV", screen,
+                     re.M), screen
+    t.type("x/wx $rdi")
+    raw = r"^0x[0-9a-f]+(?: <\w+>)?:(?:\^I|\s)+(0x[0-9a-f]{8})\s*$"  # the console shows gdb's tab as ^I
+    screen = t.wait(raw)
+    op = int(re.findall(raw, screen, re.M)[-1], 16)
+    assert re.search(rf"^0\s+{op}\s+\w+", screen, re.M), screen
+    quit_cleanly(t)

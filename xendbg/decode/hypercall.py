@@ -710,9 +710,12 @@ def decode_in_xen(target: Target, function: str, abi_for_width: Callable[[int, i
             raise DecodeError(f"{function} serves {entry.name}, which Xen {abi.generation} has no number for")
         nr = known.nr
     guest_sp = entry.guest_sp
-    if guest_sp is None and entry.site.kind == "handler":  # the guest's stack is in the frame Xen saved
-        multicall = abi.hypercall_named("multicall")
-        frame = arch.handler_guest_frame(target, {nr} | ({multicall.nr} if multicall else set()))
+    batching = {h.nr for name in ("multicall",) if (h := abi.hypercall_named(name)) is not None}
+    reading_stack = batching | {h.nr for name in ("iret",) if (h := abi.hypercall_named(name)) is not None}
+    if guest_sp is None and entry.site.kind == "handler" and nr in reading_stack:
+        # An iret, alone or batched, reads the guest's stack, whose pointer is in the frame Xen saved;
+        # other calls spare the read.
+        frame = arch.handler_guest_frame(target, {nr} | batching)
         guest_sp = frame.guest_sp if frame is not None and frame.width == entry.width else None
     return _decode(target, abi, nr, list(entry.args), state, 0, site=entry.site.describe(),
                    stack=GuestStack(guest_sp), in_xen=True)

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xendbg.errors import UsageError, XendbgError
+from xendbg.mi import PLATFORMS
 from xendbg.mi.client import MiClient, MiError, Record
 
 ROOT = Path(__file__).resolve().parents[2]  # the project: gdbscripts/, fixtures/
 SCRIPT = ROOT / "gdbscripts" / "xendbg.py"
 RUNNER = ROOT / "fixtures" / "run"
-PLATFORMS = ("shim32", "xen64", "linux64")
 GDB_MIN = (13, 1)  # gdb.MICommand (the -xen-* commands) came with gdb 13
 ARCHES = {"i386": "i386", "x86-64": "i386:x86-64"}
 PLATFORM_TIMEOUT = 3600  # seconds QEMU may live under the runner (it still ends with the session)

@@ -13,13 +13,14 @@ import time
 from argparse import Namespace
 
 from xendbg.errors import UsageError, XendbgError
+from xendbg.mi import PLATFORMS
 from xendbg.mi import attach as launch
 from xendbg.mi.client import MiClient, MiError
 
 
 def options(args: Namespace) -> launch.AttachOptions:
     if (args.target is None) == (args.platform is None):
-        raise UsageError("give HOST:PORT (or PORT) to attach to, or --platform shim32|xen64|linux64 to boot one")
+        raise UsageError(f"give HOST:PORT (or PORT) to attach to, or --platform {'|'.join(PLATFORMS)} to boot one")
     if args.platform is None and (args.abi or args.faulty):
         raise UsageError("--abi and --faulty choose a bundled platform: give --platform too")
     return launch.AttachOptions(target=args.target, platform=args.platform, abi=args.abi, faulty=args.faulty,
