@@ -367,8 +367,12 @@ def _vcpu(reader: _Reader, memory: PhysicalMemory, syms: XenSyms, domid: int, in
     elif lay.user_regs is not None:
         regs = unpack(_FRAME, reader.read(v + lay.user_regs, _FRAME.size), 64, ERA_3)
         cpu = _frame_cpu(model, regs, cr3, index)
-        where, text = (OFFLINE, "offline (VPF_down): the stale registers in Xen's struct vcpu") if down else \
-            (DESCHEDULED, "descheduled: the registers Xen saved in its struct vcpu (arch.user_regs)")
+        if down is None:  # the VPF_down test was not recovered from this xen-syms: either may be true
+            where, text = DESCHEDULED, ("descheduled or offline (xendbg did not find Xen's VPF_down test in this "
+                                        "xen-syms): the registers Xen saved in its struct vcpu (arch.user_regs)")
+        else:
+            where, text = (OFFLINE, "offline (VPF_down): the stale registers in Xen's struct vcpu") if down else \
+                (DESCHEDULED, "descheduled: the registers Xen saved in its struct vcpu (arch.user_regs)")
     else:
         cpu = _frame_cpu(model, {n: 0 for n in (*_GPRS, "cs", "ss", "ds", "es", "fs", "gs")}, cr3, index)
         where, text = DESCHEDULED, "descheduled: its saved registers could not be located in struct vcpu"
