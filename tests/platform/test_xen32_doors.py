@@ -148,3 +148,40 @@ def test_irets_and_continuations_on_a_32_bit_guest(boot_gdb, tmp_path) -> None:
         assert len(traced) == len(entries) == stats[name]["calls"], (name, len(traced), len(entries))
     # The scenario's multicall#3 is preempted by a pending event and continued: one entry more than calls.
     assert len([r for r in calls if r["nr"] == MULTICALL and r.get("continues") is not None]) >= 1
+
+
+def frame_slots(out: str) -> list[dict[str, int]]:
+    """The slots of each bounce frame xendbg printed at an entry breakpoint: {slot: value}."""
+    frames = []
+    for block in re.split(r"^\w+ frame (?:for vector \S+ \(\S+\) )?at 0x", out, flags=re.M)[1:]:
+        table = block.split("\ninterrupted guest")[0]
+        slots = dict(re.findall(r"^0x[0-9a-f]+\s+(\w+)\s+(0x[0-9a-f]+)", table, re.M))
+        frames.append({k: int(v, 16) for k, v in slots.items()})
+    return frames
+
+
+def test_break_on_the_event_callback_and_a_trap_shows_xens_compat_bounce_frames(boot_gdb) -> None:
+    """`xen break` on the 32-bit guest: at each entry, the frame compat_create_bounce_frame built
+    (EIP, CS with the saved upcall mask, EFLAGS; no ESP/SS within ring 1) equals the stack read raw, and
+    what the guest's handlers then reported in the transcript."""
+    booted = boot_gdb("xen32", timeout=120, extra=("--hold",))
+    out = booted.gdb_batch(
+        f"source {SCRIPT}", "set xen color off", "xen break callback event", "xen break trap 3",
+        "continue", "continue",  # each registration moves its breakpoint (a stop to do it)
+        "continue", "echo RAW1\\n", "x/3wx $rsp", "continue", "echo RAW2\\n", "x/3wx $rsp",
+        "continue", "echo RAW3\\n", "x/3wx $rsp", "delete", "detach", timeout=110)
+    assert "Traceback" not in out, out[-3000:]
+    transcript = booted.finish().stdout
+    frames = frame_slots(out)
+    assert len(frames) == 3, out[-3000:]
+    for index, frame in enumerate(frames, 1):
+        raw = words(out, f"RAW{index}")[:3]
+        assert [frame["eip"], frame["cs"], frame["eflags"]] == raw
+        assert "esp" not in frame and frame["cs"] & 0xFFFF == RING1_CS
+    event = re.search(r"\[guest\] event: .* frame_cs=(0x\w+) frame_eflags=(0x\w+)", transcript)
+    preempt = re.search(r"\[guest\] event\.preempt: .* frame_eip=(0x\w+)", transcript)
+    int3 = re.search(r"\[guest\] trap\.int3: .* eip=(0x\w+) cs=(0x\w+)", transcript)
+    assert event and preempt and int3, transcript[-2000:]
+    assert (frames[0]["cs"] & 0xFFFF, frames[0]["eflags"]) == (int(event[1], 16), int(event[2], 16))
+    assert frames[1]["eip"] == int(preempt[1], 16)
+    assert (frames[2]["eip"], frames[2]["cs"] & 0xFFFF) == (int(int3[1], 16), int(int3[2], 16))
