@@ -40,11 +40,13 @@ from xendbg.mi.attach import listening  # noqa: E402 - the same /proc check xend
 XENDBG_SCRIPT = ROOT / "gdbscripts" / "xendbg.py"  # what a user `source`s in gdb
 
 
-def frame_recorder(location: str, offsets: tuple[int, ...], word: int = 8, stack_word: bool = False) -> str:
+def frame_recorder(location: str, offsets: tuple[int, ...], word: int = 8, stack_word: bool = False,
+                   cpu: bool = False) -> str:
     """A gdb Python script (to `source`) whose hardware breakpoint at `location` records, at each hit and
     with no xendbg code, fields of the struct cpu_user_regs whose address is in RDI (pv_hypercall,
     do_entry_int82): the 8-byte values at `offsets`, cut to `word` bytes; with `stack_word`, also the word
-    at the guest stack pointer, which must be the last offset.  `RAW.seen` holds one list per hit."""
+    at the guest stack pointer, which must be the last offset; with `cpu`, first the CPU (gdb's thread less
+    one).  `RAW.seen` holds one list per hit."""
     mask = (1 << 8 * word) - 1
     return f"""
 import gdb, json, struct
@@ -58,6 +60,8 @@ class RawEntries(gdb.Breakpoint):
         entry = [struct.unpack_from("<Q", regs, at)[0] & {mask} for at in {list(offsets)}]
         if {stack_word}:
             entry.append(int.from_bytes(bytes(inferior.read_memory(entry[-1], {word})), "little"))
+        if {cpu}:
+            entry.insert(0, gdb.selected_thread().num - 1)
         self.seen.append(entry)
         return False
 RAW = RawEntries()

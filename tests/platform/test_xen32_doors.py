@@ -185,3 +185,35 @@ def test_break_on_the_event_callback_and_a_trap_shows_xens_compat_bounce_frames(
     assert (frames[0]["cs"] & 0xFFFF, frames[0]["eflags"]) == (int(event[1], 16), int(event[2], 16))
     assert frames[1]["eip"] == int(preempt[1], 16)
     assert (frames[2]["eip"], frames[2]["cs"] & 0xFFFF) == (int(int3[1], 16), int(int3[2], 16))
+
+
+def test_xens_trace_buffers_name_a_32_bit_guests_calls(boot_gdb, tmp_path) -> None:
+    """`xen trace start --buffers` on xen32: Xen's buffers (64-bit pointers) hold the compat guest's
+    calls; each record is named with the 32-bit guest's ABI (the width from a vCPU's CS or Xen's own flag,
+    never assumed from Xen's), and per hypercall there are as many records as gdb's own breakpoint at
+    do_entry_int82 saw entries (continuations included), in the same boot."""
+    log, recorder = tmp_path / "buffers.jsonl", tmp_path / "raw.py"
+    recorder.write_text(frame_recorder("do_entry_int82", (80,), word=4, cpu=True))
+    booted = boot_gdb("xen32", timeout=120, extra=("--xentrace", "--hold"))
+    out = booted.gdb_batch(
+        f"source {SCRIPT}", "set xen color off", f"xen trace start --buffers --only hypercalls --file {log}",
+        f"source {recorder}", "hbreak domain_shutdown", "continue", "python print('RAWCALLS', json.dumps(RAW.seen))",
+        "xen trace stop", "delete", "detach", timeout=110)
+    assert "Traceback" not in out and "RAWCALLS" in out, out[-3000:]
+    seen = json.loads(re.search(r"^RAWCALLS (.*)$", out, re.M).group(1))
+    calls = [r for r in (json.loads(line) for line in log.read_text().splitlines()) if r["event"] == "call"]
+    assert calls and {r["hypercall"]["width"] for r in calls} == {32}
+    assert not any(f["rule"] == "abi-evidence" for r in calls for f in r["hypercall"]["findings"])
+    # Per CPU (the buffers are per physical CPU, QEMU's CPUs here), each record one entry, in order; an
+    # entry the records do not account for repeats the one before it (gdb's duplicate report of a stop).
+    for cpu in {c for c, _ in seen} | {r["cpu"] for r in calls}:
+        entries = [nr for c, nr in seen if c == cpu]
+        records = [r["nr"] for r in calls if r["cpu"] == cpu]
+        at = 0
+        for index, nr in enumerate(entries):
+            if at < len(records) and nr == records[at]:
+                at += 1
+            else:
+                assert index and nr == entries[index - 1], (cpu, index, nr, records[at:at + 1])
+        assert at == len(records), (cpu, at, len(records))
+    assert len([r for r in calls if r["nr"] == MULTICALL]) >= 4  # 3 batches, the third continued at least once

@@ -16,13 +16,16 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import gdb
 
+from xendbg import arch
+from xendbg.abi import Abi
 from xendbg.errors import TargetError, UsageError, XendbgError
 from xendbg.gdb import context
 from xendbg.gdb.target import GdbTarget
+from xendbg.session import AbiChoice
 from xendbg.trace import Stats, TraceLog
 from xendbg.xentrace import events as ev
 from xendbg.xentrace.buffers import TraceBuffers
@@ -55,6 +58,45 @@ def xen_width() -> int:
     """Xen's word size in bits, from the architecture gdb debugs it with: 64 for x86_64 Xen, 32 for a
     32-bit one (shim32)."""
     return 64 if "64" in gdb.selected_inferior().architecture().name() else 32
+
+
+_seen_width: list[tuple[int, str]] = []  # the last guest width the evidence gave, and from what
+
+
+def guest_width() -> tuple[int, str] | None:
+    """The width of the guest whose hypercalls Xen's buffers record, and what says so: a vCPU gdb shows
+    in a PV guest now (its CS), else Xen's own flag for dom0 where xen-syms has types
+    (hardware_domain->arch.pv.is_32bit, asm/domain.h at RELEASE-4.17.0), else the last width seen."""
+    selected = gdb.selected_thread()
+    try:
+        for thread in gdb.selected_inferior().threads():
+            thread.switch()
+            cs = int(gdb.parse_and_eval("$cs")) & 0xFFFF
+            width = arch.cpu_mode(cs).width
+            if width is not None and cs & 3:
+                _seen_width[:] = [(width, f"vCPU {thread.num - 1}'s CS {cs:#06x}")]
+                break
+        else:
+            is_32bit = int(gdb.parse_and_eval("hardware_domain->arch.pv.is_32bit"))
+            _seen_width[:] = [(32 if is_32bit else 64, "Xen's hardware_domain->arch.pv.is_32bit")]
+    except gdb.error:
+        pass  # no types in xen-syms, or no thread in a guest: the last width seen stands
+    finally:
+        if selected is not None and selected.is_valid():
+            selected.switch()
+    return _seen_width[0] if _seen_width else None
+
+
+def _abi_at_drain() -> tuple[Abi, AbiChoice]:
+    """The ABI that names a drain's records: of the guest's width when evidence gives it; else Xen's own
+    width, said as a guess in each record."""
+    found = guest_width()
+    if found is not None:
+        return context.abi_for(found[0])
+    abi, choice = context.abi_for(xen_width())
+    guess = (f"the guest's width is not known yet (no vCPU in a PV guest, no type information in xen-syms): "
+             f"calls named as a {abi.width}-bit guest's")
+    return abi, replace(choice, warning=f"{choice.warning}; {guess}" if choice.warning else guess)
 
 
 def _buffers(physical: Callable[[int, int], bytes] | None = None) -> TraceBuffers:
@@ -206,10 +248,9 @@ def start(log: TraceLog, stats: Stats, only_hypercalls: bool, detail: frozenset[
     if ACTIVE.trace is not None:
         raise UsageError("a buffer trace is already running: xen trace stop first")
     buffers = _buffers(_physical)  # a one-line error naming the symbols when xen-syms is not loaded
-    # The records do not say the guest's width: take Xen's (a 64-bit Xen's compat guests use the same
-    # hypercall numbers); the generation follows the evidence as it comes.
-    width = xen_width()
-    feed = BufferFeed(log, stats, lambda: context.abi_for(width), only_hypercalls, detail)
+    # The records do not say the guest's width: it comes from the evidence at each drain (guest_width),
+    # as the generation does.
+    feed = BufferFeed(log, stats, _abi_at_drain, only_hypercalls, detail)
     trace = BufferTrace(log, feed, XentraceWriter(out_file) if out_file else None, ACTIVE.interval)
     trace.buffers = buffers
     if not _registered:
