@@ -492,9 +492,9 @@ def cpu_guest_frame_address(target: Target, stack_base: int, cpu: int) -> int | 
 
 # struct cpu_user_regs of a 64-bit Xen (public arch-x86/xen-x86_64.h, RELEASE-4.17.0): 200 bytes, the
 # u32 entry_vector at 124 (TRAP_syscall, 256, for a `syscall` entry; HYPERCALL_VECTOR 0x82 for
-# entry_int82, x86_64/compat/entry.S), rip at 128, rsp at 152.
+# entry_int82, x86_64/compat/entry.S), rip at 128, cs at 136, rsp at 152.
 CPU_USER_REGS_SIZE = 200
-FRAME_ENTRY_VECTOR, FRAME_RIP, FRAME_RSP = 124, 128, 152
+FRAME_ENTRY_VECTOR, FRAME_RIP, FRAME_CS, FRAME_RSP = 124, 128, 136, 152
 TRAP_SYSCALL = 256
 
 

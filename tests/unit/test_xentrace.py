@@ -364,3 +364,19 @@ def test_cli_names_xentrace_records_by_xen_version(tmp_path, capsys) -> None:
     assert run(["trace", str(path), "--json", "--xen", "3.0"]) == 0
     exact = json.loads(capsys.readouterr().out)[0]["hypercall"]
     assert (exact["name"], exact["xen"], exact["xen_source"], exact["findings"]) == ("sched_op", "3.0", "--xen 3.0", [])
+
+
+def test_buffer_records_take_the_guests_width_from_a_code_selector():
+    """Xen's hypercall records do not say the guest's width (common/trace.c __trace_hypercall,
+    RELEASE-4.17.0): the first PV guest selector gives it; Xen's ring-0 CS gives nothing; without any,
+    Xen's width is used and each record says it is a guess."""
+    from xendbg.session import Session
+    from xendbg.xentrace.merge import records_abi
+
+    session = Session()
+    abi, choice = records_abi(session.abi, [(0xE008, "Xen"), (0xE019, "vCPU 1")], 64)
+    assert abi.width == 32 and "width is a guess" not in (choice.warning or "")
+    abi, choice = records_abi(session.abi, [(0xE033, "vCPU 0")], 64)
+    assert abi.width == 64 and "width is a guess" not in (choice.warning or "")
+    abi, choice = records_abi(session.abi, [(0xE008, "Xen"), (0xF000, "reset")], 64)
+    assert abi.width == 64 and "the guest's width is a guess" in choice.warning

@@ -244,7 +244,7 @@ def trace(core: Core, args: Any, emit: Emit) -> None:
     from xendbg.errors import TargetError, UsageError
     from xendbg.trace import Stats, TraceLog, show_lines
     from xendbg.xentrace.buffers import TraceBuffers
-    from xendbg.xentrace.merge import BufferFeed
+    from xendbg.xentrace.merge import BufferFeed, records_abi
 
     if core.xen_syms is None:
         raise UsageError("trace reads Xen's own trace buffers: give --xen-syms")
@@ -264,7 +264,8 @@ def trace(core: Core, args: Any, emit: Emit) -> None:
         raise XendbgError(f"no CPU of the dump maps Xen's trace buffers: {problem}")
     log = TraceLog(None, ())
     log.recent = deque()  # a dump is read whole: keep every record
-    chosen = core.session.abi(64)
+    selectors = [(v.cs, f"vCPU {v.index}'s CS") for v in core.vcpus]
+    chosen = records_abi(core.session.abi, selectors, 64)  # Xen is 64-bit: xendbg reads no 32-bit Xen's dump
     feed = BufferFeed(log, Stats(), lambda: chosen)
     feed.feed(per_cpu)
     records = [r for r in log.recent if r["event"] not in ("start", "stop")]

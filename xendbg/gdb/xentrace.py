@@ -16,7 +16,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import gdb
 
@@ -29,7 +29,7 @@ from xendbg.session import AbiChoice
 from xendbg.trace import Stats, TraceLog
 from xendbg.xentrace import events as ev
 from xendbg.xentrace.buffers import TraceBuffers
-from xendbg.xentrace.merge import BufferFeed
+from xendbg.xentrace.merge import BufferFeed, records_abi
 from xendbg.xentrace.xtfile import XentraceWriter
 
 DEFAULT_INTERVAL = 0.5
@@ -60,43 +60,31 @@ def xen_width() -> int:
     return 64 if "64" in gdb.selected_inferior().architecture().name() else 32
 
 
-_seen_width: list[tuple[int, str]] = []  # the last guest width the evidence gave, and from what
+_stack_base: list[int | None] = [None]  # Xen's stack_base[], looked up when the trace starts
 
 
-def guest_width() -> tuple[int, str] | None:
-    """The width of the guest whose hypercalls Xen's buffers record, and what says so: a vCPU gdb shows
-    in a PV guest now (its CS), else Xen's own flag for dom0 where xen-syms has types
-    (hardware_domain->arch.pv.is_32bit, asm/domain.h at RELEASE-4.17.0), else the last width seen."""
-    selected = gdb.selected_thread()
+def guest_selectors() -> list[tuple[int, str]]:
+    """The code selectors the vCPUs show now, read without switching threads (a drain may run inside a
+    breakpoint's stop() or condition): the selected vCPU's CS, then per CPU the CS of the guest frame Xen
+    saved there (cpu_info's guest_cpu_user_regs, xen-syms loaded)."""
+    found: list[tuple[int, str]] = []
+    target = GdbTarget()
     try:
-        for thread in gdb.selected_inferior().threads():
-            thread.switch()
-            cs = int(gdb.parse_and_eval("$cs")) & 0xFFFF
-            width = arch.cpu_mode(cs).width
-            if width is not None and cs & 3:
-                _seen_width[:] = [(width, f"vCPU {thread.num - 1}'s CS {cs:#06x}")]
-                break
-        else:
-            is_32bit = int(gdb.parse_and_eval("hardware_domain->arch.pv.is_32bit"))
-            _seen_width[:] = [(32 if is_32bit else 64, "Xen's hardware_domain->arch.pv.is_32bit")]
-    except gdb.error:
-        pass  # no types in xen-syms, or no thread in a guest: the last width seen stands
-    finally:
-        if selected is not None and selected.is_valid():
-            selected.switch()
-    return _seen_width[0] if _seen_width else None
+        found.append((int(gdb.parse_and_eval("$cs")) & 0xFFFF, "the selected vCPU's CS"))
+        stack_base = _stack_base[0]
+        for cpu in range(len(gdb.selected_inferior().threads()) if stack_base is not None else 0):
+            frame = arch.cpu_guest_frame_address(target, stack_base or 0, cpu)
+            if frame is not None:
+                saved = int.from_bytes(target.read_memory(frame + arch.FRAME_CS, 2), "little")
+                found.append((saved, f"the guest frame Xen saved on CPU {cpu}"))
+    except (gdb.error, XendbgError):
+        pass  # a running target, an unreadable frame: what was found stands
+    return found
 
 
 def _abi_at_drain() -> tuple[Abi, AbiChoice]:
-    """The ABI that names a drain's records: of the guest's width when evidence gives it; else Xen's own
-    width, said as a guess in each record."""
-    found = guest_width()
-    if found is not None:
-        return context.abi_for(found[0])
-    abi, choice = context.abi_for(xen_width())
-    guess = (f"the guest's width is not known yet (no vCPU in a PV guest, no type information in xen-syms): "
-             f"calls named as a {abi.width}-bit guest's")
-    return abi, replace(choice, warning=f"{choice.warning}; {guess}" if choice.warning else guess)
+    """The ABI that names a drain's records, of the guest's width as the vCPUs show it now."""
+    return records_abi(context.abi_for, guest_selectors(), xen_width())
 
 
 def _buffers(physical: Callable[[int, int], bytes] | None = None) -> TraceBuffers:
@@ -248,8 +236,9 @@ def start(log: TraceLog, stats: Stats, only_hypercalls: bool, detail: frozenset[
     if ACTIVE.trace is not None:
         raise UsageError("a buffer trace is already running: xen trace stop first")
     buffers = _buffers(_physical)  # a one-line error naming the symbols when xen-syms is not loaded
-    # The records do not say the guest's width: it comes from the evidence at each drain (guest_width),
-    # as the generation does.
+    # The records do not say the guest's width: it comes from the vCPUs at each drain (guest_selectors),
+    # as the generation does from its evidence.
+    _stack_base[0] = context.address_of("stack_base")
     feed = BufferFeed(log, stats, _abi_at_drain, only_hypercalls, detail)
     trace = BufferTrace(log, feed, XentraceWriter(out_file) if out_file else None, ACTIVE.interval)
     trace.buffers = buffers

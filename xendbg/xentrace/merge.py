@@ -13,9 +13,10 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from xendbg import arch
 from xendbg.abi import Abi
 from xendbg.decode.model import Hypercall
 from xendbg.observe import PREEMPTED_COUNT_BIT
@@ -174,6 +175,20 @@ def describe(event: Event, abi: Abi) -> dict[str, Any]:
     elif r.words:
         out["words"] = list(r.words)
     return out
+
+
+def records_abi(abi_for: Callable[[int], tuple[Abi, AbiChoice]], selectors: Iterable[tuple[int, str]],
+                xen_width: int) -> tuple[Abi, AbiChoice]:
+    """The ABI that names buffer records, whose hypercall records do not say the guest's width: the width
+    of the first PV guest code selector among `selectors` ((selector, where it was read)), else Xen's own
+    width, said as a guess in each record."""
+    for selector, _where in selectors:
+        width = arch.cpu_mode(selector).width
+        if width is not None and selector & 3:
+            return abi_for(width)
+    abi, choice = abi_for(xen_width)
+    guess = f"no vCPU shows a PV guest's code selector: the guest's width is a guess ({abi.width}-bit, Xen's)"
+    return abi, replace(choice, warning=f"{choice.warning}; {guess}" if choice.warning else guess)
 
 
 class BufferFeed:
