@@ -482,7 +482,7 @@ def cpu_guest_frame_address(target: Target, stack_base: int, cpu: int) -> int | 
             return None
         for size in CPU_INFO_SIZES:
             info = base + STACK_SIZE - size
-            processor_id = info + CPU_USER_REGS_SIZE  # cpu_info's first field after the frame
+            processor_id = info + _xen_frame_layout().size  # cpu_info's first field after the frame
             if int.from_bytes(target.read_memory(processor_id, 4), "little") == cpu:
                 return info
     except TargetError:
@@ -490,25 +490,43 @@ def cpu_guest_frame_address(target: Target, stack_base: int, cpu: int) -> int | 
     return None
 
 
-# struct cpu_user_regs of a 64-bit Xen (public arch-x86/xen-x86_64.h, RELEASE-4.17.0): 200 bytes, the
-# u32 entry_vector at 124 (TRAP_syscall, 256, for a `syscall` entry; HYPERCALL_VECTOR 0x82 for
-# entry_int82, x86_64/compat/entry.S), rip at 128, cs at 136, rsp at 152.
-CPU_USER_REGS_SIZE = 200
-FRAME_ENTRY_VECTOR, FRAME_RIP, FRAME_CS, FRAME_RSP = 124, 128, 136, 152
+# The entry_vector Xen stores in the frame of a `syscall` entry (TRAP_syscall, asm/processor.h at
+# RELEASE-4.17.0); an `int $0x82` entry stores HYPERCALL_VECTOR (x86_64/compat/entry.S).
 TRAP_SYSCALL = 256
+
+
+def _xen_frame_layout():  # noqa: ANN202 - abi.layouts.Layout, imported lazily
+    """struct cpu_user_regs as a 64-bit Xen saves it (its guests' registers in it, 32-bit ones too)."""
+    from xendbg.abi.layouts import ERA_3, layout
+
+    return layout("cpu_user_regs", 64, ERA_3)
+
+
+def xen_frame_size() -> int:
+    return _xen_frame_layout().size
+
+
+def frame_code_selector(frame: bytes) -> int:
+    """The guest's CS in a frame Xen saved (`xen_frame_size()` bytes)."""
+    from xendbg.abi.layouts import ERA_3, unpack
+
+    return int(unpack(_xen_frame_layout(), frame, 64, ERA_3)["cs"]) & 0xFFFF
 
 
 def frame_shows_rewound_hypercall(frame: bytes, instruction: int, sp: int) -> bool:
     """Whether Xen's saved guest frame says its last entry was a hypercall from `instruction` with stack
     `sp` that it rewound onto the instruction to continue it (pv_hypercall's `regs->rip -= 2` for a
     preempted call, pv/hypercall.c at RELEASE-4.17.0: after it returned, RIP is past the instruction)."""
-    if len(frame) < CPU_USER_REGS_SIZE:
+    from xendbg.abi.layouts import ERA_3, unpack
+
+    lay = _xen_frame_layout()
+    if len(frame) < lay.size:
         return False
-    vector = int.from_bytes(frame[FRAME_ENTRY_VECTOR:FRAME_ENTRY_VECTOR + 4], "little")
-    rip = int.from_bytes(frame[FRAME_RIP:FRAME_RIP + 8], "little")
-    rsp = int.from_bytes(frame[FRAME_RSP:FRAME_RSP + 8], "little")
-    width_mask = (1 << 64) - 1 if vector == TRAP_SYSCALL else (1 << 32) - 1
-    return vector in (TRAP_SYSCALL, HYPERCALL_VECTOR) and rip & width_mask == instruction and rsp & width_mask == sp
+    regs = unpack(lay, frame[:lay.size], 64, ERA_3)
+    vector = int(regs["entry_vector"])
+    mask = (1 << 64) - 1 if vector == TRAP_SYSCALL else (1 << 32) - 1
+    return (vector in (TRAP_SYSCALL, HYPERCALL_VECTOR) and int(regs["rip"]) & mask == instruction
+            and int(regs["rsp"]) & mask == sp)
 
 
 def guest_frame_entry(target: Target, regs_address: int, function: str = XEN_HYPERCALL_ENTRY) -> XenEntry:

@@ -710,9 +710,9 @@ def decode_in_xen(target: Target, function: str, abi_for_width: Callable[[int, i
             raise DecodeError(f"{function} serves {entry.name}, which Xen {abi.generation} has no number for")
         nr = known.nr
     guest_sp = entry.guest_sp
-    batching = {h.nr for name in ("multicall",) if (h := abi.hypercall_named(name)) is not None}
-    reading_stack = batching | {h.nr for name in ("iret",) if (h := abi.hypercall_named(name)) is not None}
-    if guest_sp is None and entry.site.kind == "handler" and nr in reading_stack:
+    multicall, iret = abi.hypercall_named("multicall"), abi.hypercall_named("iret")
+    batching = {multicall.nr} if multicall else set()
+    if guest_sp is None and entry.site.kind == "handler" and (nr in batching or (iret is not None and nr == iret.nr)):
         # An iret, alone or batched, reads the guest's stack, whose pointer is in the frame Xen saved;
         # other calls spare the read.
         frame = arch.handler_guest_frame(target, {nr} | batching)

@@ -44,7 +44,6 @@ _LEGACY = {"eax": "rax", "ebx": "rbx", "ecx": "rcx", "edx": "rdx", "esi": "rsi",
 MAX_CPUS = 4096
 MAX_NOTE_BYTES = 16 << 20  # the note area xendbg reads: room for MAX_CPUS CPUs' notes and more
 
-CR0_PG = 1 << 31
 CR4_PSE, CR4_PAE, CR4_LA57 = 1 << 4, 1 << 5, 1 << 12
 
 

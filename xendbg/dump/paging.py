@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from xendbg.dump.cpus import CR0_PG, CR4_LA57, CR4_PAE, CR4_PSE, CpuState
+from xendbg.arch import CR0_PG
+from xendbg.dump.cpus import CR4_LA57, CR4_PAE, CR4_PSE, CpuState
 from xendbg.errors import DecodeError, UnreadableMemory
 
 PAGE_SIZE = 4096

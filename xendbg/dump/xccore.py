@@ -27,9 +27,10 @@ import mmap
 import struct
 
 from xendbg.abi.layouts import ERA_3, Fields, layout, unpack
+from xendbg.arch import CR0_PG
 from xendbg.decode.model import Callback, GuestState, TrapTable
 from xendbg.dump import xenlayout as xl
-from xendbg.dump.cpus import CR0_PG, CR4_PAE, CpuState, Segment
+from xendbg.dump.cpus import CR4_PAE, CpuState, Segment
 from xendbg.dump.xen import trap_entries
 from xendbg.errors import DecodeError, UnreadableMemory
 from xendbg.sites import ElfFile

@@ -453,7 +453,7 @@ class Monitor:
         if address is None:
             return None
         try:
-            return target.read_memory(address, arch.CPU_USER_REGS_SIZE)
+            return target.read_memory(address, arch.xen_frame_size())
         except XendbgError:
             return None
 

@@ -75,7 +75,7 @@ def guest_selectors() -> list[tuple[int, str]]:
         for cpu in range(len(gdb.selected_inferior().threads()) if stack_base is not None else 0):
             frame = arch.cpu_guest_frame_address(target, stack_base or 0, cpu)
             if frame is not None:
-                saved = int.from_bytes(target.read_memory(frame + arch.FRAME_CS, 2), "little")
+                saved = arch.frame_code_selector(target.read_memory(frame, arch.xen_frame_size()))
                 found.append((saved, f"the guest frame Xen saved on CPU {cpu}"))
     except (gdb.error, XendbgError):
         pass  # a running target, an unreadable frame: what was found stands
